@@ -1,0 +1,241 @@
+"""Typed pipeline configuration: YAML in, validated pydantic models out.
+
+One config file describes a dataset and every stage that runs on it. Unknown keys and bad values
+are errors that name the key (``dataset.kcore: Input should be ...``), and ``--set a.b=value``
+overrides are applied to the raw mapping before validation, so they are checked the same way.
+Relative paths are resolved against the working directory at load time, so a config can be handed
+to another process (a Prefect worker) as absolute paths.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from diffcl.io import is_url
+
+SourceKind = Literal["amazon2014", "amazon2018", "amazon2023", "mmrec", "tables"]
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Columns(_Strict):
+    """Column names of plain tables (``dataset.source: tables``). Only ``user`` and ``item`` are
+    required in the interactions table; every other column is used when it is named here."""
+
+    user: str = Field("user_id", description="interactions: user identifier column")
+    item: str = Field("item_id", description="interactions and items: item identifier column")
+    rating: str | None = Field(None, description="interactions: explicit rating (1-5)")
+    timestamp: str | None = Field(None, description="interactions: unix seconds, or a datetime")
+    position: str | None = Field(
+        None, description="interactions: order of the item in the user's history (oldest first)"
+    )
+    split: str | None = Field(
+        None, description="interactions: a shipped split, values 0/1/2 or train/valid/test"
+    )
+    title: str | None = Field(None, description="items: title")
+    brand: str | None = Field(None, description="items: brand")
+    categories: str | None = Field(None, description="items: categories (list or string)")
+    description: str | None = Field(None, description="items: description")
+    text: str | None = Field(None, description="items: one ready-made text for the item")
+    image_url: str | None = Field(None, description="items: image URL or path")
+
+
+class DatasetConfig(_Strict):
+    """Where a dataset comes from. Sources are URLs (http, https, file) or local paths, plain or
+    gzip; URLs are fetched into ``<workspace>/<name>/raw/``, local paths are read in place."""
+
+    name: str = Field(description="folder name under the workspace; required")
+    source: SourceKind | None = Field(
+        None, description="input form; required unless a preset implies it"
+    )
+    preset: Literal["baby", "sports", "clothing"] | None = Field(
+        None,
+        description="a benchmark dataset of the field (the 2014 5-core dumps behind MMRec's Baby, "
+        "Sports, Clothing): implies source amazon2014 and its published reviews and meta URLs",
+    )
+    category: str | None = Field(
+        None,
+        description="amazon2018 / amazon2023: a category name (e.g. Industrial_and_Scientific) "
+        "whose published dump URLs fill in reviews and meta",
+    )
+    reviews: str | None = Field(None, description="raw dumps: reviews file, URL or path")
+    meta: str | None = Field(None, description="raw dumps: metadata file, URL or path (optional)")
+    path: str | None = Field(None, description="mmrec: the dataset folder")
+    interactions: str | None = Field(None, description="tables: interactions file")
+    items: str | None = Field(None, description="tables: items file (optional)")
+    format: Literal["auto", "csv", "tsv", "parquet", "jsonl"] = Field(
+        "auto", description="tables: file format; auto goes by the file name"
+    )
+    columns: Columns = Field(default_factory=Columns, description="tables: column names")
+
+    @model_validator(mode="after")
+    def _check_inputs(self) -> DatasetConfig:
+        if self.preset is not None:
+            if self.source not in (None, "amazon2014"):
+                raise ValueError(f"preset {self.preset!r} is an amazon2014 dataset, not {self.source!r}")
+            self.source = "amazon2014"
+        if self.source is None:
+            raise ValueError("dataset.source is required (amazon2014 | amazon2018 | amazon2023 | mmrec | tables)")
+        if self.category is not None and self.source not in ("amazon2018", "amazon2023"):
+            raise ValueError("dataset.category names a category of the amazon2018 or amazon2023 dumps")
+        need = {
+            "mmrec": ["path"],
+            "tables": ["interactions"],
+            "amazon2014": ["reviews"],
+            "amazon2018": ["reviews"],
+            "amazon2023": ["reviews"],
+        }[self.source]
+        missing = [key for key in need if getattr(self, key) is None]
+        if missing == ["reviews"] and (self.preset or self.category):
+            missing = []
+        if missing:
+            hint = " (or dataset.preset / dataset.category)" if self.source != "mmrec" else ""
+            raise ValueError(
+                f"source {self.source!r} needs dataset.{', dataset.'.join(missing)}{hint}"
+            )
+        return self
+
+
+class FetchConfig(_Strict):
+    """Downloads of remote sources."""
+
+    timeout_s: float = Field(60.0, gt=0, description="connect/read timeout per request, seconds")
+    retries: int = Field(5, ge=0, description="further attempts after a failed one")
+    backoff_s: float = Field(
+        1.0, ge=0, description="first retry delay; doubles each attempt (exponential backoff)"
+    )
+    max_backoff_s: float = Field(60.0, ge=0, description="cap on one retry delay, seconds")
+    check_remote: bool = Field(
+        True,
+        description="ask the server whether a fetched file changed (conditional request); "
+        "false trusts the local copy",
+    )
+
+
+class PrepareConfig(_Strict):
+    """Parsing, filtering and splitting into the prepared tables."""
+
+    min_rating: float | None = Field(
+        None, description="keep interactions with rating >= this; null keeps all"
+    )
+    kcore: int = Field(5, ge=1, description="iterative k-core: users and items with >= k interactions")
+    split: Literal["auto", "random", "chronological"] = Field(
+        "auto",
+        description="auto: the dataset's own split where it ships one, else random; "
+        "chronological needs timestamps or positions",
+    )
+    ratios: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1), description="train/valid/test shares for random and chronological splits"
+    )
+    seed: int = Field(2024, description="seed of the random split")
+    max_bad_share: float = Field(
+        0.01, ge=0, le=1, description="fail when more than this share of input lines is malformed"
+    )
+
+    @model_validator(mode="after")
+    def _check_ratios(self) -> PrepareConfig:
+        if any(r <= 0 for r in self.ratios) or abs(sum(self.ratios) - 1.0) > 1e-6:
+            raise ValueError(f"prepare.ratios must be three positive shares summing to 1, got {self.ratios}")
+        return self
+
+
+class PipelineConfig(_Strict):
+    """The whole pipeline: one dataset and the settings of every stage."""
+
+    workspace: Path = Field(Path("./workspace"), description="where every stage writes")
+    dataset: DatasetConfig
+    fetch: FetchConfig = Field(default_factory=FetchConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value); the value is parsed as YAML (numbers, bools,
+    null, lists) so that ``--set prepare.kcore=10`` gives an int."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from err
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for depth, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"override {item!r}: {'.'.join(keys[: depth + 1])} is a value, not a section"
+                )
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config {origin}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _resolve_paths(config: PipelineConfig) -> PipelineConfig:
+    config.workspace = config.workspace.expanduser().resolve()
+    ds = config.dataset
+    for key in ("reviews", "meta", "path", "interactions", "items"):
+        value = getattr(ds, key)
+        if value is not None and not is_url(value):
+            setattr(ds, key, str(Path(value).expanduser().resolve()))
+    return config
+
+
+def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a YAML file (or a mapping), apply ``key=value`` overrides, validate, resolve paths."""
+    if isinstance(source, dict):
+        data, origin = source, "(mapping)"
+    else:
+        path = Path(source)
+        origin = str(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError as err:
+            raise ConfigError(f"config file not found: {path}") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    data = apply_overrides(data, overrides or [])
+    try:
+        config = PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origin)) from None
+    return _resolve_paths(config)
+
+
+def dump_config(config: PipelineConfig) -> str:
+    """The resolved config as YAML, for run folders and provenance."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

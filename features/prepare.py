@@ -1,0 +1,224 @@
+"""The data stage: fetch the sources, parse, filter, re-index and split into prepared Parquet.
+
+Outputs under ``<workspace>/<dataset>/prepared/``:
+
+- ``interactions.parquet``: user, item (contiguous int ids), split, and rating / timestamp /
+  position where the source has them;
+- ``items.parquet``: item, item_id (original), title, brand, categories, description, text
+  (assembled with the standard recipe), image_url, and source_row (row of a shipped feature matrix);
+- ``users.parquet``: user, user_id (original);
+- ``stats.json``: counts per split, density, malformed-record counts, input hashes, timings.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from diffcl.config import PipelineConfig
+from diffcl.io import write_json_atomic, write_parquet_atomic
+from diffcl.workspace import DatasetDirs
+from features.fetch import Manifest, fetch, local_manifest
+from features.filtering import SplitEnum, assign_split, check_split, deduplicate, kcore
+from features.readers import RawData, read_dataset
+from features.records import DataError
+from features.sources import SourceFile, source_files
+from features.text import DEFAULT_RECIPE, assemble
+
+log = logging.getLogger(__name__)
+
+STAGE_VERSION = 1  # bump when the outputs of this stage change for the same inputs
+
+
+@dataclass
+class PrepareResult:
+    dirs: DatasetDirs
+    stats: dict[str, Any]
+    outputs: dict[str, Path] = field(default_factory=dict)
+
+
+def acquire(config: PipelineConfig, progress: bool = True) -> dict[str, tuple[Path, Manifest]]:
+    """Fetch remote sources into ``raw/`` and describe local ones: role -> (file, manifest)."""
+    dirs = DatasetDirs.of(config.workspace, config.dataset.name)
+    files: dict[str, tuple[Path, Manifest]] = {}
+    sources = source_files(config.dataset)
+    names = [s.filename for s in sources if s.is_remote]
+    if len(set(names)) != len(names):
+        raise DataError(f"dataset {config.dataset.name}: two remote sources share a file name {names}")
+    for source in sources:
+        files[source.role] = _acquire_one(source, dirs, config, progress)
+    return files
+
+
+def _acquire_one(source: SourceFile, dirs: DatasetDirs, config: PipelineConfig, progress: bool) -> tuple[Path, Manifest]:
+    if source.is_remote:
+        f = config.fetch
+        result = fetch(
+            source.location,
+            dirs.raw / source.filename,
+            timeout_s=f.timeout_s,
+            retries=f.retries,
+            backoff_s=f.backoff_s,
+            max_backoff_s=f.max_backoff_s,
+            check_remote=f.check_remote,
+            progress=progress,
+        )
+        return result.path, result.manifest
+    path = source.local_path()
+    if not path.exists():
+        raise DataError(f"dataset.{source.role}: file not found: {path}")
+    return path, local_manifest(path, source.location)
+
+
+def _mmrec_manifests(folder: Path) -> dict[str, Manifest]:
+    return {p.name: local_manifest(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def prepare(config: PipelineConfig, progress: bool = True) -> PrepareResult:
+    started = time.perf_counter()
+    dirs = DatasetDirs.of(config.workspace, config.dataset.name)
+    ds, prep = config.dataset, config.prepare
+
+    acquired = acquire(config, progress)
+    manifests = {role: m for role, (_, m) in acquired.items()}
+    if ds.source == "mmrec":
+        manifests = _mmrec_manifests(Path(ds.path))
+    t_fetch = time.perf_counter()
+
+    raw = read_dataset(ds, {role: path for role, (path, _) in acquired.items()})
+    for report in raw.reports:
+        report.check(prep.max_bad_share)
+        if report.bad:
+            log.warning("%s: skipped %d malformed record(s) of %d (first at line %s: %s)",
+                        report.path, report.bad, report.records, report.first_bad_line, report.first_bad_reason)
+    t_read = time.perf_counter()
+
+    interactions, users, items = _build_tables(raw, config)
+    t_build = time.perf_counter()
+
+    dirs.prepared.mkdir(parents=True, exist_ok=True)
+    outputs = {
+        "interactions": dirs.prepared / "interactions.parquet",
+        "items": dirs.prepared / "items.parquet",
+        "users": dirs.prepared / "users.parquet",
+        "stats": dirs.prepared / "stats.json",
+    }
+    write_parquet_atomic(interactions, outputs["interactions"])
+    write_parquet_atomic(items, outputs["items"])
+    write_parquet_atomic(users, outputs["users"])
+
+    counts = interactions.get_column("split").value_counts()
+    per_split = {row["split"]: row["count"] for row in counts.iter_rows(named=True)}
+    n_users, n_items = users.height, items.height
+    stats = {
+        "dataset": ds.name,
+        "source": ds.source,
+        "users": n_users,
+        "items": n_items,
+        "interactions": interactions.height,
+        "train": per_split.get("train", 0),
+        "valid": per_split.get("valid", 0),
+        "test": per_split.get("test", 0),
+        "density": interactions.height / (n_users * n_items),
+        "split": _split_kind(raw, prep.split),
+        "kcore": prep.kcore,
+        "items_with_text": int(items.get_column("text").is_not_null().sum()),
+        "items_with_image_url": int(items.get_column("image_url").is_not_null().sum()),
+        "malformed": {r.path: {"records": r.records, "bad": r.bad} for r in raw.reports},
+        "inputs": {name: {"url": m.url, "size": m.size, "sha256": m.sha256} for name, m in manifests.items()},
+        "precomputed_features": {k: str(v) for k, v in raw.precomputed.items()},
+        "stage_version": STAGE_VERSION,
+        "seconds": {
+            "fetch": round(t_fetch - started, 3),
+            "read": round(t_read - t_fetch, 3),
+            "filter_split": round(t_build - t_read, 3),
+            "total": round(time.perf_counter() - started, 3),
+        },
+    }
+    write_json_atomic(outputs["stats"], stats)
+    return PrepareResult(dirs=dirs, stats=stats, outputs=outputs)
+
+
+def _split_kind(raw: RawData, wanted: str) -> str:
+    if wanted == "auto":
+        return "shipped" if "split" in raw.interactions.columns else "random"
+    return wanted
+
+
+def _build_tables(raw: RawData, config: PipelineConfig) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    prep, origin = config.prepare, f"dataset {config.dataset.name}"
+    frame = raw.interactions
+    if frame.height == 0:
+        raise DataError(f"{origin}: no interactions were read")
+    if prep.min_rating is not None:
+        if "rating" not in frame.columns or frame.get_column("rating").is_null().all():
+            raise DataError(f"{origin}: prepare.min_rating is set but the source has no ratings")
+        frame = frame.filter(pl.col("rating") >= prep.min_rating)
+    frame = deduplicate(frame)
+    frame = kcore(frame, prep.kcore)
+    if frame.height == 0:
+        raise DataError(f"{origin}: no interactions left after filtering (kcore={prep.kcore}, "
+                        f"min_rating={prep.min_rating}); lower prepare.kcore")
+
+    users = _id_table(frame, "user")
+    items_ids = _id_table(frame, "item")
+    frame = (
+        frame.join(users.select("user_id", "user"), on="user_id")
+        .join(items_ids.select("item_id", "item"), on="item_id")
+    )
+
+    kind = _split_kind(raw, prep.split)
+    if kind == "shipped":
+        if "split" not in frame.columns:
+            raise DataError(f"{origin}: prepare.split is 'shipped' but the source has no split")
+        frame = frame.with_columns(pl.col("split").cast(SplitEnum))
+    elif kind == "chronological":
+        order = "timestamp" if "timestamp" in frame.columns else "position" if "position" in frame.columns else None
+        if order is None or frame.get_column(order).is_null().any():
+            raise DataError(f"{origin}: a chronological split needs a timestamp or position for every interaction")
+        frame = assign_split(frame, ratios=prep.ratios, seed=prep.seed, order=order)
+    else:
+        frame = assign_split(frame, ratios=prep.ratios, seed=prep.seed)
+    check_split(frame, origin)
+
+    keep = ["user", "item", "split"] + [c for c in ("rating", "timestamp", "position") if c in frame.columns]
+    interactions = frame.select(keep).sort("user", "item")
+    items = _item_table(items_ids, raw.items)
+    return interactions, users.select("user", "user_id"), items
+
+
+def _id_table(frame: pl.DataFrame, kind: str) -> pl.DataFrame:
+    """Contiguous ids in the order of the source's own integer ids where it has them (MMRec),
+    else of the original string ids: deterministic, and an unfiltered MMRec dataset keeps its ids."""
+    key, name = f"{kind}_key", f"{kind}_id"
+    cols = [name, key] if key in frame.columns else [name]
+    table = frame.select(cols).unique(name).sort(cols[-1])
+    return table.with_row_index(kind).with_columns(pl.col(kind).cast(pl.Int64))
+
+
+def _item_table(ids: pl.DataFrame, meta: pl.DataFrame | None) -> pl.DataFrame:
+    table = ids
+    if meta is not None:
+        join_on = "item_key" if "item_key" in meta.columns and "item_key" in ids.columns else "item_id"
+        meta = meta.unique(join_on, keep="first")
+        if join_on == "item_key" and "item_id" in meta.columns:
+            meta = meta.drop("item_id")
+        table = table.join(meta, on=join_on, how="left")
+    for name, dtype in (("title", pl.String), ("brand", pl.String), ("categories", pl.List(pl.String)),
+                        ("description", pl.String), ("text", pl.String), ("image_url", pl.String)):
+        if name not in table.columns:
+            table = table.with_columns(pl.lit(None, dtype=dtype).alias(name))
+    assembled = pl.struct("title", "brand", "categories", "description").map_elements(
+        lambda row: assemble(row, DEFAULT_RECIPE) or None, return_dtype=pl.String
+    )
+    table = table.with_columns(pl.coalesce(pl.col("text"), assembled).alias("text"))
+    source_row = pl.col("item_key") if "item_key" in table.columns else pl.lit(None, dtype=pl.Int64)
+    return table.select(
+        "item", "item_id", "title", "brand", "categories", "description", "text", "image_url",
+        source_row.alias("source_row"),
+    ).sort("item")

@@ -1,0 +1,98 @@
+"""MMRec's processed form: ``<name>.inter`` (TAB; userID, itemID, optional rating / timestamp,
+x_label 0/1/2), ``u_id_mapping.csv`` and ``i_id_mapping.csv`` (TAB), optional ``<name>_url.csv``
+(itemID, asin, imUrl) and optional ``image_feat.npy`` / ``text_feat.npy`` (row = itemID)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from features.readers.base import RawData
+from features.records import DataError
+
+SPLIT_CODES = {0: "train", 1: "valid", 2: "test"}
+
+
+def _read_tsv(path: Path, **kwargs) -> pl.DataFrame:
+    try:
+        return pl.read_csv(path, separator="\t", quote_char=None, **kwargs)
+    except (pl.exceptions.ComputeError, pl.exceptions.NoDataError) as err:
+        raise DataError(f"{path}: cannot be read as a TAB-separated table: {err}") from err
+
+
+def _require(frame: pl.DataFrame, path: Path, columns: list[str]) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; found {frame.columns}")
+
+
+def read_mmrec(folder: Path) -> RawData:
+    if not folder.is_dir():
+        raise DataError(f"MMRec dataset folder not found: {folder}")
+    inter_files = sorted(folder.glob("*.inter"))
+    if len(inter_files) != 1:
+        raise DataError(f"{folder}: expected exactly one <name>.inter file, found {[p.name for p in inter_files]}")
+    inter_path = inter_files[0]
+    inter = _read_tsv(inter_path)
+    _require(inter, inter_path, ["userID", "itemID"])
+    if "x_label" in inter.columns:
+        bad = inter.filter(~pl.col("x_label").is_in(list(SPLIT_CODES)))
+        if bad.height:
+            raise DataError(f"{inter_path}: x_label must be 0, 1 or 2; found {bad.get_column('x_label').unique().to_list()[:5]}")
+
+    users = _mapping(folder / "u_id_mapping.csv", "user_id", "userID")
+    items = _mapping(folder / "i_id_mapping.csv", "asin", "itemID")
+    frame = inter.select(
+        pl.col("userID").cast(pl.Int64).alias("user_key"),
+        pl.col("itemID").cast(pl.Int64).alias("item_key"),
+        *([pl.col("rating").cast(pl.Float64)] if "rating" in inter.columns else []),
+        *([pl.col("timestamp").cast(pl.Int64)] if "timestamp" in inter.columns else []),
+        *(
+            [pl.col("x_label").replace_strict(SPLIT_CODES, return_dtype=pl.String).alias("split")]
+            if "x_label" in inter.columns
+            else []
+        ),
+    )
+    # Original ids where the maps exist, else the integer ids as strings.
+    frame = frame.join(users, on="user_key", how="left") if users is not None else frame
+    frame = frame.join(items, on="item_key", how="left") if items is not None else frame
+    frame = frame.with_columns(
+        pl.coalesce(pl.col("user_id") if users is not None else None, pl.col("user_key").cast(pl.String)).alias("user_id"),
+        pl.coalesce(pl.col("item_id") if items is not None else None, pl.col("item_key").cast(pl.String)).alias("item_id"),
+    )
+
+    item_table = _items(folder, inter_path.stem, items)
+    precomputed = {
+        modality: folder / f"{modality}_feat.npy"
+        for modality in ("image", "text")
+        if (folder / f"{modality}_feat.npy").exists()
+    }
+    return RawData(interactions=frame, items=item_table, precomputed=precomputed)
+
+
+def _mapping(path: Path, original: str, key: str) -> pl.DataFrame | None:
+    if not path.exists():
+        return None
+    table = _read_tsv(path, infer_schema=False)
+    _require(table, path, [original, key])
+    kind = "user" if key == "userID" else "item"
+    return table.select(
+        pl.col(key).cast(pl.Int64).alias(f"{kind}_key"), pl.col(original).alias(f"{kind}_id")
+    )
+
+
+def _items(folder: Path, name: str, items: pl.DataFrame | None) -> pl.DataFrame | None:
+    url_path = folder / f"{name}_url.csv"
+    if url_path.exists():
+        try:
+            urls = pl.read_csv(url_path, infer_schema=False)
+        except pl.exceptions.ComputeError as err:
+            raise DataError(f"{url_path}: cannot be read as CSV: {err}") from err
+        _require(urls, url_path, ["itemID", "imUrl"])
+        urls = urls.select(
+            pl.col("itemID").cast(pl.Int64).alias("item_key"),
+            pl.when(pl.col("imUrl").str.strip_chars() != "").then(pl.col("imUrl")).alias("image_url"),
+        )
+        return urls if items is None else items.join(urls, on="item_key", how="left")
+    return items

@@ -1,0 +1,38 @@
+import json
+
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+
+
+def test_demo_data_then_prepare(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["demo-data", "src", "--users", "120", "--items", "60", "--groups", "3"])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "c.yaml").write_text(
+        "workspace: ws\ndataset:\n  name: demo\n  source: amazon2018\n"
+        "  reviews: src/Demo_5.json.gz\n  meta: src/meta_Demo.json.gz\n"
+    )
+    result = runner.invoke(app, ["prepare", "c.yaml", "--set", "prepare.split=chronological"])
+    assert result.exit_code == 0, result.output
+    assert "users" in result.output and "chronological split" in result.output
+    stats = json.loads((tmp_path / "ws/demo/prepared/stats.json").read_text())
+    assert stats["users"] == 120 and stats["split"] == "chronological"
+
+
+def test_bad_config_exits_with_a_message_naming_the_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset:\n  name: x\n  source: tables\n  interactions: i.csv\n  colums: {}\n")
+    result = runner.invoke(app, ["prepare", str(path)])
+    assert result.exit_code == 2
+    assert "dataset.colums: unknown key" in result.output
+
+
+def test_data_error_exits_cleanly(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"workspace: {tmp_path}\ndataset:\n  name: x\n  source: tables\n  interactions: {tmp_path}/none.csv\n")
+    result = runner.invoke(app, ["prepare", str(path)])
+    assert result.exit_code == 2
+    assert f"dataset.interactions: file not found: {tmp_path}/none.csv" in result.output and "Traceback" not in result.output

@@ -1,0 +1,77 @@
+from pathlib import Path
+
+import pytest
+
+from diffcl.config import ConfigError, dump_config, load_config
+from features.sources import source_files
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = """
+workspace: ./ws
+dataset:
+  name: toy
+  source: tables
+  interactions: inter.csv
+"""
+
+
+def test_defaults_and_path_resolution(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(_write(tmp_path, BASE))
+    assert cfg.workspace == tmp_path / "ws"
+    assert cfg.dataset.interactions == str(tmp_path / "inter.csv")
+    assert cfg.prepare.kcore == 5 and cfg.prepare.ratios == (0.8, 0.1, 0.1)
+    assert "kcore: 5" in dump_config(cfg)
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE), ["prepare.kcore=10", "prepare.min_rating=3.5", "fetch.check_remote=false"])
+    assert cfg.prepare.kcore == 10 and cfg.prepare.min_rating == 3.5 and cfg.fetch.check_remote is False
+    with pytest.raises(ConfigError, match=r"prepare\.kcore: Input should be greater than or equal to 1"):
+        load_config(_write(tmp_path, BASE), ["prepare.kcore=0"])
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_config(_write(tmp_path, BASE), ["prepare.kcore"])
+
+
+def test_unknown_keys_are_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"c\.yaml:\n  prepare\.kcores: unknown key"):
+        load_config(_write(tmp_path, BASE + "prepare:\n  kcores: 3\n"))
+    with pytest.raises(ConfigError, match=r"dataset\.columns\.usr: unknown key"):
+        load_config(_write(tmp_path, BASE), ["dataset.columns.usr=x"])
+
+
+def test_bad_values_are_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"dataset\.source: Input should be 'amazon2014'"):
+        load_config(_write(tmp_path, BASE.replace("source: tables", "source: amazon1999")))
+    with pytest.raises(ConfigError, match=r"prepare.ratios must be three positive shares"):
+        load_config(_write(tmp_path, BASE), ["prepare.ratios=[0.5, 0.1, 0.1]"])
+    with pytest.raises(ConfigError, match="needs dataset.path"):
+        load_config({"dataset": {"name": "x", "source": "mmrec"}})
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_presets_and_categories_expand_to_published_urls():
+    cfg = load_config({"dataset": {"name": "baby", "preset": "baby"}})
+    assert cfg.dataset.source == "amazon2014"
+    files = {f.role: f.location for f in source_files(cfg.dataset)}
+    assert files["reviews"].endswith("/categoryFiles/reviews_Baby_5.json.gz")
+    assert files["meta"].endswith("/categoryFiles/meta_Baby.json.gz")
+    cfg = load_config({"dataset": {"name": "sci", "source": "amazon2023", "category": "Industrial_and_Scientific"}})
+    files = {f.role: f.location for f in source_files(cfg.dataset)}
+    assert files["reviews"].endswith("/review_categories/Industrial_and_Scientific.jsonl.gz")
+    assert files["meta"].endswith("/meta_categories/meta_Industrial_and_Scientific.jsonl.gz")
+    with pytest.raises(ConfigError, match="preset 'baby' is an amazon2014 dataset"):
+        load_config({"dataset": {"name": "b", "preset": "baby", "source": "mmrec"}})
+
+
+def test_shipped_configs_are_valid():
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted((root / "configs").glob("*.yaml")):
+        load_config(path)
