@@ -150,6 +150,58 @@ class PrepareConfig(_Strict):
         return self
 
 
+class GraphsConfig(_Strict):
+    """The interaction graph and the frozen item-item graphs built from modality features."""
+
+    knn_k: int = Field(10, ge=1, description="neighbours per item in the modality kNN graphs")
+    image_weight: float = Field(
+        0.1, ge=0, le=1, description="weight of the visual kNN graph in the fused item graph (text: 1 - this)"
+    )
+    chunk_items: int = Field(
+        4096, ge=1, description="rows of the item-item similarity computed at once (bounds memory)"
+    )
+
+
+class MFConfig(_Strict):
+    """Matrix factorisation with BPR: no settings beyond model.embedding_dim and model.reg_weight."""
+
+
+class LightGCNConfig(_Strict):
+    layers: int = Field(2, ge=0, description="propagation layers")
+    combine: Literal["mean", "sum"] = Field("mean", description="how the layer outputs 0..L are combined")
+
+
+class ModelConfig(_Strict):
+    """Which model to train (``name``, from the registry) and each model's own settings."""
+
+    name: str = Field("lightgcn", description="registered model name: mf, lightgcn")
+    embedding_dim: int = Field(64, ge=1, description="width of user and item embeddings")
+    reg_weight: float = Field(
+        1e-4, ge=0, description="L2 weight on the batch's ego embeddings (the field's standard reg)"
+    )
+    mf: MFConfig = Field(default_factory=MFConfig)
+    lightgcn: LightGCNConfig = Field(default_factory=LightGCNConfig)
+
+
+class TrainConfig(_Strict):
+    """The shared trainer: BPR sampling, Adam, early stopping on validation."""
+
+    epochs: int = Field(1000, ge=1, description="upper bound on training epochs")
+    batch_size: int = Field(2048, ge=1, description="positive pairs per step (one negative each)")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    seed: int = Field(2024, description="seed of Python, numpy and torch")
+    patience: int = Field(20, ge=1, description="stop after this many evaluations without a better valid metric")
+    eval_every: int = Field(1, ge=1, description="evaluate on validation every this many epochs")
+    metric: str = Field("recall@20", description="validation metric for early stopping and model selection")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; null: torch's default")
+
+
+class EvalConfig(_Strict):
+    topk: list[int] = Field([5, 10, 20, 50], description="cut-offs K of every metric")
+    batch_users: int = Field(4096, ge=1, description="users scored at once in full ranking")
+
+
 class PipelineConfig(_Strict):
     """The whole pipeline: one dataset and the settings of every stage."""
 
@@ -157,6 +209,19 @@ class PipelineConfig(_Strict):
     dataset: DatasetConfig
     fetch: FetchConfig = Field(default_factory=FetchConfig)
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    graphs: GraphsConfig = Field(default_factory=GraphsConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check_metric(self) -> PipelineConfig:
+        name, _, k = self.train.metric.partition("@")
+        if name not in ("recall", "ndcg", "precision", "map", "hit") or not k.isdigit() or int(k) not in self.eval.topk:
+            raise ValueError(
+                f"train.metric {self.train.metric!r} must be recall|ndcg|precision|map|hit @K with K in eval.topk {self.eval.topk}"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------------------------

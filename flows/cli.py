@@ -28,7 +28,7 @@ err_console = Console(stderr=True)
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config file", exists=False)]
 SetOpt = Annotated[
-    list[str] | None,  # noqa: UP007 - typer needs Optional here
+    list[str] | None,
     typer.Option("--set", "-s", help="override a config key: --set prepare.kcore=10 (repeatable)"),
 ]
 
@@ -90,6 +90,120 @@ def prepare(config: ConfigArg, set_: SetOpt = None) -> None:
         _fail(str(err))
     console.print(stats_table(result.stats))
     console.print(f"written to {result.dirs.prepared}")
+
+
+@app.command()
+def graphs(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Build the normalised user-item graph and the item-item kNN graphs of each modality."""
+    from diffcl.graph_stage import build_graphs
+
+    cfg = _load(config, set_)
+    try:
+        report = build_graphs(cfg)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    table = Table(title=f"graphs in {report['dir']}")
+    for col in ("graph", "nodes / items", "edges", "seconds"):
+        table.add_column(col, justify="right")
+    for name, info in report["graphs"].items():
+        table.add_row(name, f"{info.get('nodes', info.get('items')):,}", f"{info['edges']:,}", str(info.get("seconds", "")))
+    console.print(table)
+
+
+def metrics_table(metrics: dict, ks: tuple[int, ...] = (10, 20)) -> Table:
+    """One row per metric, one column per split: reads well in any terminal width."""
+    table = Table(title=f"{metrics['model']} on {metrics['dataset']} (best epoch {metrics['best_epoch']} of {metrics['epochs']})")
+    table.add_column("metric")
+    table.add_column("valid", justify="right")
+    table.add_column("test", justify="right")
+    for k in ks:
+        for name in ("recall", "ndcg", "precision", "map", "hit"):
+            key = f"{name}@{k}"
+            table.add_row(key, *(f"{metrics[split].get(key, float('nan')):.4f}" for split in ("valid", "test")))
+    table.caption = f"{metrics['epoch_seconds']:.2f} s per epoch, {metrics['eval_seconds']:.2f} s per full evaluation"
+    return table
+
+
+@app.command()
+def train(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    run_id: Annotated[str | None, typer.Option(help="run folder name; an existing run resumes")] = None,
+) -> None:
+    """Train the configured model; test metrics are taken at the best validation epoch."""
+    from diffcl.trainer import TrainError
+    from diffcl.trainer import train as run_train
+
+    cfg = _load(config, set_)
+    try:
+        result = run_train(cfg, run_id)
+    except TrainError as err:
+        _fail(str(err))
+    console.print(metrics_table(result.metrics))
+    console.print(f"run folder: {result.run_dir}")
+
+
+@app.command()
+def evaluate(run_dir: Annotated[Path, typer.Argument(help="a run folder (runs/<run-id>)")]) -> None:
+    """Evaluate a run's best checkpoint again on validation and test."""
+    import json
+    import time
+
+    from diffcl.trainer import TrainError, load_run
+
+    try:
+        _, trainer = load_run(run_dir)
+    except TrainError as err:
+        _fail(str(err))
+    start = time.perf_counter()
+    valid = trainer.evaluate("valid")
+    seconds = time.perf_counter() - start
+    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
+    metrics.update({"valid": valid, "test": trainer.evaluate("test"), "eval_seconds": seconds})
+    metrics.setdefault("model", trainer.config.model.name)
+    metrics.setdefault("dataset", trainer.config.dataset.name)
+    metrics.setdefault("best_epoch", trainer.best_epoch)
+    metrics.setdefault("epochs", trainer.epoch)
+    metrics.setdefault("epoch_seconds", float("nan"))
+    console.print(metrics_table(metrics))
+
+
+@app.command()
+def recommend(
+    run_dir: Annotated[Path, typer.Argument(help="a run folder (runs/<run-id>)")],
+    user: Annotated[str, typer.Option(help="user: original id (e.g. reviewerID) or integer id")],
+    k: Annotated[int, typer.Option(help="how many items")] = 20,
+) -> None:
+    """Top-K items for one user (items seen in training and validation are left out)."""
+    import polars as pl
+    import torch
+
+    from diffcl.trainer import TrainError, load_run
+
+    try:
+        _, trainer = load_run(run_dir)
+    except TrainError as err:
+        _fail(str(err))
+    prepared = trainer.dirs.prepared
+    users = pl.read_parquet(prepared / "users.parquet")
+    match = users.filter(pl.col("user_id") == user)
+    if match.height == 0 and user.isdigit() and int(user) < users.height:
+        match = users.filter(pl.col("user") == int(user))
+    if match.height == 0:
+        _fail(f"unknown user {user!r} (neither an original id nor an integer id in {prepared / 'users.parquet'})")
+    uid = int(match.get_column("user")[0])
+    with torch.no_grad():
+        user_emb, item_emb = trainer.model.embeddings()
+        seen = (trainer.data.train + trainer.data.valid).tocsr()
+        top, scores = trainer.evaluator.top_items(user_emb, item_emb, torch.tensor([uid]), seen, k)
+    items = pl.read_parquet(prepared / "items.parquet", columns=["item", "item_id", "title"])
+    ranked = pl.DataFrame({"item": top[0].numpy(), "score": scores[0].numpy()}).join(items, on="item", how="left")
+    table = Table(title=f"top {k} for user {match.get_column('user_id')[0]} ({run_dir.name})")
+    for col in ("rank", "item_id", "title", "score"):
+        table.add_column(col)
+    for rank, row in enumerate(ranked.iter_rows(named=True), start=1):
+        table.add_row(str(rank), row["item_id"], row["title"] or "", f"{row['score']:.3f}")
+    console.print(table)
 
 
 @app.command("demo-data")

@@ -35,3 +35,24 @@ def shared_data(name: str) -> Path:
 
 
 __all__ = ["LocalServer", "shared_data"]
+
+
+@pytest.fixture(scope="session")
+def demo_workspace(tmp_path_factory):
+    """The default demo dataset, prepared once: returns a function making configs on it."""
+    from diffcl.config import load_config
+    from features.prepare import prepare
+    from features.synthetic import DemoSpec, generate
+
+    root = tmp_path_factory.mktemp("demo-ws")
+    paths = generate(root / "source", DemoSpec())
+    base = {
+        "workspace": str(root / "ws"),
+        "dataset": {"name": "demo", "source": "amazon2018", "reviews": str(paths["reviews"]), "meta": str(paths["meta"])},
+    }
+    prepare(load_config(base), progress=False)
+
+    def make(*overrides: str):
+        return load_config(base, list(overrides))
+
+    return make

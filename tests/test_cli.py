@@ -36,3 +36,37 @@ def test_data_error_exits_cleanly(tmp_path):
     result = runner.invoke(app, ["prepare", str(path)])
     assert result.exit_code == 2
     assert f"dataset.interactions: file not found: {tmp_path}/none.csv" in result.output and "Traceback" not in result.output
+
+
+def test_train_evaluate_recommend(demo_workspace, tmp_path):
+    import yaml
+
+    config = demo_workspace()
+    path = tmp_path / "demo.yaml"
+    data = config.model_dump(mode="json")
+    path.write_text(yaml.safe_dump(data))
+    result = runner.invoke(app, ["train", str(path), "--set", "train.epochs=2", "--set", "train.batch_size=512",
+                                 "--set", "model.name=mf", "--run-id", "cli"])
+    assert result.exit_code == 0, result.output
+    assert "recall@20" in result.output and "test" in result.output
+    run_dir = config.workspace / "demo" / "runs" / "cli"
+    result = runner.invoke(app, ["evaluate", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert "valid" in result.output
+    result = runner.invoke(app, ["recommend", str(run_dir), "--user", "ADEMOUSER00003", "--k", "5"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("B0DEMO") == 5
+    result = runner.invoke(app, ["recommend", str(run_dir), "--user", "nobody"])
+    assert result.exit_code == 2 and "unknown user 'nobody'" in result.output
+
+
+def test_graphs_command_skips_missing_modalities(demo_workspace, tmp_path):
+    import yaml
+
+    config = demo_workspace()
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    result = runner.invoke(app, ["graphs", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "adjacency" in result.output
+    assert (config.workspace / "demo" / "graphs" / "adjacency.npz").exists()

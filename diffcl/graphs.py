@@ -1,0 +1,145 @@
+"""The sparse graphs every graph model shares: the normalised user-item adjacency and the frozen
+item-item kNN graphs built from modality features.
+
+One implementation of each, used by LightGCN, FREEDOM and DiffCL alike.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+
+def normalized_adjacency(train: sp.csr_matrix) -> sp.csr_matrix:
+    """Â = D^-1/2 [[0, R], [Rᵀ, 0]] D^-1/2 over N = U + I nodes, without self-loops.
+
+    Nodes without training interactions get zero rows (not infinities).
+    """
+    n_users, n_items = train.shape
+    r = sp.csr_matrix(train, dtype=np.float32)
+    adj = sp.bmat([[None, r], [r.T, None]], format="csr", dtype=np.float32)
+    degree = np.asarray(adj.sum(axis=1)).ravel()
+    with np.errstate(divide="ignore"):
+        inv_sqrt = np.where(degree > 0, degree ** -0.5, 0.0).astype(np.float32)
+    d = sp.diags(inv_sqrt)
+    out = (d @ adj @ d).tocsr()
+    out.sort_indices()
+    return out
+
+
+def to_torch_csr(matrix: sp.spmatrix, device: torch.device | str = "cpu") -> torch.Tensor:
+    m = sp.csr_matrix(matrix, dtype=np.float32)
+    m.sort_indices()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(m.indptr.astype(np.int64)),
+            torch.from_numpy(m.indices.astype(np.int64)),
+            torch.from_numpy(m.data),
+            size=m.shape,
+            device=device,
+            check_invariants=False,  # built by scipy from a canonical CSR: valid by construction
+        )
+
+
+class _SymmetricSpMM(torch.autograd.Function):
+    """y = A x for a symmetric sparse A: the gradient is A g, so backward reuses the same CSR
+    product instead of autograd's transpose path (about twice as fast on CPU)."""
+
+    @staticmethod
+    def forward(ctx, adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ctx.adj = adj
+        return torch.sparse.mm(adj, x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, torch.sparse.mm(ctx.adj, grad)
+
+
+def symmetric_spmm(adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A @ x for a symmetric sparse ``adj`` (such as the normalised bipartite adjacency)."""
+    return _SymmetricSpMM.apply(adj, x)
+
+
+class _PropagateRows(torch.autograd.Function):
+    """Rows ``index`` of scale * Σ_{l=0..L} Âˡ E for a symmetric Â, with a hand-written backward.
+
+    Only the gathered rows are summed in the forward pass, and the backward pass is one scatter
+    plus L sparse products (Horner: g ← s + Â g), instead of autograd's chain of full-size adds,
+    divisions and index backwards: the step of a LightGCN-style model gets about a third cheaper.
+    """
+
+    @staticmethod
+    def forward(ctx, adj, ego, index, layers, scale):
+        out = ego[index]
+        h = ego
+        for _ in range(layers):
+            h = torch.sparse.mm(adj, h)
+            out = out + h[index]
+        ctx.adj, ctx.layers, ctx.scale, ctx.n = adj, layers, scale, ego.shape[0]
+        ctx.save_for_backward(index)
+        return out * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        seed = torch.zeros((ctx.n, grad.shape[1]), dtype=grad.dtype, device=grad.device)
+        seed.index_add_(0, index, grad * ctx.scale)
+        acc = seed
+        for _ in range(ctx.layers):
+            acc = torch.sparse.mm(ctx.adj, acc).add_(seed)
+        return None, acc, None, None, None
+
+
+def propagate_rows(adj: torch.Tensor, ego: torch.Tensor, index: torch.Tensor, layers: int, combine: str) -> torch.Tensor:
+    """Rows ``index`` of the LightGCN layer combination (mean or sum of Âˡ E, l = 0..L)."""
+    scale = 1.0 / (layers + 1) if combine == "mean" else 1.0
+    return _PropagateRows.apply(adj, ego, index, layers, scale)
+
+
+def knn_graph(
+    features: np.ndarray | torch.Tensor, k: int = 10, chunk: int = 4096, include_self: bool = True
+) -> sp.csr_matrix:
+    """Cosine kNN graph over item features, binary edges, normalised as FREEDOM does
+    (value d_i^-1/2 d_j^-1/2 with d the out-degree, i.e. 1/k on every edge).
+
+    Built in row chunks with ``torch.topk``: memory is O(chunk x I + I x k), never I x I.
+    ``include_self`` keeps the item among its own neighbours (the top-k of a full similarity row,
+    as FREEDOM and LATTICE build it).
+    """
+    x = torch.as_tensor(np.asarray(features, dtype=np.float32))
+    n = x.shape[0]
+    k_eff = min(k, n if include_self else n - 1)
+    if k_eff <= 0:
+        return sp.csr_matrix((n, n), dtype=np.float32)
+    x = torch.nn.functional.normalize(x, dim=1)
+    cols = torch.empty((n, k_eff), dtype=torch.int64)
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            sim = x[start:stop] @ x.T
+            if not include_self:
+                sim[torch.arange(stop - start), torch.arange(start, stop)] = -torch.inf
+            cols[start:stop] = torch.topk(sim, k_eff, dim=1).indices
+    rows = np.repeat(np.arange(n), k_eff)
+    value = np.float32(1.0 / k_eff)
+    graph = sp.csr_matrix((np.full(n * k_eff, value, dtype=np.float32), (rows, cols.numpy().ravel())), shape=(n, n))
+    graph.sort_indices()
+    return graph
+
+
+def fuse_item_graphs(graphs: dict[str, sp.csr_matrix], image_weight: float) -> sp.csr_matrix | None:
+    """S = α S^image + (1 - α) S^text; a single modality's graph alone when only one exists."""
+    if not graphs:
+        return None
+    if len(graphs) == 1:
+        return next(iter(graphs.values())).tocsr()
+    weights = {"image": image_weight, "text": 1.0 - image_weight}
+    unknown = set(graphs) - set(weights)
+    if unknown:
+        raise ValueError(f"no fusion weight for modalities {sorted(unknown)}")
+    fused = sum(weights[m] * g for m, g in graphs.items())
+    return sp.csr_matrix(fused, dtype=np.float32)

@@ -1,0 +1,88 @@
+"""The one interface every model follows, so that the sampler, trainer and evaluator never
+special-case a model.
+
+A model gets a :class:`ModelContext` (the data, the shared graphs, the features) and its config.
+It answers two questions: the training loss of a BPR batch, and the user and item embeddings whose
+dot product ranks items at evaluation time.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, NamedTuple
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+from diffcl.config import ModelConfig
+from diffcl.data import InteractionData
+from diffcl.graphs import normalized_adjacency, to_torch_csr
+
+
+class Batch(NamedTuple):
+    users: torch.Tensor
+    positives: torch.Tensor
+    negatives: torch.Tensor
+
+
+@dataclass
+class ModelContext:
+    """What a model may read: the interactions, the graphs built from the training split, the
+    frozen item-item graph and the modality features (where they exist), and the device."""
+
+    data: InteractionData
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    item_graph: sp.csr_matrix | None = None
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+    _adjacency: torch.Tensor | None = None
+
+    @property
+    def n_users(self) -> int:
+        return self.data.n_users
+
+    @property
+    def n_items(self) -> int:
+        return self.data.n_items
+
+    @property
+    def adjacency(self) -> torch.Tensor:
+        """The normalised bipartite adjacency (N x N, CSR on the device), built once."""
+        if self._adjacency is None:
+            self._adjacency = to_torch_csr(normalized_adjacency(self.data.train), self.device)
+        return self._adjacency
+
+
+class Recommender(nn.Module, ABC):
+    name: ClassVar[str]
+
+    def __init__(self, ctx: ModelContext, config: ModelConfig):
+        super().__init__()
+        self.n_users, self.n_items = ctx.n_users, ctx.n_items
+        self.config = config
+
+    @abstractmethod
+    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Loss parts for one batch; the key ``loss`` holds the total that is minimised."""
+
+    @abstractmethod
+    def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(users x d, items x d): scores are their dot products. Called under no_grad."""
+
+    def describe(self) -> str:
+        """One line for the log: what this model runs on."""
+        return self.name
+
+
+def bpr_loss(users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """-log σ(u·p - u·n), averaged over the batch."""
+    pos = (users * positives).sum(dim=1)
+    neg = (users * negatives).sum(dim=1)
+    return -nn.functional.logsigmoid(pos - neg).mean()
+
+
+def l2_reg(*tensors: torch.Tensor) -> torch.Tensor:
+    """½ Σ ||x||² over the given rows, divided by the batch size (LightGCN's regulariser)."""
+    return sum(t.pow(2).sum() for t in tensors) / (2 * tensors[0].shape[0])

@@ -1,0 +1,95 @@
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from diffcl.evaluator import Evaluator
+from diffcl.trainer import TrainError, Trainer, load_run, train
+
+FAST = ["train.epochs=30", "train.batch_size=512", "train.lr=0.01", "train.patience=5", "train.threads=2"]
+
+
+def random_recall(trainer: Trainer, seeds: int = 5) -> float:
+    values = []
+    for seed in range(seeds):
+        g = torch.Generator().manual_seed(seed)
+        users = torch.randn(trainer.data.n_users, 16, generator=g)
+        items = torch.randn(trainer.data.n_items, 16, generator=g)
+        values.append(trainer.evaluator.evaluate(users, items, "test")["recall@20"])
+    return float(np.mean(values))
+
+
+@pytest.mark.parametrize("model", ["mf", "lightgcn"])
+def test_short_train_beats_random_by_a_wide_margin(demo_workspace, model):
+    config = demo_workspace(*FAST, f"model.name={model}")
+    trainer = Trainer(config, run_id=f"beat-{model}")
+    result = trainer.fit()
+    test = result.metrics["test"]["recall@20"]
+    baseline = random_recall(trainer)
+    assert test > 2.5 * baseline, (test, baseline)
+
+
+def test_run_folder_contents(demo_workspace):
+    config = demo_workspace(*FAST, "train.epochs=3")
+    result = train(config, run_id="outputs")
+    run = result.run_dir
+    for name in ("config.yaml", "history.parquet", "best.pt", "last.pt", "curves.png", "metrics.json"):
+        assert (run / name).exists(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    for split in ("valid", "test"):
+        assert {f"{m}@{k}" for m in ("recall", "ndcg", "precision", "map", "hit") for k in (5, 10, 20, 50)} <= set(metrics[split])
+    assert {"best_epoch", "epoch_seconds", "eval_seconds"} <= set(metrics)
+    history = pl.read_parquet(run / "history.parquet")
+    assert history.height == 3 and {"loss", "bpr", "reg", "train_seconds", "valid_recall@20"} <= set(history.columns)
+    state = torch.load(run / "best.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_after_interrupt_matches_uninterrupted_run(demo_workspace):
+    overrides = [*FAST, "train.epochs=6", "model.name=lightgcn"]
+    full = train(demo_workspace(*overrides), run_id="full")
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_three(row):
+        if row["epoch"] == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        Trainer(demo_workspace(*overrides), run_id="resumed", on_epoch=stop_after_three).fit()
+    resumed = Trainer(demo_workspace(*overrides), run_id="resumed").fit()
+    assert resumed.metrics["best_epoch"] == full.metrics["best_epoch"]
+    assert resumed.metrics["test"] == pytest.approx(full.metrics["test"], abs=1e-7)
+    a = torch.load(full.run_dir / "best.pt", weights_only=True)
+    b = torch.load(resumed.run_dir / "best.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_another_config_is_refused(demo_workspace):
+    train(demo_workspace(*FAST, "train.epochs=1"), run_id="cfg")
+    with pytest.raises(TrainError, match="another config"):
+        train(demo_workspace(*FAST, "train.epochs=2", "train.lr=0.5"), run_id="cfg")
+
+
+def test_early_stopping_and_best_epoch(demo_workspace):
+    # A learning rate this high overfits fast: training must stop by patience, not by epochs.
+    result = train(demo_workspace("train.epochs=200", "train.patience=3", "train.lr=0.5", "model.name=mf",
+                                  "train.batch_size=256"), run_id="early")
+    assert result.metrics["epochs"] < 200
+    assert result.metrics["epochs"] - result.metrics["best_epoch"] == 3
+
+
+def test_unknown_model_is_a_clear_error(demo_workspace):
+    with pytest.raises(TrainError, match="model.name: unknown model 'nope'"):
+        Trainer(demo_workspace("model.name=nope"))
+
+
+def test_load_run_and_evaluate_again(demo_workspace):
+    result = train(demo_workspace(*FAST, "train.epochs=2"), run_id="reload")
+    _, trainer = load_run(result.run_dir)
+    assert trainer.evaluate("test") == pytest.approx(result.metrics["test"])
+    assert isinstance(trainer.evaluator, Evaluator)
