@@ -61,7 +61,7 @@ def main() -> None:
             f"{metrics['epoch_seconds']:.2f}", f"{metrics['eval_seconds']:.2f}",
             *(f"{v}" if v is not None else "-" for v in ref), f"{wall:.0f}",
         )
-    Console().print(table)
+    Console(width=200).print(table)
 
 
 if __name__ == "__main__":

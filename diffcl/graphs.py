@@ -110,7 +110,7 @@ def knn_graph(
     ``include_self`` keeps the item among its own neighbours (the top-k of a full similarity row,
     as FREEDOM and LATTICE build it).
     """
-    x = torch.as_tensor(np.asarray(features, dtype=np.float32))
+    x = torch.tensor(np.asarray(features, dtype=np.float32))  # a copy: inputs may be read-only views
     n = x.shape[0]
     k_eff = min(k, n if include_self else n - 1)
     if k_eff <= 0:

@@ -93,6 +93,29 @@ def prepare(config: ConfigArg, set_: SetOpt = None) -> None:
 
 
 @app.command()
+def features(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Embed item text (SBERT) and images (CLIP) into features/*.parquet, incrementally."""
+    from features.feature_stage import FeatureError, run_features
+
+    cfg = _load(config, set_)
+    try:
+        reports = run_features(cfg, progress=console.is_terminal)
+    except (FeatureError, RuntimeError, ValueError) as err:
+        _fail(str(err))
+    table = Table(title=f"features: {cfg.dataset.name}")
+    for col in ("modality", "status", "items", "embedded", "reused", "missing", "items/s", "seconds"):
+        table.add_column(col, justify="right")
+    for r in reports:
+        rate = f"{r.items_per_s:.1f}" if r.embedded else "-"
+        table.add_row(r.modality, r.status, f"{r.items:,}", f"{r.embedded:,}", f"{r.reused:,}", f"{r.missing:,}",
+                      rate, f"{r.seconds:.2f}")
+    console.print(table)
+    for r in reports:
+        if r.note:
+            console.print(f"[bold]{r.modality}:[/] {r.note}")
+
+
+@app.command()
 def graphs(config: ConfigArg, set_: SetOpt = None) -> None:
     """Build the normalised user-item graph and the item-item kNN graphs of each modality."""
     from diffcl.graph_stage import build_graphs

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffcl.evaluator import Evaluator
-from diffcl.trainer import TrainError, Trainer, load_run, train
+from diffcl.trainer import Trainer, TrainError, load_run, train
 
 FAST = ["train.epochs=30", "train.batch_size=512", "train.lr=0.01", "train.patience=5", "train.threads=2"]
 

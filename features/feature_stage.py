@@ -1,0 +1,229 @@
+"""``diffcl features``: the text and image feature matrices of the prepared items.
+
+Writes ``features/text.parquet`` and ``features/image.parquet`` (see :mod:`diffcl.feature_store`)
+and ``features/image_sources.parquet`` (per item: URL, ok/missing, reason, content hash).
+Incremental: a rerun with nothing changed loads no model and writes nothing; new or changed items
+are embedded, everything else comes from the per-item cache under ``features/cache/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from diffcl.config import ImageFeaturesConfig, PipelineConfig, TextFeaturesConfig
+from diffcl.feature_store import read_metadata, write_features
+from diffcl.io import write_parquet_atomic
+from diffcl.workspace import DatasetDirs
+from features.embedding_cache import EmbeddingCache, content_key
+
+log = logging.getLogger(__name__)
+
+STAGE_VERSION = 1
+
+
+class FeatureError(RuntimeError):
+    pass
+
+
+@dataclass
+class ModalityReport:
+    modality: str
+    status: str  # written | unchanged | imported | skipped
+    items: int = 0
+    embedded: int = 0
+    reused: int = 0
+    missing: int = 0
+    seconds: float = 0.0
+    encode_seconds: float = 0.0
+    note: str = ""
+
+    @property
+    def items_per_s(self) -> float:
+        return self.embedded / self.encode_seconds if self.encode_seconds else float("nan")
+
+
+def _versions(*packages: str) -> dict[str, str]:
+    out = {}
+    for name in ("torch", "polars", "pyarrow", *packages):
+        with contextlib.suppress(PackageNotFoundError):
+            out[name] = version(name)
+    return out
+
+
+def _unchanged(path: Path, state: str) -> bool:
+    return path.exists() and read_metadata(path).get("state") == state
+
+
+def run_features(config: PipelineConfig, progress: bool = True) -> list[ModalityReport]:
+    dirs = DatasetDirs.of(config.workspace, config.dataset.name)
+    items_path = dirs.prepared / "items.parquet"
+    if not items_path.exists():
+        raise FeatureError(f"no prepared items in {dirs.prepared}; run `diffcl prepare` first")
+    items = pl.read_parquet(items_path).sort("item")
+    dirs.features.mkdir(parents=True, exist_ok=True)
+    fc = config.features
+    stats = json.loads((dirs.prepared / "stats.json").read_text())
+    shipped = stats.get("precomputed_features", {}) if fc.precomputed else {}
+
+    reports = []
+    for modality, settings, run in (("text", fc.text, _run_text), ("image", fc.image, _run_image)):
+        path = dirs.features / f"{modality}.parquet"
+        if not settings.enabled:
+            path.unlink(missing_ok=True)
+            reports.append(ModalityReport(modality, "skipped", note=f"features.{modality}.enabled is false"))
+        elif modality in shipped:
+            reports.append(_import_precomputed(modality, Path(shipped[modality]), items, path))
+        else:
+            reports.append(run(settings, items, dirs, progress))
+    for r in reports:
+        if r.status == "skipped":
+            log.info("%s modality skipped: %s", r.modality, r.note)
+    return reports
+
+
+# ------------------------------------------------------------------------------------------ text
+def _run_text(tc: TextFeaturesConfig, items: pl.DataFrame, dirs: DatasetDirs, progress: bool) -> ModalityReport:
+    from features.text_features import (
+        assemble_texts,
+        encode_texts,
+        load_text_encoder,
+        resolve_text_model,
+    )
+
+    start = time.perf_counter()
+    out = dirs.features / "text.parquet"
+    texts = assemble_texts(items, tc.fields, tc.max_chars)
+    if not any(texts):
+        out.unlink(missing_ok=True)
+        return ModalityReport("text", "skipped", note="no item has text")
+    spec = resolve_text_model(tc.model, dirs.features / "cache" / "weights.json")
+    keys = [content_key(t) for t in texts]
+    recipe = {"fields": tc.fields, "max_chars": tc.max_chars, "fallback": "prepared text", "separator": ". "}
+    state = content_key(json.dumps([STAGE_VERSION, spec.identity, recipe, tc.normalize, keys]))
+    report = ModalityReport("text", "unchanged", items=len(texts), reused=len(texts),
+                            missing=sum(1 for t in texts if not t))
+    if _unchanged(out, state):
+        report.seconds = time.perf_counter() - start
+        return report
+
+    cache = EmbeddingCache(dirs.features / "cache", "text", content_key(f"{spec.identity}:{tc.normalize}"))
+    todo = cache.missing(keys)
+    encode_seconds = 0.0
+    if todo:
+        model = load_text_encoder(spec, tc.device)
+        by_key = dict(zip(keys, texts, strict=True))
+        t0 = time.perf_counter()
+        cache.add(todo, encode_texts(model, [by_key[k] for k in todo], tc.batch_size, tc.normalize, progress))
+        encode_seconds = time.perf_counter() - t0
+    matrix = cache.lookup(keys)
+    write_features(out, matrix, {
+        "state": state, "modality": "text", "encoder": spec.reference, "encoder_source": spec.source,
+        "weights_sha256": spec.weights_sha256, "recipe": recipe, "normalized": tc.normalize,
+        "items_without_text": report.missing, "versions": _versions("sentence-transformers", "transformers"),
+    })
+    report.status, report.embedded, report.reused = "written", len(todo), len(texts) - len(todo)
+    report.encode_seconds, report.seconds = encode_seconds, time.perf_counter() - start
+    return report
+
+
+# ----------------------------------------------------------------------------------------- image
+def _run_image(ic: ImageFeaturesConfig, items: pl.DataFrame, dirs: DatasetDirs, progress: bool) -> ModalityReport:
+    from features.image_features import UNTRAINED_NOTE, encode_images, load_clip, resolve_clip
+    from features.images import DownloadSettings, fetch_images
+
+    start = time.perf_counter()
+    out = dirs.features / "image.parquet"
+    urls = items.get_column("image_url").to_list()
+    if not any(urls):
+        out.unlink(missing_ok=True)
+        return ModalityReport("image", "skipped", note="no item has an image URL")
+    settings = DownloadSettings(ic.timeout_s, ic.retries, 0.5, ic.max_bytes, ic.download_workers)
+    results = fetch_images(urls, dirs.root / "images", settings, progress)
+    sources = pl.DataFrame([{"item": i, **asdict(r)} for i, r in enumerate(results)])
+    write_parquet_atomic(sources, dirs.features / "image_sources.parquet")
+    present = np.array([r.status == "ok" for r in results])
+    n_missing = int((~present).sum())
+    share = n_missing / len(results)
+    reasons = sources.filter(pl.col("status") == "missing").group_by("reason").len().sort("len", descending=True)
+    if n_missing:
+        log.warning("images missing for %d of %d items (%.1f%%): %s", n_missing, len(results), 100 * share,
+                    ", ".join(f"{r} ({n})" for r, n in reasons.head(4).iter_rows()))
+    if share > ic.max_missing_share:
+        raise FeatureError(
+            f"{n_missing} of {len(results)} items ({share:.1%}) have no usable image, more than "
+            f"features.image.max_missing_share {ic.max_missing_share:.0%}; see {dirs.features / 'image_sources.parquet'}, "
+            "or set features.image.enabled: false to run without the visual modality"
+        )
+
+    spec = resolve_clip(ic.model, ic.pretrained, dirs.features / "cache" / "weights.json")
+    keys = [r.sha256 for r in results]
+    state = content_key(json.dumps([STAGE_VERSION, spec.identity, ic.missing, keys]))
+    report = ModalityReport("image", "unchanged", items=len(results), reused=len(results) - n_missing, missing=n_missing,
+                            note=UNTRAINED_NOTE if spec.untrained else "")
+    if _unchanged(out, state):
+        report.seconds = time.perf_counter() - start
+        return report
+
+    cache = EmbeddingCache(dirs.features / "cache", "image", spec.identity)
+    present_keys = [k for k in keys if k is not None]
+    todo = cache.missing(present_keys)
+    encode_seconds = 0.0
+    if todo:
+        import torch
+
+        device = "cuda" if ic.device == "auto" and torch.cuda.is_available() else ("cpu" if ic.device == "auto" else ic.device)
+        model, preprocess = load_clip(spec, device)
+        path_of = {r.sha256: r.path for r in results if r.sha256}
+        t0 = time.perf_counter()
+        cache.add(todo, encode_images(model, preprocess, [path_of[k] for k in todo], ic.batch_size,
+                                      ic.loader_workers, device, progress))
+        encode_seconds = time.perf_counter() - t0
+    vectors = cache.lookup(present_keys)
+    matrix = np.zeros((len(results), vectors.shape[1]), dtype=np.float32)
+    matrix[present] = vectors
+    if ic.missing == "mean" and n_missing:
+        matrix[~present] = vectors.mean(axis=0)
+    write_features(out, matrix, {
+        "state": state, "modality": "image", "encoder": spec.architecture, "pretrained": spec.pretrained,
+        "weights_sha256": spec.weights_sha256, "untrained": spec.untrained,
+        "note": UNTRAINED_NOTE if spec.untrained else "", "missing_policy": ic.missing,
+        "missing": n_missing, "missing_reasons": dict(reasons.iter_rows()), "versions": _versions("open-clip-torch"),
+    }, extra_columns={"present": present} if ic.missing == "zeros" else None)
+    report.status, report.embedded, report.reused = "written", len(todo), len(present_keys) - len(todo)
+    report.encode_seconds, report.seconds = encode_seconds, time.perf_counter() - start
+    return report
+
+
+# ----------------------------------------------------------------------------------- precomputed
+def _import_precomputed(modality: str, source: Path, items: pl.DataFrame, out: Path) -> ModalityReport:
+    """MMRec's ``<modality>_feat.npy`` (row = MMRec item id) reordered into our item ids."""
+    start = time.perf_counter()
+    state = content_key(json.dumps([STAGE_VERSION, "npy", str(source), source.stat().st_size, source.stat().st_mtime_ns,
+                                    items.get_column("source_row").to_list()]))
+    report = ModalityReport(modality, "unchanged", items=items.height, note=f"precomputed: {source.name}")
+    if _unchanged(out, state):
+        return report
+    matrix = np.load(source, mmap_mode="r")
+    rows = items.get_column("source_row").to_numpy()
+    if rows.max() >= matrix.shape[0]:
+        raise FeatureError(f"{source}: {matrix.shape[0]} rows, but items refer to row {rows.max()}")
+    write_features(out, np.asarray(matrix[rows], dtype=np.float32), {
+        "state": state, "modality": modality, "encoder": f"precomputed ({source})", "untrained": False,
+        "versions": _versions(),
+    })
+    report.status, report.seconds = "imported", time.perf_counter() - start
+    return report
+
+
+def summary(reports: list[ModalityReport]) -> list[dict[str, Any]]:
+    return [{**asdict(r), "items_per_s": r.items_per_s} for r in reports]

@@ -1,0 +1,146 @@
+"""Item images: concurrent, bounded, checked downloads into a cache keyed by a hash of the URL.
+
+A missing, broken, too-large or undecodable image is recorded with its reason and never stops the
+stage. File names in the cache come from ``sha256(url)``, never from the data.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import httpx
+from PIL import Image, UnidentifiedImageError
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from diffcl.io import atomic_path
+from features.embedding_cache import content_key
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = {408, 429, 500, 502, 503, 504}
+
+
+@dataclass
+class ImageResult:
+    url: str | None
+    status: str  # "ok" or "missing"
+    reason: str | None = None
+    path: str | None = None
+    sha256: str | None = None  # of the image bytes: the embedding cache key
+
+
+@dataclass(frozen=True)
+class DownloadSettings:
+    timeout_s: float = 20.0
+    retries: int = 2
+    backoff_s: float = 0.5
+    max_bytes: int = 10_000_000
+    workers: int = 8
+
+
+class _Missing(Exception):
+    pass
+
+
+def cache_path(cache_dir: Path, url: str) -> Path:
+    digest = content_key(url)
+    return cache_dir / digest[:2] / f"{digest}.img"
+
+
+def check_image(data: bytes) -> None:
+    """Raise _Missing unless ``data`` is a complete, decodable image."""
+    head = data[:64].lstrip().lower()
+    if head.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body")):
+        raise _Missing("not an image (HTML page)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # decodes every pixel: catches truncated files that verify() lets through
+            if img.width == 0 or img.height == 0:
+                raise _Missing("empty image")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise _Missing(f"undecodable image ({type(err).__name__}: {str(err)[:80]})") from None
+
+
+def _read_local(url: str, max_bytes: int) -> bytes:
+    path = Path(unquote(urlparse(url).path)) if url.startswith("file://") else Path(url)
+    if not path.exists():
+        raise _Missing("file not found")
+    if path.stat().st_size > max_bytes:
+        raise _Missing(f"too large ({path.stat().st_size} bytes > {max_bytes})")
+    return path.read_bytes()
+
+
+def _download(client: httpx.Client, url: str, s: DownloadSettings) -> bytes:
+    last = ""
+    for attempt in range(s.retries + 1):
+        if attempt:
+            time.sleep(s.backoff_s * 2 ** (attempt - 1))
+        try:
+            with client.stream("GET", url) as response:
+                if response.status_code in RETRYABLE:
+                    last = f"HTTP {response.status_code}"
+                    continue
+                if response.status_code >= 400:
+                    raise _Missing(f"HTTP {response.status_code}")
+                declared = int(response.headers.get("Content-Length", 0) or 0)
+                if declared > s.max_bytes:
+                    raise _Missing(f"too large ({declared} bytes > {s.max_bytes})")
+                if "text/html" in response.headers.get("Content-Type", ""):
+                    raise _Missing("not an image (HTML page)")
+                buffer = bytearray()
+                for chunk in response.iter_bytes(1 << 16):
+                    buffer.extend(chunk)
+                    if len(buffer) > s.max_bytes:
+                        raise _Missing(f"too large (> {s.max_bytes} bytes)")
+                if declared and len(buffer) != declared:
+                    last = f"transfer ended at {len(buffer)} of {declared} bytes"
+                    continue
+                return bytes(buffer)
+        except httpx.TimeoutException:
+            last = "timeout"
+        except httpx.TransportError as err:
+            last = f"{type(err).__name__}"
+    raise _Missing(f"failed after {s.retries + 1} attempts: {last}")
+
+
+def fetch_image(client: httpx.Client, url: str | None, cache_dir: Path, s: DownloadSettings) -> ImageResult:
+    if not url:
+        return ImageResult(url, "missing", "no image URL")
+    target = cache_path(cache_dir, url)
+    try:
+        if target.exists():
+            data = target.read_bytes()
+        else:
+            data = _download(client, url, s) if url.startswith(("http://", "https://")) else _read_local(url, s.max_bytes)
+            check_image(data)
+            with atomic_path(target) as tmp:
+                tmp.write_bytes(data)
+    except _Missing as err:
+        return ImageResult(url, "missing", str(err))
+    return ImageResult(url, "ok", None, str(target), content_key(data))
+
+
+def fetch_images(urls: list[str | None], cache_dir: Path, settings: DownloadSettings, progress: bool = True) -> list[ImageResult]:
+    """One result per URL, in order; downloads run on a bounded thread pool."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    client = httpx.Client(timeout=httpx.Timeout(settings.timeout_s), follow_redirects=True,
+                          headers={"User-Agent": "diffcl"},
+                          limits=httpx.Limits(max_connections=settings.workers))
+    bar = Progress(TextColumn("images"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   disable=not progress, transient=True)
+    try:
+        with bar, ThreadPoolExecutor(max_workers=settings.workers) as pool:
+            task = bar.add_task("images", total=len(urls))
+            results = []
+            for result in pool.map(lambda u: fetch_image(client, u, cache_dir, settings), urls):
+                results.append(result)
+                bar.advance(task)
+    finally:
+        client.close()
+    return results
