@@ -222,16 +222,85 @@ class LightGCNConfig(_Strict):
     combine: Literal["mean", "sum"] = Field("mean", description="how the layer outputs 0..L are combined")
 
 
+Modality = Literal["image", "text"]
+
+
+class DiffusionSettings(_Strict):
+    """DiffCL's view generator (spec section 5)."""
+
+    enabled: bool = Field(True, description="false: views are Gaussian perturbations of the same strength (w/o diffusion)")
+    target: Literal["fused", "per_modality"] = Field("fused", description="what is diffused: the fused rows, or each modality's")
+    views: Literal["two_samples", "clean_vs_diffused", "cross_modal"] = Field(
+        "two_samples", description="the two contrastive views (cross_modal needs target per_modality and two modalities)"
+    )
+    steps: int = Field(5, ge=1, description="T, diffusion steps")
+    noise_scale: float = Field(0.1, gt=0, description="s: scales the noise levels (sets the final noise level)")
+    noise_min: float = Field(1e-4, gt=0, description="smallest β before scaling")
+    noise_max: float = Field(0.02, gt=0, description="largest β before scaling")
+    start_step: int | None = Field(None, ge=0, description="t': reverse sampling starts here; null: T")
+    hidden: int = Field(256, ge=1, description="denoiser MLP width")
+    time_dim: int = Field(10, ge=2, description="sinusoidal time embedding width")
+
+
+class DiffCLConfig(_Strict):
+    """DiffCL as reconstructed in docs (diffcl-model.md); every [switch] of the spec is here."""
+
+    modalities: list[Modality] = Field(["image", "text"], description="modality branches to use (those with features)")
+    projection: Literal["mlp", "linear"] = Field("mlp", description="feature projection: d_m -> 4d -> d MLP, or linear")
+    max_feature_dim: int | None = Field(
+        384, ge=8, description="wider raw features are reduced by PCA (once, frozen) before the projection; null: never"
+    )
+    layers: int = Field(2, ge=0, description="L, propagation layers of the graph encoder")
+    combine: Literal["sum", "mean"] = Field("sum", description="layer combination")
+    id_branch: bool = Field(True, description="false: no item-ID branch (ablation w/o ID)")
+    id_in_score: bool = Field(False, description="add the ID branch to the scored representation")
+    item_graph: bool = Field(True, description="false: no frozen item-item graph (ablation)")
+    diffusion: DiffusionSettings = Field(default_factory=DiffusionSettings)
+    contrastive: bool = Field(True, description="false: no contrastive loss (ablation w/o CL)")
+    negatives: Literal["in_batch", "all_nodes"] = Field("in_batch", description="InfoNCE candidates")
+    cl_nodes: int | None = Field(
+        512, ge=2, description="at most this many of the batch's unique users (and items) enter the "
+        "views, contrastive and alignment losses, drawn at random; null: all of them"
+    )
+    temperature: float = Field(0.2, gt=0, description="τ of InfoNCE")
+    alignment: bool = Field(True, description="false: no alignment loss (ablation)")
+    alignment_mode: Literal["distribution", "id_anchor_infonce"] = Field("distribution", description="spec section 7")
+    cl_weight: float = Field(0.01, ge=0, description="λ_cl")
+    align_weight: float = Field(0.1, ge=0, description="λ_align")
+    diff_weight: float = Field(1.0, ge=0, description="λ_diff")
+
+    @model_validator(mode="after")
+    def _check_views(self) -> DiffCLConfig:
+        if self.diffusion.views == "cross_modal" and (self.diffusion.target != "per_modality" or len(self.modalities) < 2):
+            raise ValueError("diffusion.views cross_modal needs diffusion.target per_modality and both modalities")
+        if self.diffusion.start_step is not None and self.diffusion.start_step > self.diffusion.steps:
+            raise ValueError("diffusion.start_step cannot exceed diffusion.steps")
+        return self
+
+
+class FreedomConfig(_Strict):
+    """FREEDOM (Zhou & Shen, MM'23): frozen item-item graph over ID embeddings, LightGCN on a
+    degree-sensitively pruned interaction graph, BPR plus projected-feature BPR."""
+
+    modalities: list[Modality] = Field(["image", "text"], description="modalities used (those with features)")
+    layers: int = Field(2, ge=0, description="propagation layers on the interaction graph")
+    item_layers: int = Field(1, ge=0, description="propagation layers on the item-item graph")
+    dropout: float = Field(0.8, ge=0, lt=1, description="share of interaction edges pruned each epoch (degree-sensitive)")
+    feature_bpr_weight: float = Field(1e-4, ge=0, description="weight of the projected-feature BPR losses")
+
+
 class ModelConfig(_Strict):
     """Which model to train (``name``, from the registry) and each model's own settings."""
 
-    name: str = Field("lightgcn", description="registered model name: mf, lightgcn")
+    name: str = Field("lightgcn", description="registered model name: mf, lightgcn, freedom, diffcl")
     embedding_dim: int = Field(64, ge=1, description="width of user and item embeddings")
     reg_weight: float = Field(
         1e-4, ge=0, description="L2 weight on the batch's ego embeddings (the field's standard reg)"
     )
     mf: MFConfig = Field(default_factory=MFConfig)
     lightgcn: LightGCNConfig = Field(default_factory=LightGCNConfig)
+    freedom: FreedomConfig = Field(default_factory=FreedomConfig)
+    diffcl: DiffCLConfig = Field(default_factory=DiffCLConfig)
 
 
 class TrainConfig(_Strict):

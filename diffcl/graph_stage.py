@@ -7,11 +7,13 @@ later stage can tell a current graph from a stale one.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import scipy.sparse as sp
 
 from diffcl.config import PipelineConfig
@@ -32,6 +34,20 @@ def save_graph(path: Path, matrix: sp.spmatrix, provenance: dict[str, Any]) -> N
 
 def load_graph(path: Path) -> sp.csr_matrix:
     return sp.load_npz(path).tocsr()
+
+
+def modality_knn(dirs: DatasetDirs, modality: str, features: np.ndarray, features_path: Path, k: int,
+                 chunk: int) -> tuple[sp.csr_matrix, bool]:
+    """The kNN graph of one modality: loaded when ``graphs/knn_<modality>.npz`` was built from the
+    same feature file with the same k, else built and saved. Returns (graph, built)."""
+    path = dirs.graphs / f"knn_{modality}.npz"
+    provenance = {"kind": f"{modality} cosine kNN", "k": k, "features_sha256": sha256_file(features_path)}
+    meta = path.with_suffix(".json")
+    if path.exists() and meta.exists() and json.loads(meta.read_text()) == provenance:
+        return load_graph(path), False
+    graph = knn_graph(features, k, chunk)
+    save_graph(path, graph, provenance)
+    return graph, True
 
 
 def build_graphs(config: PipelineConfig) -> dict[str, Any]:
@@ -60,9 +76,7 @@ def build_graphs(config: PipelineConfig) -> dict[str, Any]:
         if matrix.shape[0] != data.n_items:
             raise ValueError(f"{features[modality]}: {matrix.shape[0]} rows but the dataset has {data.n_items} items; "
                              "rerun `diffcl features`")
-        knn[modality] = knn_graph(matrix, gc.knn_k, gc.chunk_items)
-        save_graph(dirs.graphs / f"knn_{modality}.npz", knn[modality],
-                   {"kind": f"{modality} cosine kNN", "k": gc.knn_k, "features_sha256": sha256_file(features[modality])})
+        knn[modality], _ = modality_knn(dirs, modality, matrix, features[modality], gc.knn_k, gc.chunk_items)
         report["graphs"][f"knn_{modality}"] = {"items": data.n_items, "edges": knn[modality].nnz,
                                                "seconds": round(time.perf_counter() - start, 3)}
     fused = fuse_item_graphs(knn, gc.image_weight)

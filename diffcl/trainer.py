@@ -76,7 +76,23 @@ def load_data(config: PipelineConfig) -> tuple[DatasetDirs, InteractionData]:
 
 
 def build_context(config: PipelineConfig, dirs: DatasetDirs, data: InteractionData, device: torch.device) -> ModelContext:
-    return ModelContext(data=data, device=device)
+    """The data, the modality features that exist (and their frozen kNN graphs) for the model."""
+    from diffcl.feature_store import available_features, read_features
+    from diffcl.graph_stage import modality_knn
+
+    ctx = ModelContext(data=data, device=device, image_weight=config.graphs.image_weight)
+    if config.model.name in ("mf", "lightgcn"):
+        return ctx  # ID-only models read no features
+    for modality, path in available_features(dirs.features).items():
+        matrix, meta = read_features(path)
+        if matrix.shape[0] != data.n_items:
+            raise TrainError(f"{path}: {matrix.shape[0]} rows but the dataset has {data.n_items} items; rerun `diffcl features`")
+        if meta.get("untrained"):
+            log.warning("%s features: %s", modality, meta.get("note", "untrained encoder"))
+        ctx.features[modality] = matrix
+        ctx.knn_graphs[modality], built = modality_knn(dirs, modality, matrix, path, config.graphs.knn_k, config.graphs.chunk_items)
+        log.info("%s features %s; kNN graph %s", modality, matrix.shape, "built" if built else "loaded")
+    return ctx
 
 
 def _new_run_id(model: str) -> str:
@@ -149,6 +165,7 @@ class Trainer:
     # ---------------------------------------------------------------- training
     def train_epoch(self) -> dict[str, float]:
         self.model.train()
+        self.model.start_epoch(self.epoch)
         sums: dict[str, float] = {}
         steps = 0
         for users, pos, neg in self.sampler.epoch():

@@ -56,3 +56,25 @@ def demo_workspace(tmp_path_factory):
         return load_config(base, list(overrides))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def demo_multimodal(demo_workspace):
+    """The demo dataset with planted-structure features written directly (no encoder needed):
+    text and image vectors carry the item's latent group plus noise."""
+    import numpy as np
+    import polars as pl
+
+    from diffcl.feature_store import write_features
+    from diffcl.workspace import DatasetDirs
+
+    config = demo_workspace()
+    dirs = DatasetDirs.of(config.workspace, config.dataset.name)
+    items = pl.read_parquet(dirs.prepared / "items.parquet")
+    groups = items.get_column("categories").list.get(1).cast(pl.Categorical).to_physical().to_numpy()
+    rng = np.random.default_rng(0)
+    for modality, width in (("text", 24), ("image", 40)):
+        centres = rng.normal(size=(groups.max() + 1, width))
+        write_features(dirs.features / f"{modality}.parquet", centres[groups] + 0.5 * rng.normal(size=(len(groups), width)),
+                       {"note": "synthetic planted-structure features for tests"})
+    return demo_workspace

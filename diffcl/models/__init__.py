@@ -19,6 +19,6 @@ def build_model(name: str, ctx: ModelContext, config) -> Recommender:
 
 
 # Importing the model modules registers them.
-from diffcl.models import lightgcn, mf  # noqa: E402,F401
+from diffcl.models import diffcl, freedom, lightgcn, mf  # noqa: E402,F401
 
 __all__ = ["REGISTRY", "Batch", "ModelContext", "Recommender", "build_model", "register"]

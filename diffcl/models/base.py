@@ -19,7 +19,7 @@ from torch import nn
 
 from diffcl.config import ModelConfig
 from diffcl.data import InteractionData
-from diffcl.graphs import normalized_adjacency, to_torch_csr
+from diffcl.graphs import fuse_item_graphs, normalized_adjacency, to_torch_csr
 
 
 class Batch(NamedTuple):
@@ -35,9 +35,19 @@ class ModelContext:
 
     data: InteractionData
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    item_graph: sp.csr_matrix | None = None
-    features: dict[str, np.ndarray] = field(default_factory=dict)
+    features: dict[str, np.ndarray] = field(default_factory=dict)  # modality -> items x d_m
+    knn_graphs: dict[str, sp.csr_matrix] = field(default_factory=dict)  # modality -> frozen kNN graph
+    image_weight: float = 0.1  # α of the fused item-item graph
     _adjacency: torch.Tensor | None = None
+
+    def modalities(self, wanted: list[str]) -> list[str]:
+        """The wanted modalities that have features, in a fixed order (image, text)."""
+        return [m for m in ("image", "text") if m in wanted and m in self.features]
+
+    def item_graph(self, modalities: list[str]) -> torch.Tensor | None:
+        """S = α S^image + (1 - α) S^text over the given modalities (one alone when only one)."""
+        fused = fuse_item_graphs({m: self.knn_graphs[m] for m in modalities if m in self.knn_graphs}, self.image_weight)
+        return None if fused is None else to_torch_csr(fused, self.device)
 
     @property
     def n_users(self) -> int:
@@ -74,6 +84,9 @@ class Recommender(nn.Module, ABC):
     def describe(self) -> str:
         """One line for the log: what this model runs on."""
         return self.name
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before each training epoch (FREEDOM resamples its pruned graph here)."""
 
 
 def bpr_loss(users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:

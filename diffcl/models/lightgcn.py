@@ -8,18 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffcl.graphs import propagate_rows, symmetric_spmm
+from diffcl.graphs import propagate, propagate_rows
 from diffcl.models import register
 from diffcl.models.base import Batch, ModelContext, Recommender, bpr_loss, l2_reg
-
-
-def propagate(adjacency: torch.Tensor, ego: torch.Tensor, layers: int, combine: str) -> torch.Tensor:
-    """Layer combination of LightGCN propagation; shared by every graph model."""
-    out, h = ego, ego
-    for _ in range(layers):
-        h = symmetric_spmm(adjacency, h)
-        out = out + h
-    return out / (layers + 1) if combine == "mean" else out
 
 
 @register

@@ -1,0 +1,215 @@
+"""DiffCL and FREEDOM against the baselines; prints the tables of the multimodal issue.
+
+    .venv/bin/python benchmarks/multimodal.py --part accuracy   # Scientific, real MiniLM text, 3 seeds
+    .venv/bin/python benchmarks/multimodal.py --part ablations  # spec section 10 on Scientific, 1 seed
+    .venv/bin/python benchmarks/multimodal.py --part timing     # Baby, stand-in 4096/384-d features
+    .venv/bin/python benchmarks/multimodal.py --part demo       # synthetic demo data with planted structure
+    .venv/bin/python benchmarks/multimodal.py                   # all four
+
+Model selection is on validation only; test metrics are taken at the best validation epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from diffcl.config import load_config
+from diffcl.feature_store import write_features
+from diffcl.trainer import Trainer
+from diffcl.workspace import DatasetDirs
+from features.feature_stage import run_features
+from features.prepare import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+console = Console(width=200)
+METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+
+MODELS = {
+    "MF-BPR": ["model.name=mf"],
+    "LightGCN": ["model.name=lightgcn"],
+    "FREEDOM": ["model.name=freedom"],
+    "DiffCL": ["model.name=diffcl"],
+    "DiffCL w/o diffusion": ["model.name=diffcl", "model.diffcl.diffusion.enabled=false"],
+}
+ABLATIONS = {
+    "DiffCL (full)": [],
+    "w/o diffusion (Gaussian views)": ["model.diffcl.diffusion.enabled=false"],
+    "w/o contrastive loss": ["model.diffcl.contrastive=false"],
+    "w/o alignment": ["model.diffcl.alignment=false"],
+    "w/o item-item graph": ["model.diffcl.item_graph=false"],
+    "w/o ID branch": ["model.diffcl.id_branch=false"],
+    "text only": ["model.diffcl.modalities=[text]"],
+    "visual only": ["model.diffcl.modalities=[image]"],
+    "ID only": ["model.diffcl.modalities=[]"],
+}
+
+
+def run(config_path: str | Path, overrides: list[str]) -> dict:
+    trainer = Trainer(load_config(config_path, overrides))
+    start = time.perf_counter()
+    metrics = trainer.fit().metrics
+    metrics["wall"] = time.perf_counter() - start
+    metrics["describe"] = trainer.model.describe()
+    return metrics
+
+
+def _scientific(workspace: str) -> Path | None:
+    config = ROOT / "configs" / "scientific.yaml"
+    cfg = load_config(config, [f"workspace={workspace}"])
+    if not Path(cfg.dataset.interactions).exists():
+        console.print("skipped: ../shared/data/amazon-scientific is absent")
+        return None
+    prepare(cfg, progress=False)
+    run_features(cfg, progress=False)
+    return config
+
+
+def part_accuracy(workspace: str, seeds: list[int], extra: list[str]) -> None:
+    config = _scientific(workspace)
+    if config is None:
+        return
+    table = Table(title=f"Scientific (real MiniLM text, visual off): test metrics, mean ± sd over seeds {seeds}")
+    for col in ("model", *METRICS, "best epochs", "s/epoch"):
+        table.add_column(col, justify="right")
+    for name, overrides in MODELS.items():
+        runs = [run(config, [f"workspace={workspace}", f"train.seed={s}", *overrides, *extra]) for s in seeds]
+        cells = []
+        for metric in METRICS:
+            values = [r["test"][metric] for r in runs]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.4f} ± {sd:.4f}")
+        table.add_row(name, *cells, ",".join(str(r["best_epoch"]) for r in runs),
+                      f"{statistics.mean(r['epoch_seconds'] for r in runs):.2f}")
+        console.print(table)
+
+
+def part_ablations(workspace: str, extra: list[str]) -> None:
+    config = _scientific(workspace)
+    if config is None:
+        return
+    table = Table(title="DiffCL ablations (spec section 10), Scientific, seed 2024")
+    for col in ("variant", *METRICS, "valid R@20", "best epoch", "s/epoch", "branches"):
+        table.add_column(col, justify="right")
+    for name, overrides in ABLATIONS.items():
+        m = run(config, [f"workspace={workspace}", "model.name=diffcl", *overrides, *extra])
+        table.add_row(name, *(f"{m['test'][k]:.4f}" for k in METRICS), f"{m['valid']['recall@20']:.4f}",
+                      str(m["best_epoch"]), f"{m['epoch_seconds']:.2f}", m["describe"])
+    console.print(table)
+
+
+def part_timing(workspace: str, epochs: int, extra: list[str]) -> None:
+    config = ROOT / "configs" / "baby.yaml"
+    cfg = load_config(config, [f"workspace={workspace}"])
+    if not Path(cfg.dataset.path).exists():
+        console.print("skipped: ../shared/data/amazon-baby is absent")
+        return
+    prepare(cfg, progress=False)
+    dirs = DatasetDirs.of(cfg.workspace, cfg.dataset.name)
+    rng = np.random.default_rng(0)
+    n_items = 7050
+    # Stand-in features of the standard widths, for timing only (their content is noise).
+    write_features(dirs.features / "image.parquet", rng.random((n_items, 4096), dtype=np.float32), {"note": "random stand-in"})
+    write_features(dirs.features / "text.parquet", rng.standard_normal((n_items, 384), dtype=np.float32), {"note": "random stand-in"})
+    base = [f"workspace={workspace}", f"train.epochs={epochs}", "train.patience=1000", "train.eval_every=1000", *extra]
+    variants = {
+        "MF-BPR": ["model.name=mf"],
+        "LightGCN": ["model.name=lightgcn"],
+        "FREEDOM": ["model.name=freedom"],
+        "DiffCL": ["model.name=diffcl"],
+        "DiffCL encoder + BPR only": ["model.name=diffcl", "model.diffcl.contrastive=false", "model.diffcl.alignment=false"],
+        "DiffCL + alignment": ["model.name=diffcl", "model.diffcl.contrastive=false"],
+        "DiffCL + contrastive, Gaussian views": ["model.name=diffcl", "model.diffcl.alignment=false",
+                                                 "model.diffcl.diffusion.enabled=false"],
+        "DiffCL + contrastive, diffusion views": ["model.name=diffcl", "model.diffcl.alignment=false"],
+    }
+    times = {}
+    table = Table(title=f"Baby, stand-in 4096-d visual and 384-d text features: seconds per training epoch ({epochs} epochs)")
+    for col in ("model", "s/epoch", "x LightGCN", "MMRec s/epoch", "peak RSS GB"):
+        table.add_column(col, justify="right")
+    reference = {"MF-BPR": 0.8, "LightGCN": 3.2, "FREEDOM": 24.0}
+    import resource
+
+    for name, overrides in variants.items():
+        trainer = Trainer(load_config(config, [*base, *overrides]))
+        seconds = []
+        for _ in range(epochs):
+            start = time.perf_counter()
+            trainer.train_epoch()
+            trainer.epoch += 1
+            seconds.append(time.perf_counter() - start)
+        times[name] = statistics.median(seconds)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        table.add_row(name, f"{times[name]:.2f}", f"{times[name] / times.get('LightGCN', np.nan):.2f}",
+                      str(reference.get(name, "-")), f"{rss:.1f}")
+    console.print(table)
+    encoder = times["DiffCL encoder + BPR only"]
+    split = Table(title="Where a DiffCL epoch goes (differences between the variants above)")
+    split.add_column("part")
+    split.add_column("s/epoch", justify="right")
+    split.add_column("share", justify="right")
+    parts = {
+        "encoder, fusion, BPR (forward + backward)": encoder,
+        "alignment loss": times["DiffCL + alignment"] - encoder,
+        "contrastive loss (views without diffusion)": times["DiffCL + contrastive, Gaussian views"] - encoder,
+        "diffusion (denoiser, its loss, reverse steps)": times["DiffCL + contrastive, diffusion views"]
+        - times["DiffCL + contrastive, Gaussian views"],
+    }
+    for part, value in parts.items():
+        split.add_row(part, f"{value:.2f}", f"{value / times['DiffCL']:.0%}")
+    split.add_row("DiffCL total", f"{times['DiffCL']:.2f}", "100%")
+    console.print(split)
+
+
+def part_demo(workspace: str, extra: list[str]) -> None:
+    from features.synthetic import generate
+
+    src = Path(workspace) / "demo-source"
+    generate(src)
+    overrides = [f"workspace={workspace}", f"dataset.reviews={src / 'Demo_5.json.gz'}", f"dataset.meta={src / 'meta_Demo.json.gz'}"]
+    config = ROOT / "configs" / "demo.yaml"
+    cfg = load_config(config, overrides)
+    prepare(cfg, progress=False)
+    run_features(cfg, progress=False)
+    table = Table(title="Synthetic demo (planted groups in text and pixels; images from an UNTRAINED tiny CLIP)")
+    for col in ("model", *METRICS, "best epoch"):
+        table.add_column(col, justify="right")
+    for name in ("MF-BPR", "LightGCN", "FREEDOM", "DiffCL"):
+        m = run(config, [*overrides, *MODELS[name], *extra])
+        table.add_row(name, *(f"{m['test'][k]:.4f}" for k in METRICS), str(m["best_epoch"]))
+    console.print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["accuracy", "ablations", "timing", "demo"], action="append")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[2024, 2025, 2026])
+    parser.add_argument("--timing-epochs", type=int, default=3)
+    parser.add_argument("--workspace", default=None, help="default: a temporary folder")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    parts = args.part or ["accuracy", "ablations", "timing", "demo"]
+    with tempfile.TemporaryDirectory() as tmp:
+        workspace = args.workspace or tmp
+        for part in parts:
+            if part == "accuracy":
+                part_accuracy(workspace, args.seeds, args.overrides)
+            elif part == "ablations":
+                part_ablations(workspace, args.overrides)
+            elif part == "timing":
+                part_timing(workspace, args.timing_epochs, args.overrides)
+            else:
+                part_demo(workspace, args.overrides)
+
+
+if __name__ == "__main__":
+    main()
