@@ -18,7 +18,7 @@ install: $(STAMP)
 # The main job on the embedded offline default: the synthetic demo dataset.
 run: $(STAMP)
 	$(BIN)/diffcl demo-data workspace/demo-source
-	$(BIN)/diffcl prepare configs/demo.yaml
+	$(BIN)/diffcl run configs/demo.yaml
 
 # pytest exits 5 when it collected no tests: treat that as a failure, deliberately.
 test: $(STAMP)

@@ -322,6 +322,25 @@ class EvalConfig(_Strict):
     batch_users: int = Field(4096, ge=1, description="users scored at once in full ranking")
 
 
+class PublishConfig(_Strict):
+    """The model registry: which trained model becomes the production model."""
+
+    metric: str = Field("recall@20", description="validation metric that decides champion vs challenger")
+    promote_if: Literal["at_least", "better"] = Field(
+        "at_least", description="a challenger is promoted when its metric is at least (or strictly above) the champion's"
+    )
+
+
+class OrchestrationConfig(_Strict):
+    """How the Prefect flow runs the stages, and when the deployment runs."""
+
+    cron: str = Field("0 3 * * 1", description="schedule of diffcl/full-pipeline (default: Mondays 03:00)")
+    timezone: str = Field("UTC", description="time zone of the cron schedule")
+    network_retries: int = Field(3, ge=0, description="retries of the network stages (fetch, images)")
+    retry_delay_s: float = Field(10.0, ge=0, description="first retry delay; doubles each retry")
+    stage_timeout_s: float = Field(6 * 3600, gt=0, description="any stage running longer than this fails")
+
+
 class PipelineConfig(_Strict):
     """The whole pipeline: one dataset and the settings of every stage."""
 
@@ -334,6 +353,8 @@ class PipelineConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
     @model_validator(mode="after")
     def _check_metric(self) -> PipelineConfig:

@@ -64,31 +64,63 @@ def _unchanged(path: Path, state: str) -> bool:
     return path.exists() and read_metadata(path).get("state") == state
 
 
-def run_features(config: PipelineConfig, progress: bool = True) -> list[ModalityReport]:
+def _inputs(config: PipelineConfig) -> tuple[DatasetDirs, pl.DataFrame, dict[str, str]]:
     dirs = DatasetDirs.of(config.workspace, config.dataset.name)
     items_path = dirs.prepared / "items.parquet"
     if not items_path.exists():
         raise FeatureError(f"no prepared items in {dirs.prepared}; run `diffcl prepare` first")
     items = pl.read_parquet(items_path).sort("item")
     dirs.features.mkdir(parents=True, exist_ok=True)
-    fc = config.features
     stats = json.loads((dirs.prepared / "stats.json").read_text())
-    shipped = stats.get("precomputed_features", {}) if fc.precomputed else {}
+    shipped = stats.get("precomputed_features", {}) if config.features.precomputed else {}
+    return dirs, items, shipped
 
-    reports = []
-    for modality, settings, run in (("text", fc.text, _run_text), ("image", fc.image, _run_image)):
-        path = dirs.features / f"{modality}.parquet"
-        if not settings.enabled:
-            path.unlink(missing_ok=True)
-            reports.append(ModalityReport(modality, "skipped", note=f"features.{modality}.enabled is false"))
-        elif modality in shipped:
-            reports.append(_import_precomputed(modality, Path(shipped[modality]), items, path))
-        else:
-            reports.append(run(settings, items, dirs, progress))
-    for r in reports:
-        if r.status == "skipped":
-            log.info("%s modality skipped: %s", r.modality, r.note)
-    return reports
+
+def modality_features(config: PipelineConfig, modality: str, progress: bool = True) -> ModalityReport:
+    """One modality's feature file: imported (MMRec), encoded (incrementally), or skipped."""
+    dirs, items, shipped = _inputs(config)
+    settings = getattr(config.features, modality)
+    path = dirs.features / f"{modality}.parquet"
+    if not settings.enabled:
+        path.unlink(missing_ok=True)
+        report = ModalityReport(modality, "skipped", note=f"features.{modality}.enabled is false")
+    elif modality in shipped:
+        report = _import_precomputed(modality, Path(shipped[modality]), items, path)
+    elif modality == "text":
+        report = _run_text(settings, items, dirs, progress)
+    else:
+        report = _run_image(settings, items, dirs, progress)
+    if report.status == "skipped":
+        log.info("%s modality skipped: %s", modality, report.note)
+    return report
+
+
+def run_features(config: PipelineConfig, progress: bool = True) -> list[ModalityReport]:
+    """Both modalities, images downloaded first: the ``diffcl features`` command."""
+    download_images(config, progress)
+    return [modality_features(config, m, progress) for m in ("text", "image")]
+
+
+def download_images(config: PipelineConfig, progress: bool = True) -> Path | None:
+    """Fetch the item images into the URL-keyed cache and write ``features/image_sources.parquet``
+    (per item: URL, ok/missing, reason, content hash). None when the visual modality is off."""
+    dirs, items, shipped = _inputs(config)
+    ic = config.features.image
+    if not ic.enabled or "image" in shipped:
+        return None
+    from features.images import DownloadSettings, fetch_images
+
+    urls = items.get_column("image_url").to_list()
+    settings = DownloadSettings(ic.timeout_s, ic.retries, 0.5, ic.max_bytes, ic.download_workers)
+    results = fetch_images(urls, dirs.root / "images", settings, progress)
+    sources = pl.DataFrame(
+        [{"item": i, **asdict(r)} for i, r in enumerate(results)],
+        schema={"item": pl.Int64, "url": pl.String, "status": pl.String, "reason": pl.String,
+                "path": pl.String, "sha256": pl.String},
+    )
+    path = dirs.features / "image_sources.parquet"
+    write_parquet_atomic(sources, path)
+    return path
 
 
 # ------------------------------------------------------------------------------------------ text
@@ -139,18 +171,19 @@ def _run_text(tc: TextFeaturesConfig, items: pl.DataFrame, dirs: DatasetDirs, pr
 # ----------------------------------------------------------------------------------------- image
 def _run_image(ic: ImageFeaturesConfig, items: pl.DataFrame, dirs: DatasetDirs, progress: bool) -> ModalityReport:
     from features.image_features import UNTRAINED_NOTE, encode_images, load_clip, resolve_clip
-    from features.images import DownloadSettings, fetch_images
+    from features.images import ImageResult
 
     start = time.perf_counter()
     out = dirs.features / "image.parquet"
-    urls = items.get_column("image_url").to_list()
-    if not any(urls):
+    if not any(items.get_column("image_url").to_list()):
         out.unlink(missing_ok=True)
         return ModalityReport("image", "skipped", note="no item has an image URL")
-    settings = DownloadSettings(ic.timeout_s, ic.retries, 0.5, ic.max_bytes, ic.download_workers)
-    results = fetch_images(urls, dirs.root / "images", settings, progress)
-    sources = pl.DataFrame([{"item": i, **asdict(r)} for i, r in enumerate(results)])
-    write_parquet_atomic(sources, dirs.features / "image_sources.parquet")
+    sources_path = dirs.features / "image_sources.parquet"
+    if not sources_path.exists() or pl.read_parquet(sources_path).height != items.height:
+        raise FeatureError(f"{sources_path} is missing or stale; the images stage must run first")
+    sources = pl.read_parquet(sources_path).sort("item")
+    results = [ImageResult(**{k: row[k] for k in ("url", "status", "reason", "path", "sha256")})
+               for row in sources.iter_rows(named=True)]
     present = np.array([r.status == "ok" for r in results])
     n_missing = int((~present).sum())
     share = n_missing / len(results)

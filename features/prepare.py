@@ -79,12 +79,14 @@ def _mmrec_manifests(folder: Path) -> dict[str, Manifest]:
     return {p.name: local_manifest(p) for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def prepare(config: PipelineConfig, progress: bool = True) -> PrepareResult:
+def prepare(config: PipelineConfig, progress: bool = True,
+            acquired: dict[str, tuple[Path, Manifest]] | None = None) -> PrepareResult:
+    """The data stage; ``acquired`` (from :func:`acquire`) skips the fetch when given."""
     started = time.perf_counter()
     dirs = DatasetDirs.of(config.workspace, config.dataset.name)
     ds, prep = config.dataset, config.prepare
 
-    acquired = acquire(config, progress)
+    acquired = acquire(config, progress) if acquired is None else acquired
     manifests = {role: m for role, (_, m) in acquired.items()}
     if ds.source == "mmrec":
         manifests = _mmrec_manifests(Path(ds.path))
@@ -133,14 +135,16 @@ def prepare(config: PipelineConfig, progress: bool = True) -> PrepareResult:
         "inputs": {name: {"url": m.url, "size": m.size, "sha256": m.sha256} for name, m in manifests.items()},
         "precomputed_features": {k: str(v) for k, v in raw.precomputed.items()},
         "stage_version": STAGE_VERSION,
-        "seconds": {
-            "fetch": round(t_fetch - started, 3),
-            "read": round(t_read - t_fetch, 3),
-            "filter_split": round(t_build - t_read, 3),
-            "total": round(time.perf_counter() - started, 3),
-        },
     }
+    # stats.json holds only what the data determine, so that equal inputs give an identical file
+    # (the orchestration keys later stages on its hash); timings are returned, not written.
     write_json_atomic(outputs["stats"], stats)
+    stats = {**stats, "seconds": {
+        "fetch": round(t_fetch - started, 3),
+        "read": round(t_read - t_fetch, 3),
+        "filter_split": round(t_build - t_read, 3),
+        "total": round(time.perf_counter() - started, 3),
+    }}
     return PrepareResult(dirs=dirs, stats=stats, outputs=outputs)
 
 

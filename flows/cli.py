@@ -34,7 +34,12 @@ SetOpt = Annotated[
 
 
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+def _main(ctx: typer.Context, verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+    from flows.prefect_env import apply_offline_defaults
+
+    apply_offline_defaults()
+    if ctx.invoked_subcommand in ("run", "serve"):
+        return  # Prefect's own log format names the task run of every line
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
@@ -226,6 +231,68 @@ def recommend(
         table.add_column(col)
     for rank, row in enumerate(ranked.iter_rows(named=True), start=1):
         table.add_row(str(rank), row["item_id"], row["title"] or "", f"{row['score']:.3f}")
+    console.print(table)
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="YAML config file")] = Path("configs/demo.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Run the whole pipeline as a Prefect flow in this process (temporary local server, no setup)."""
+    _load(config, set_)  # validate before starting Prefect
+    from flows.pipeline import diffcl_flow
+
+    summary = diffcl_flow(config=str(config.resolve()), overrides=list(set_ or []))
+    metrics = {"model": summary["decision"].get("model", ""), "dataset": summary["dataset"],
+               "best_epoch": "-", "epochs": "-", "valid": summary["valid"], "test": summary["test"],
+               "epoch_seconds": float("nan"), "eval_seconds": float("nan")}
+    import json
+
+    run_metrics = json.loads((Path(summary["run_dir"]) / "metrics.json").read_text())
+    metrics.update({k: run_metrics[k] for k in ("model", "best_epoch", "epochs", "epoch_seconds", "eval_seconds")})
+    console.print(metrics_table(metrics))
+    decision = summary["decision"]
+    console.print(f"model v{decision['version']}: {'promoted to production' if decision['promoted'] else 'kept as challenger'} "
+                  f"({decision['reason']}); run folder {summary['run_dir']}")
+
+
+@app.command()
+def serve(
+    config: Annotated[Path, typer.Argument(help="YAML config file")] = Path("configs/demo.yaml"),
+    set_: SetOpt = None,
+    cron: Annotated[str | None, typer.Option(help="cron schedule (default: orchestration.cron, weekly)")] = None,
+    timezone: Annotated[str | None, typer.Option(help="time zone of the schedule (default: orchestration.timezone)")] = None,
+) -> None:
+    """Register and serve the deployment diffcl/full-pipeline on its schedule (needs a Prefect API)."""
+    _load(config, set_)
+    from prefect import serve as prefect_serve
+
+    from flows.deploy import build_deployment
+
+    deployment = build_deployment(config, list(set_ or []), cron, timezone)
+    prefect_serve(deployment)
+
+
+@app.command()
+def models(config: Annotated[Path, typer.Argument(help="YAML config file")] = Path("configs/demo.yaml")) -> None:
+    """List the registered models of a dataset; * marks the production model."""
+    from diffcl.registry import Registry
+    from diffcl.workspace import DatasetDirs
+
+    cfg = _load(config, [])
+    registry = Registry(DatasetDirs.of(cfg.workspace, cfg.dataset.name).root / "registry.json")
+    if not registry.versions:
+        console.print(f"no registered models for {cfg.dataset.name}")
+        return
+    production = registry.data["production"]
+    table = Table(title=f"models of {cfg.dataset.name}")
+    for col in ("version", "model", "valid recall@20", "test recall@20", "test ndcg@20", "registered", "run"):
+        table.add_column(col)
+    for v in registry.versions:
+        mark = " *" if v["version"] == production else ""
+        table.add_row(f"v{v['version']}{mark}", v["model"], f"{v['valid']['recall@20']:.4f}", f"{v['test']['recall@20']:.4f}",
+                      f"{v['test']['ndcg@20']:.4f}", v["registered_at"], Path(v["run_dir"]).name)
     console.print(table)
 
 

