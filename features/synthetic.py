@@ -144,6 +144,7 @@ def generate(out: str | Path, spec: DemoSpec = DemoSpec(), image_base_url: str |
 
 
 def _write_jsonl_gz(path: Path, records: list[dict]) -> None:
-    with atomic_path(path) as tmp, gzip.open(tmp, "wt", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
+    # mtime=0: the same data gives the same bytes, so a regenerated demo is not "fresh data".
+    data = "".join(json.dumps(record) + "\n" for record in records).encode("utf-8")
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as handle:
+        handle.write(data)
