@@ -15,7 +15,7 @@ from features.embedding_cache import content_key, weights_hash
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "clip_configs"
-UNTRAINED_NOTE = "visual features come from an UNTRAINED encoder (random weights): no learned visual semantics"
+UNTRAINED_NOTE = "features come from an UNTRAINED image encoder (random weights): no learned visual semantics"
 
 
 @dataclass(frozen=True)

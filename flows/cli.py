@@ -252,6 +252,10 @@ def run(
     run_metrics = json.loads((Path(summary["run_dir"]) / "metrics.json").read_text())
     metrics.update({k: run_metrics[k] for k in ("model", "best_epoch", "epochs", "epoch_seconds", "eval_seconds")})
     console.print(metrics_table(metrics))
+    from flows.reporting import feature_notes
+
+    for note in feature_notes(_load(config, set_)):
+        console.print(note.replace("**", ""), style="bold yellow")
     decision = summary["decision"]
     console.print(f"model v{decision['version']}: {'promoted to production' if decision['promoted'] else 'kept as challenger'} "
                   f"({decision['reason']}); run folder {summary['run_dir']}")

@@ -42,8 +42,23 @@ def stats_markdown(stats: dict[str, Any]) -> str:
     return f"# {stats.get('dataset')}: dataset\n\n" + "\n".join(rows) + "\n"
 
 
+def feature_notes(cfg: PipelineConfig) -> list[str]:
+    """What the report must say about the features used, e.g. an untrained image encoder."""
+    from diffcl.feature_store import available_features, read_metadata
+    from diffcl.workspace import DatasetDirs
+
+    notes = []
+    for modality, path in available_features(DatasetDirs.of(cfg.workspace, cfg.dataset.name).features).items():
+        meta = read_metadata(path)
+        if meta.get("untrained"):
+            notes.append(f"**Warning:** the {modality} {meta.get('note') or 'features come from an untrained encoder'}.")
+    return notes
+
+
 def publish_artifacts(cfg: PipelineConfig, summary: dict[str, Any]) -> None:
-    create_markdown_artifact(metrics_markdown(summary), key=_key(cfg, "metrics"), description="test and validation metrics")
+    notes = "\n\n".join(feature_notes(cfg))
+    create_markdown_artifact(metrics_markdown(summary) + (f"\n{notes}\n" if notes else ""), key=_key(cfg, "metrics"),
+                             description="test and validation metrics")
     create_markdown_artifact(stats_markdown(summary["stats"]), key=_key(cfg, "dataset"), description="dataset statistics")
     curves = Path(summary["run_dir"]) / "curves.png"
     create_link_artifact(curves.resolve().as_uri(), link_text="training curves (PNG)", key=_key(cfg, "curves"),

@@ -111,6 +111,16 @@ def test_full_flow_then_cached_rerun_then_changed_interactions(prefect_server, d
     assert (config.parent / "ws/demo/runs").exists()
     assert all(counter.calls.get(s, 0) >= 1 for s in STAGES), counter.calls
     assert counter.encoded_texts == 80
+    # Artifacts: the metrics (with the untrained-encoder warning), the dataset, the curves link.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="diffcl-demo-%")))
+    by_key = {a.key: a for a in found}
+    assert {"diffcl-demo-metrics", "diffcl-demo-dataset", "diffcl-demo-curves"} <= set(by_key)
+    assert "recall@20" in by_key["diffcl-demo-metrics"].data and "UNTRAINED" in by_key["diffcl-demo-metrics"].data
+    assert "curves.png" in by_key["diffcl-demo-curves"].data
     images = server.hits.copy()
 
     # Nothing changed: fetch asks the server (304), every other stage is a cache hit.
