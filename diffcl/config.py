@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from diffcl.io import is_url
 
 SourceKind = Literal["amazon2014", "amazon2018", "amazon2023", "mmrec", "tables"]
+PRESET_NAMES = ("baby", "sports", "clothing")
 
 
 class ConfigError(ValueError):
@@ -59,7 +60,7 @@ class DatasetConfig(_Strict):
     source: SourceKind | None = Field(
         None, description="input form; required unless a preset implies it"
     )
-    preset: Literal["baby", "sports", "clothing"] | None = Field(
+    preset: Literal[PRESET_NAMES] | None = Field(
         None,
         description="a benchmark dataset of the field (the 2014 5-core dumps behind MMRec's Baby, "
         "Sports, Clothing): implies source amazon2014 and its published reviews and meta URLs",
@@ -424,6 +425,9 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None
     """Read a YAML file (or a mapping), apply ``key=value`` overrides, validate, resolve paths."""
     if isinstance(source, dict):
         data, origin = source, "(mapping)"
+    elif not Path(source).exists() and str(source) in PRESET_NAMES:
+        # A bare preset name stands for the published benchmark dataset with every default.
+        data, origin = {"dataset": {"name": str(source), "preset": str(source)}}, f"preset {source}"
     else:
         path = Path(source)
         origin = str(path)

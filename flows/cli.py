@@ -236,14 +236,15 @@ def recommend(
 
 @app.command()
 def run(
-    config: Annotated[Path, typer.Argument(help="YAML config file")] = Path("configs/demo.yaml"),
+    config: Annotated[Path, typer.Argument(help="YAML config file, or a preset: baby, sports, clothing")] = Path("configs/demo.yaml"),
     set_: SetOpt = None,
 ) -> None:
     """Run the whole pipeline as a Prefect flow in this process (temporary local server, no setup)."""
     _load(config, set_)  # validate before starting Prefect
     from flows.pipeline import diffcl_flow
 
-    summary = diffcl_flow(config=str(config.resolve()), overrides=list(set_ or []))
+    source = str(config.resolve()) if config.exists() else str(config)  # or a preset name
+    summary = diffcl_flow(config=source, overrides=list(set_ or []))
     metrics = {"model": summary["decision"].get("model", ""), "dataset": summary["dataset"],
                "best_epoch": "-", "epochs": "-", "valid": summary["valid"], "test": summary["test"],
                "epoch_seconds": float("nan"), "eval_seconds": float("nan")}

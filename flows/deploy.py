@@ -16,7 +16,7 @@ def build_deployment(config: str | Path, overrides: list[str] | None = None, cro
                      timezone: str | None = None):
     """A RunnerDeployment for ``flow.serve`` / ``prefect.serve``; the config is validated now and
     passed as an absolute path, so that runs do not depend on the serving process's directory."""
-    path = Path(config).resolve()
+    path = Path(config).resolve() if Path(config).exists() else Path(config)  # or a preset name
     cfg = load_config(path, overrides or [])
     schedule = Cron(cron or cfg.orchestration.cron, timezone=timezone or cfg.orchestration.timezone)
     return diffcl_flow.to_deployment(

@@ -75,3 +75,11 @@ def test_shipped_configs_are_valid():
     root = Path(__file__).resolve().parents[1]
     for path in sorted((root / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_a_bare_preset_name_is_a_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("clothing", ["prepare.kcore=10"])
+    assert cfg.dataset.name == "clothing" and cfg.dataset.source == "amazon2014" and cfg.prepare.kcore == 10
+    files = {f.role: f.location for f in source_files(cfg.dataset)}
+    assert files["reviews"].endswith("reviews_Clothing_Shoes_and_Jewelry_5.json.gz")
