@@ -41,11 +41,13 @@ FILLER = ["great", "quality", "for", "everyday", "use", "and", "the", "with", "g
 
 @dataclass(frozen=True)
 class DemoSpec:
-    users: int = 400
-    items: int = 240
+    # Sparse on purpose: many items have few interactions, so the text and pixels of an item
+    # matter, and a model that reads them beats one that only sees co-interactions.
+    users: int = 500
+    items: int = 600
     groups: int = 6
-    min_per_user: int = 8
-    max_per_user: int = 24
+    min_per_user: int = 5
+    max_per_user: int = 14
     preference: float = 0.85  # share of a user's interactions within the preferred groups
     image_size: int = 32
     seed: int = 7

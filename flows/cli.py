@@ -304,8 +304,8 @@ def models(config: Annotated[Path, typer.Argument(help="YAML config file")] = Pa
 @app.command("demo-data")
 def demo_data(
     out: Annotated[Path, typer.Argument(help="folder to write the dataset into")] = Path("workspace/demo-source"),
-    users: Annotated[int, typer.Option(help="number of users")] = 400,
-    items: Annotated[int, typer.Option(help="number of items")] = 240,
+    users: Annotated[int, typer.Option(help="number of users")] = 500,
+    items: Annotated[int, typer.Option(help="number of items")] = 600,
     groups: Annotated[int, typer.Option(help="planted item groups (at most 8)")] = 6,
     seed: Annotated[int, typer.Option(help="random seed")] = 7,
     image_base_url: Annotated[
