@@ -1,6 +1,6 @@
 """Throughput of the feature stage against the bare encoders, and the cost of a no-op rerun.
 
-    .venv/bin/python benchmarks/features.py
+    .venv/bin/python benchmarks/feature_throughput.py
 
 1. text: the real Scientific item texts (../shared/data/amazon-scientific) with the packaged
    all-MiniLM-L6-v2 weights: the whole stage (read, assemble, hash, encode, write) against bare
