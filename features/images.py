@@ -33,6 +33,8 @@ class ImageResult:
     reason: str | None = None
     path: str | None = None
     sha256: str | None = None  # of the image bytes: the embedding cache key
+    size: int | None = None  # of the cached file, with its mtime: lets a rerun skip re-hashing it
+    mtime_ns: int | None = None
 
 
 @dataclass(frozen=True)
@@ -109,12 +111,16 @@ def _download(client: httpx.Client, url: str, s: DownloadSettings) -> bytes:
     raise _Missing(f"failed after {s.retries + 1} attempts: {last}")
 
 
-def fetch_image(client: httpx.Client, url: str | None, cache_dir: Path, s: DownloadSettings) -> ImageResult:
+def fetch_image(client: httpx.Client, url: str | None, cache_dir: Path, s: DownloadSettings,
+                known: ImageResult | None = None) -> ImageResult:
     if not url:
         return ImageResult(url, "missing", "no image URL")
     target = cache_path(cache_dir, url)
     try:
         if target.exists():
+            stat = target.stat()
+            if known is not None and known.sha256 and (known.size, known.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
+                return known  # the cached file is the one hashed last time
             data = target.read_bytes()
         else:
             data = _download(client, url, s) if url.startswith(("http://", "https://")) else _read_local(url, s.max_bytes)
@@ -123,11 +129,15 @@ def fetch_image(client: httpx.Client, url: str | None, cache_dir: Path, s: Downl
                 tmp.write_bytes(data)
     except _Missing as err:
         return ImageResult(url, "missing", str(err))
-    return ImageResult(url, "ok", None, str(target), content_key(data))
+    stat = target.stat()
+    return ImageResult(url, "ok", None, str(target), content_key(data), stat.st_size, stat.st_mtime_ns)
 
 
-def fetch_images(urls: list[str | None], cache_dir: Path, settings: DownloadSettings, progress: bool = True) -> list[ImageResult]:
-    """One result per URL, in order; downloads run on a bounded thread pool."""
+def fetch_images(urls: list[str | None], cache_dir: Path, settings: DownloadSettings, progress: bool = True,
+                 known: dict[str, ImageResult] | None = None) -> list[ImageResult]:
+    """One result per URL, in order; downloads run on a bounded thread pool. ``known``: the
+    results of the previous run by URL, so that unchanged cached files are not read again."""
+    known = known or {}
     cache_dir.mkdir(parents=True, exist_ok=True)
     client = httpx.Client(timeout=httpx.Timeout(settings.timeout_s), follow_redirects=True,
                           headers={"User-Agent": "diffcl"},
@@ -138,7 +148,7 @@ def fetch_images(urls: list[str | None], cache_dir: Path, settings: DownloadSett
         with bar, ThreadPoolExecutor(max_workers=settings.workers) as pool:
             task = bar.add_task("images", total=len(urls))
             results = []
-            for result in pool.map(lambda u: fetch_image(client, u, cache_dir, settings), urls):
+            for result in pool.map(lambda u: fetch_image(client, u, cache_dir, settings, known.get(u)), urls):
                 results.append(result)
                 bar.advance(task)
     finally:
