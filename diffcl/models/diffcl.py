@@ -150,13 +150,15 @@ class DiffCL(Recommender):
             return info_nce(a, b, tau)
         return info_nce(a, b, tau, candidates=all_b, positive_index=index)
 
-    def contrastive_and_diffusion(self, z, e_u_all, e_i_all, users, items) -> tuple[torch.Tensor, torch.Tensor]:
+    def contrastive_and_diffusion(self, z, e_u, e_i_all, users, items, fused_users) -> tuple[torch.Tensor, torch.Tensor]:
+        """``users`` index the per-branch tables in ``z``; ``fused_users`` index ``e_u`` (all users
+        with all-node negatives, else only the rows the batch needs)."""
         s = self.settings
         all_nodes = s.negatives == "all_nodes"
-        zero = torch.zeros((), device=e_u_all.device)
+        zero = torch.zeros((), device=e_u.device)
         l_cl, l_diff = zero, zero
         if s.diffusion.target == "fused":
-            pairs = [("fused", e_u_all, users), ("fused", e_i_all, items)]
+            pairs = [("fused", e_u, fused_users), ("fused", e_i_all, items)]
         else:
             pairs = [(m, z[m][side], idx) for m in self.diffusions for side, idx in ((0, users), (1, items))]
         if s.diffusion.views == "cross_modal":
@@ -200,17 +202,24 @@ class DiffCL(Recommender):
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         s = self.settings
         z = self.encode()
-        e_u_all, e_i_all = self.fuse(z)
-        bpr = bpr_loss(e_u_all[batch.users], e_i_all[batch.positives], e_i_all[batch.negatives])
+        users, items = self._nodes(batch.users), self._nodes(batch.positives)
+        n = len(batch.users)
+        if s.contrastive and s.negatives == "all_nodes":
+            e_u, e_i_all = self.fuse(z)
+            e_batch, fused_users = e_u[batch.users], users
+        else:
+            # Fuse only the user rows this step uses (the batch's, then the contrastive sample's).
+            e_u, e_i_all = self.fuse(z, torch.cat([batch.users, users]))
+            e_batch, fused_users = e_u[:n], torch.arange(n, n + len(users), device=e_u.device)
+        bpr = bpr_loss(e_batch, e_i_all[batch.positives], e_i_all[batch.negatives])
         reg_rows = [self.user_tables[b][batch.users] for b in self.branches]
         if self.use_id:
             reg_rows += [self.item_id[batch.positives], self.item_id[batch.negatives]]
         reg = self.config.reg_weight * l2_reg(*reg_rows, self.user_weight_logits[batch.users])
         parts = {"bpr": bpr, "reg": reg}
         total = bpr + reg
-        users, items = self._nodes(batch.users), self._nodes(batch.positives)
         if s.contrastive and s.cl_weight > 0:
-            l_cl, l_diff = self.contrastive_and_diffusion(z, e_u_all, e_i_all, users, items)
+            l_cl, l_diff = self.contrastive_and_diffusion(z, e_u, e_i_all, users, items, fused_users)
             parts["cl"], parts["diff"] = l_cl, l_diff
             total = total + s.cl_weight * l_cl + s.diff_weight * l_diff
         if s.alignment and s.align_weight > 0:
