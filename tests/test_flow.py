@@ -110,7 +110,13 @@ def test_full_flow_then_cached_rerun_then_changed_interactions(prefect_server, d
     assert summary["test"]["recall@20"] > 0 and summary["decision"]["promoted"]
     assert (config.parent / "ws/demo/runs").exists()
     assert all(counter.calls.get(s, 0) >= 1 for s in STAGES), counter.calls
-    assert counter.encoded_texts == 80
+    import polars as pl
+
+    from features.text_features import assemble_texts
+
+    items = pl.read_parquet(config.parent / "ws/demo/prepared/items.parquet")
+    distinct = len(set(assemble_texts(items, ["title", "brand", "categories", "description"], 2000)))
+    assert counter.encoded_texts == distinct  # each distinct text once
     # Artifacts: the metrics (with the untrained-encoder warning), the dataset, the curves link.
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
