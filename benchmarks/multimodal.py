@@ -182,8 +182,16 @@ def part_demo(workspace: str, extra: list[str]) -> None:
     table = Table(title="Synthetic demo (planted groups in text and pixels; images from an UNTRAINED tiny CLIP)")
     for col in ("model", *METRICS, "best epoch"):
         table.add_column(col, justify="right")
-    for name in ("MF-BPR", "LightGCN", "FREEDOM", "DiffCL"):
-        m = run(config, [*overrides, *MODELS[name], *extra])
+    demo_models = {
+        **{name: MODELS[name] for name in ("MF-BPR", "LightGCN", "FREEDOM", "DiffCL")},
+        # Whether the modality branches carry the signal: the same model without them.
+        "DiffCL ID only": ["model.name=diffcl", "model.diffcl.modalities=[]"],
+        "DiffCL text only": ["model.name=diffcl", "model.diffcl.modalities=[text]"],
+        "DiffCL visual only": ["model.name=diffcl", "model.diffcl.modalities=[image]"],
+        "FREEDOM without features": ["model.name=freedom", "model.freedom.modalities=[]"],
+    }
+    for name, model_overrides in demo_models.items():
+        m = run(config, [*overrides, *model_overrides, *extra])
         table.add_row(name, *(f"{m['test'][k]:.4f}" for k in METRICS), str(m["best_epoch"]))
     console.print(table)
 
