@@ -79,10 +79,12 @@ def build_context(config: PipelineConfig, dirs: DatasetDirs, data: InteractionDa
     """The data, the modality features that exist (and their frozen kNN graphs) for the model."""
     from diffcl.feature_store import available_features, read_features
     from diffcl.graph_stage import modality_knn
+    from diffcl.models import REGISTRY
 
     ctx = ModelContext(data=data, device=device, image_weight=config.graphs.image_weight)
-    if config.model.name in ("mf", "lightgcn"):
-        return ctx  # ID-only models read no features
+    model = REGISTRY.get(config.model.name)
+    if model is None or not model.uses_features:
+        return ctx  # ID-only models read no features (an unknown name fails when the model is built)
     for modality, path in available_features(dirs.features).items():
         matrix, meta = read_features(path)
         if matrix.shape[0] != data.n_items:

@@ -271,7 +271,3 @@ def _import_precomputed(modality: str, source: Path, items: pl.DataFrame, out: P
     })
     report.status, report.seconds = "imported", time.perf_counter() - start
     return report
-
-
-def summary(reports: list[ModalityReport]) -> list[dict[str, Any]]:
-    return [{**asdict(r), "items_per_s": r.items_per_s} for r in reports]

@@ -8,7 +8,6 @@ from diffcl.graphs import (
     knn_graph,
     normalized_adjacency,
     propagate_rows,
-    symmetric_spmm,
     to_torch_csr,
 )
 
@@ -68,15 +67,6 @@ def _adjacency(seed=0):
     rng = np.random.default_rng(seed)
     r = sp.csr_matrix((rng.random((9, 6)) < 0.4).astype(np.float32))
     return to_torch_csr(normalized_adjacency(r)), 15
-
-
-def test_symmetric_spmm_gradient_matches_autograd():
-    adj, n = _adjacency()
-    dense = adj.to_dense()
-    x = torch.randn(n, 4, dtype=torch.float32, requires_grad=True)
-    w = torch.randn(n, 4)
-    (symmetric_spmm(adj, x) * w).sum().backward()
-    np.testing.assert_allclose(x.grad.numpy(), (dense.T @ w).numpy(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("combine", ["mean", "sum"])

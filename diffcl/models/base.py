@@ -67,6 +67,7 @@ class ModelContext:
 
 class Recommender(nn.Module, ABC):
     name: ClassVar[str]
+    uses_features: ClassVar[bool] = False  # read modality features and item-item graphs
 
     def __init__(self, ctx: ModelContext, config: ModelConfig):
         super().__init__()

@@ -52,6 +52,7 @@ def projection(kind: str, d_in: int, d: int) -> nn.Module:
 @register
 class DiffCL(Recommender):
     name = "diffcl"
+    uses_features = True
 
     def __init__(self, ctx: ModelContext, config):
         super().__init__(ctx, config)

@@ -25,6 +25,7 @@ from diffcl.models.base import Batch, ModelContext, Recommender, bpr_loss, l2_re
 @register
 class Freedom(Recommender):
     name = "freedom"
+    uses_features = True
 
     def __init__(self, ctx: ModelContext, config):
         super().__init__(ctx, config)
@@ -41,7 +42,6 @@ class Freedom(Recommender):
             self.register_buffer(f"features_{m}", torch.tensor(np.asarray(ctx.features[m], dtype=np.float32)), persistent=False)
         self.projections = nn.ModuleDict({m: nn.Linear(ctx.features[m].shape[1], d) for m in self.modalities})
         self.item_graph = ctx.item_graph(self.modalities)
-        self.rng = np.random.default_rng(0)
         self.pruned = self.full_adjacency
         # Degree-sensitive sampling weights: edges between low-degree nodes are kept more often.
         deg_u = np.bincount(self.train_matrix.row, minlength=ctx.n_users)
@@ -58,9 +58,9 @@ class Freedom(Recommender):
         if self.settings.dropout <= 0:
             self.pruned = self.full_adjacency
             return
-        self.rng = np.random.default_rng(epoch)
+        rng = np.random.default_rng(epoch)  # seeded by the epoch: a resumed run prunes the same way
         n_keep = int(len(self.edge_p) * (1.0 - self.settings.dropout))
-        keep = self.rng.choice(len(self.edge_p), size=n_keep, replace=False, p=self.edge_p)
+        keep = rng.choice(len(self.edge_p), size=n_keep, replace=False, p=self.edge_p)
         kept = sp.csr_matrix(
             (np.ones(n_keep, dtype=np.float32), (self.train_matrix.row[keep], self.train_matrix.col[keep])),
             shape=(self.n_users, self.n_items),
