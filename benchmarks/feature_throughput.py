@@ -35,6 +35,27 @@ ROOT = Path(__file__).resolve().parents[1]
 console = Console(width=160)
 
 
+def _synthetic_config(workspace: Path, name: str, paths: dict[str, Path], image_model: str):
+    return load_config({
+        "workspace": str(workspace), "dataset": {"name": name, "source": "amazon2018", "reviews": str(paths["reviews"]),
+                                                 "meta": str(paths["meta"])},
+        "prepare": {"kcore": 1}, "features": {"image": {"model": image_model, "pretrained": None, "loader_workers": 1}},
+    })
+
+
+def _timed_stage(module, loader: str, loaded, config, modality: str):
+    """(report, seconds) of the stage with the module's model loader swapped for the loaded model,
+    so that the timing excludes model loading as the bare encoder's does."""
+    original = getattr(module, loader)
+    setattr(module, loader, lambda *a, **k: loaded)
+    try:
+        start = time.perf_counter()
+        report = modality_features(config, modality, progress=False)
+        return report, time.perf_counter() - start
+    finally:
+        setattr(module, loader, original)
+
+
 def text_benchmark(workspace: Path, table: Table) -> None:
     config = load_config(ROOT / "configs" / "scientific.yaml", [f"workspace={workspace}"])
     if not Path(config.dataset.interactions).exists():
@@ -50,14 +71,7 @@ def text_benchmark(workspace: Path, table: Table) -> None:
     start = time.perf_counter()
     model.encode(texts, batch_size=batch)
     bare = time.perf_counter() - start
-    original = text_features.load_text_encoder
-    text_features.load_text_encoder = lambda *a, **k: model  # the stage reuses the loaded model
-    try:
-        start = time.perf_counter()
-        report = modality_features(config, "text", progress=False)
-        whole = time.perf_counter() - start
-    finally:
-        text_features.load_text_encoder = original
+    report, whole = _timed_stage(text_features, "load_text_encoder", model, config, "text")
     n = len(texts)
     # Per embedded text: the stage embeds each distinct text once, the bare encoder all n.
     overhead = (whole / report.embedded) / (bare / n) - 1
@@ -69,11 +83,7 @@ def image_benchmark(workspace: Path, table: Table, architecture: str, n_items: i
     src = workspace / f"img-src-{architecture}"
     paths = generate(src, DemoSpec(users=60, items=n_items, groups=6, min_per_user=5, max_per_user=20, image_size=96))
     name = f"img-{architecture.lower()}"
-    config = load_config({
-        "workspace": str(workspace), "dataset": {"name": name, "source": "amazon2018", "reviews": str(paths["reviews"]),
-                                                 "meta": str(paths["meta"])},
-        "prepare": {"kcore": 1}, "features": {"image": {"model": architecture, "pretrained": None, "loader_workers": 1}},
-    })
+    config = _synthetic_config(workspace, name, paths, architecture)
     prepare(config, progress=False)
     download_images(config, progress=False)
     sources = pl.read_parquet(workspace / name / "features" / "image_sources.parquet")
@@ -90,14 +100,7 @@ def image_benchmark(workspace: Path, table: Table, architecture: str, n_items: i
         for i in range(0, len(tensors), batch):
             model.encode_image(torch.stack(tensors[i : i + batch]))
         bare = time.perf_counter() - start
-    original = image_features.load_clip
-    image_features.load_clip = lambda *a, **k: (model, preprocess)
-    try:
-        start = time.perf_counter()
-        report = modality_features(config, "image", progress=False)
-        whole = time.perf_counter() - start
-    finally:
-        image_features.load_clip = original
+    report, whole = _timed_stage(image_features, "load_clip", (model, preprocess), config, "image")
     size = tensors[0].shape[-1]
     table.add_row(f"image ({architecture}, random weights, {size} px)", f"{len(files) / bare:.1f}", f"{report.embedded / whole:.1f}",
                   f"{whole / bare - 1:+.1%}", f"{len(files)} synthetic 96 px PNGs, batch {batch}, 1 loader worker")
@@ -106,11 +109,7 @@ def image_benchmark(workspace: Path, table: Table, architecture: str, n_items: i
 def noop_benchmark(workspace: Path, table: Table, n_items: int = 12_000) -> None:
     src = workspace / "big-src"
     paths = generate(src, DemoSpec(users=2000, items=n_items, groups=8, min_per_user=5, max_per_user=30, image_size=16))
-    config = load_config({
-        "workspace": str(workspace), "dataset": {"name": "big", "source": "amazon2018", "reviews": str(paths["reviews"]),
-                                                 "meta": str(paths["meta"])},
-        "prepare": {"kcore": 1}, "features": {"image": {"model": "diffcl-tiny", "pretrained": None, "loader_workers": 1}},
-    })
+    config = _synthetic_config(workspace, "big", paths, "diffcl-tiny")
     prepare(config, progress=False)
     items = pl.read_parquet(workspace / "big" / "prepared" / "items.parquet").height
     download_images(config, progress=False)

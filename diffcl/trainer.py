@@ -26,6 +26,7 @@ import yaml
 
 from diffcl.config import PipelineConfig, dump_config
 from diffcl.data import InteractionData
+from diffcl.device import resolve_device
 from diffcl.evaluator import Evaluator
 from diffcl.io import atomic_path, write_json_atomic, write_parquet_atomic, write_text_atomic
 from diffcl.models import Batch, ModelContext, Recommender, build_model
@@ -53,11 +54,10 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainError("train.device is 'cuda' but no CUDA device is available")
-    return torch.device(name)
+    try:
+        return resolve_device(name)
+    except ValueError as err:
+        raise TrainError(f"train.device: {err}") from None
 
 
 def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:

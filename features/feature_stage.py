@@ -194,9 +194,9 @@ def _run_image(ic: ImageFeaturesConfig, items: pl.DataFrame, dirs: DatasetDirs, 
         out.unlink(missing_ok=True)
         return ModalityReport("image", "skipped", note="no item has an image URL")
     sources_path = dirs.features / "image_sources.parquet"
-    if not sources_path.exists() or pl.read_parquet(sources_path).height != items.height:
+    sources = pl.read_parquet(sources_path).sort("item") if sources_path.exists() else None
+    if sources is None or sources.height != items.height:
         raise FeatureError(f"{sources_path} is missing or stale; the images stage must run first")
-    sources = pl.read_parquet(sources_path).sort("item")
     results = [ImageResult(**{k: row[k] for k in ("url", "status", "reason", "path", "sha256")})
                for row in sources.iter_rows(named=True)]
     present = np.array([r.status == "ok" for r in results])
@@ -227,9 +227,9 @@ def _run_image(ic: ImageFeaturesConfig, items: pl.DataFrame, dirs: DatasetDirs, 
     todo = cache.missing(present_keys)
     encode_seconds = 0.0
     if todo:
-        import torch
+        from diffcl.device import resolve_device
 
-        device = "cuda" if ic.device == "auto" and torch.cuda.is_available() else ("cpu" if ic.device == "auto" else ic.device)
+        device = str(resolve_device(ic.device))
         model, preprocess = load_clip(spec, device)
         path_of = {r.sha256: r.path for r in results if r.sha256}
         t0 = time.perf_counter()

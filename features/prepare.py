@@ -75,10 +75,6 @@ def _acquire_one(source: SourceFile, dirs: DatasetDirs, config: PipelineConfig, 
     return path, local_manifest(path, source.location)
 
 
-def _mmrec_manifests(folder: Path) -> dict[str, Manifest]:
-    return {p.name: local_manifest(p) for p in sorted(folder.iterdir()) if p.is_file()}
-
-
 def prepare(config: PipelineConfig, progress: bool = True,
             acquired: dict[str, tuple[Path, Manifest]] | None = None) -> PrepareResult:
     """The data stage; ``acquired`` (from :func:`acquire`) skips the fetch when given."""
@@ -88,8 +84,6 @@ def prepare(config: PipelineConfig, progress: bool = True,
 
     acquired = acquire(config, progress) if acquired is None else acquired
     manifests = {role: m for role, (_, m) in acquired.items()}
-    if ds.source == "mmrec":
-        manifests = _mmrec_manifests(Path(ds.path))
     t_fetch = time.perf_counter()
 
     raw = read_dataset(ds, {role: path for role, (path, _) in acquired.items()})

@@ -66,7 +66,10 @@ class SourceFile:
 def source_files(dataset: DatasetConfig) -> list[SourceFile]:
     """The files a dataset config names, with presets and categories expanded."""
     if dataset.source == "mmrec":
-        return []  # a folder, read in place by the MMRec reader
+        # Every file of the folder is an input (read in place; hashed for provenance and caching).
+        folder = Path(dataset.path)
+        files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+        return [SourceFile(p.name, str(p)) for p in files]
     if dataset.source == "tables":
         files = [SourceFile("interactions", dataset.interactions)]
         if dataset.items:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from diffcl.device import resolve_device
 from features.embedding_cache import content_key, weights_hash
 from features.text import assemble
 
@@ -56,19 +57,11 @@ def assemble_texts(items: pl.DataFrame, fields: list[str], max_chars: int) -> li
     return texts
 
 
-def pick_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def load_text_encoder(spec: EncoderSpec, device: str):
     from sentence_transformers import SentenceTransformer
 
     try:
-        return SentenceTransformer(spec.reference, device=pick_device(device))
+        return SentenceTransformer(spec.reference, device=str(resolve_device(device)))
     except OSError as err:  # a hub name without a network, or a broken folder
         raise RuntimeError(
             f"features.text.model: cannot load {spec.reference!r} ({err}). Offline, give a local path "

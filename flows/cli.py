@@ -240,22 +240,18 @@ def run(
     set_: SetOpt = None,
 ) -> None:
     """Run the whole pipeline as a Prefect flow in this process (temporary local server, no setup)."""
-    _load(config, set_)  # validate before starting Prefect
-    from flows.pipeline import diffcl_flow
-
-    source = str(config.resolve()) if config.exists() else str(config)  # or a preset name
-    summary = diffcl_flow(config=source, overrides=list(set_ or []))
-    metrics = {"model": summary["decision"].get("model", ""), "dataset": summary["dataset"],
-               "best_epoch": "-", "epochs": "-", "valid": summary["valid"], "test": summary["test"],
-               "epoch_seconds": float("nan"), "eval_seconds": float("nan")}
     import json
 
-    run_metrics = json.loads((Path(summary["run_dir"]) / "metrics.json").read_text())
-    metrics.update({k: run_metrics[k] for k in ("model", "best_epoch", "epochs", "epoch_seconds", "eval_seconds")})
-    console.print(metrics_table(metrics))
+    from flows.pipeline import diffcl_flow
     from flows.reporting import feature_notes
 
-    for note in feature_notes(_load(config, set_)):
+    cfg = _load(config, set_)  # validate before starting Prefect
+    source = str(config.resolve()) if config.exists() else str(config)  # or a preset name
+    summary = diffcl_flow(config=source, overrides=list(set_ or []))
+    metrics = json.loads((Path(summary["run_dir"]) / "metrics.json").read_text())
+    metrics.update(valid=summary["valid"], test=summary["test"])  # from the evaluate stage
+    console.print(metrics_table(metrics))
+    for note in feature_notes(cfg):
         console.print(note.replace("**", ""), style="bold yellow")
     decision = summary["decision"]
     console.print(f"model v{decision['version']}: {'promoted to production' if decision['promoted'] else 'kept as challenger'} "

@@ -18,6 +18,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.context import TaskRunContext
+from prefect.transactions import get_transaction
 
 from diffcl.config import PipelineConfig, dump_config, load_config
 from flows.stages import Artifact, Ledger, artifact, base_key
@@ -36,12 +37,20 @@ def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     return Ledger(parameters["config"], stage).key(base_key(stage, parameters["config"], parameters["inputs"]))
 
 
+def _current_key(stage: str, config: dict[str, Any], inputs: dict[str, Artifact]) -> str:
+    """The cache key this task run is stored under: Prefect's transaction holds it. Computing it
+    again would re-hash the outputs, which the stage may just have rewritten."""
+    transaction = get_transaction()
+    if transaction is not None and transaction.key:
+        return transaction.key
+    return Ledger(config, stage).key(base_key(stage, config, inputs))  # called outside a flow
+
+
 def _finish(stage: str, config: dict[str, Any], inputs: dict[str, Artifact], outputs: dict[str, Artifact],
             info: dict[str, Any] | None = None) -> StageResult:
     """Record the outputs in the ledger under the key this run was cached as."""
-    ledger = Ledger(config, stage)
-    key = ledger.key(base_key(stage, config, inputs))
-    ledger.record(key, outputs)
+    key = _current_key(stage, config, inputs)
+    Ledger(config, stage).record(key, outputs)
     get_run_logger().info("%s: wrote %s", stage, ", ".join(outputs) or "nothing")
     return {"stage": stage, "key": key, "outputs": outputs, "info": info or {}}
 
@@ -58,12 +67,8 @@ def fetch_stage(config: dict[str, Any]) -> StageResult:
 
     from features.prepare import acquire
 
-    cfg = _config(config)
-    acquired = acquire(cfg, progress=False)
+    acquired = acquire(_config(config), progress=False)
     outputs = {role: {"path": str(path), "sha256": m.sha256} for role, (path, m) in acquired.items()}
-    if cfg.dataset.source == "mmrec":
-        folder = Path(cfg.dataset.path)
-        outputs = {p.name: artifact(p) for p in sorted(folder.iterdir()) if p.is_file()}
     manifests = {role: asdict(m) for role, (_, m) in acquired.items()}
     return {"stage": "fetch", "outputs": outputs, "info": {"manifests": manifests}}
 
@@ -132,7 +137,7 @@ def train_stage(config: dict[str, Any], inputs: dict[str, Artifact]) -> StageRes
     from diffcl.trainer import Trainer
 
     cfg = _config(config)
-    key = Ledger(config, "train").key(base_key("train", config, inputs))
+    key = _current_key("train", config, inputs)
     run_id = f"{cfg.model.name}-{key.rsplit('-', 2)[1][:12]}"
     result = Trainer(cfg, run_id=run_id).fit()  # its epoch log reaches Prefect (extra loggers)
     run = result.run_dir

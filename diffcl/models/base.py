@@ -86,8 +86,28 @@ class Recommender(nn.Module, ABC):
         """One line for the log: what this model runs on."""
         return self.name
 
+    def register_features(self, ctx: ModelContext, modalities: list[str], max_dim: int | None = None) -> None:
+        """Frozen buffers of the modality features (see :func:`reduce_features`); not in checkpoints,
+        since they are rebuilt from the feature files."""
+        for m in modalities:
+            self.register_buffer(f"features_{m}", reduce_features(ctx.features[m], max_dim), persistent=False)
+
+    def features(self, modality: str) -> torch.Tensor:
+        return getattr(self, f"features_{modality}")
+
     def start_epoch(self, epoch: int) -> None:
         """Called before each training epoch (FREEDOM resamples its pruned graph here)."""
+
+
+def reduce_features(matrix: np.ndarray, max_dim: int | None) -> torch.Tensor:
+    """Raw features as a float tensor; wider than ``max_dim`` they are centred and projected on
+    their top ``max_dim`` principal components (computed once, frozen)."""
+    x = torch.tensor(np.asarray(matrix, dtype=np.float32))
+    if max_dim is None or x.shape[1] <= max_dim:
+        return x
+    mean = x.mean(dim=0, keepdim=True)
+    _, _, v = torch.pca_lowrank(x - mean, q=max_dim, center=False, niter=3)
+    return (x - mean) @ v
 
 
 def bpr_loss(users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:

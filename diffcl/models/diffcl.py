@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,17 +29,6 @@ from diffcl.models.contrastive import distribution_alignment, info_nce
 from diffcl.models.diffusion import Diffusion
 
 log = logging.getLogger(__name__)
-
-
-def reduce_features(matrix: np.ndarray, max_dim: int | None) -> torch.Tensor:
-    """Raw features as a float tensor; wider than ``max_dim`` they are centred and projected on
-    their top ``max_dim`` principal components (computed once, frozen)."""
-    x = torch.tensor(np.asarray(matrix, dtype=np.float32))
-    if max_dim is None or x.shape[1] <= max_dim:
-        return x
-    mean = x.mean(dim=0, keepdim=True)
-    _, _, v = torch.pca_lowrank(x - mean, q=max_dim, center=False, niter=3)
-    return (x - mean) @ v
 
 
 def projection(kind: str, d_in: int, d: int) -> nn.Module:
@@ -64,10 +52,9 @@ class DiffCL(Recommender):
         self.id_in_score = s.id_in_score or not self.modalities
         self.adjacency = ctx.adjacency
 
-        for m in self.modalities:
-            self.register_buffer(f"features_{m}", reduce_features(ctx.features[m], s.max_feature_dim), persistent=False)
+        self.register_features(ctx, self.modalities, s.max_feature_dim)
         self.projections = nn.ModuleDict({
-            m: projection(s.projection, getattr(self, f"features_{m}").shape[1], d) for m in self.modalities
+            m: projection(s.projection, self.features(m).shape[1], d) for m in self.modalities
         })
         self.user_tables = nn.ParameterDict({
             b: nn.Parameter(nn.init.xavier_uniform_(torch.empty(ctx.n_users, d))) for b in self.branches
@@ -103,7 +90,7 @@ class DiffCL(Recommender):
         """Per branch: (users x d, items x d) after propagation and the item graph."""
         out = {}
         for b in self.branches:
-            items = self.item_id if b == "id" else self.projections[b](getattr(self, f"features_{b}"))
+            items = self.item_id if b == "id" else self.projections[b](self.features(b))
             x = F.normalize(torch.cat([self.user_tables[b], items]), dim=1)
             # Each branch propagates on its own: three 64-column products beat one 192-column one.
             z = propagate(self.adjacency, x, self.settings.layers, self.settings.combine)

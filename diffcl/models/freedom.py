@@ -38,8 +38,7 @@ class Freedom(Recommender):
         self.ego = nn.Parameter(torch.empty(ctx.n_users + ctx.n_items, d))
         nn.init.xavier_uniform_(self.ego[: ctx.n_users])
         nn.init.xavier_uniform_(self.ego[ctx.n_users :])
-        for m in self.modalities:
-            self.register_buffer(f"features_{m}", torch.tensor(np.asarray(ctx.features[m], dtype=np.float32)), persistent=False)
+        self.register_features(ctx, self.modalities)
         self.projections = nn.ModuleDict({m: nn.Linear(ctx.features[m].shape[1], d) for m in self.modalities})
         self.item_graph = ctx.item_graph(self.modalities)
         self.pruned = self.full_adjacency
@@ -87,7 +86,7 @@ class Freedom(Recommender):
         parts = {"bpr": bpr}
         total = bpr
         for m in self.modalities:
-            feats = getattr(self, f"features_{m}")
+            feats = self.features(m)
             # u·(W f_p + b) - u·(W f_n + b) = u·W (f_p - f_n): one projection of the difference,
             # half the work of projecting both (the bias cancels).
             projected = torch.nn.functional.linear(feats[batch.positives] - feats[batch.negatives], self.projections[m].weight)
