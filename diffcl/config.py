@@ -251,6 +251,10 @@ class DiffCLConfig(_Strict):
     max_feature_dim: int | None = Field(
         384, ge=8, description="wider raw features are reduced by PCA (once, frozen) before the projection; null: never"
     )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="dense MLPs (projections, denoiser) under bfloat16 autocast; sparse products and "
+        "losses stay float32. auto: bf16 where the hardware has it natively (AVX512-BF16/AMX CPUs, CUDA)"
+    )
     layers: int = Field(2, ge=0, description="L, propagation layers of the graph encoder")
     combine: Literal["sum", "mean"] = Field("sum", description="layer combination")
     id_branch: bool = Field(True, description="false: no item-ID branch (ablation w/o ID)")

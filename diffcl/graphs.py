@@ -33,11 +33,14 @@ def normalized_adjacency(train: sp.csr_matrix) -> sp.csr_matrix:
 def to_torch_csr(matrix: sp.spmatrix, device: torch.device | str = "cpu") -> torch.Tensor:
     m = sp.csr_matrix(matrix, dtype=np.float32)
     m.sort_indices()
+    # 32-bit indices where they fit: MKL's CSR product takes them as they are, where 64-bit ones
+    # are converted on every call (measured here: 1.9 ms instead of 2.4 ms for Baby's Â @ 64 columns).
+    index_type = np.int32 if max(m.nnz, *m.shape) < np.iinfo(np.int32).max else np.int64
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(
-            torch.from_numpy(m.indptr.astype(np.int64)),
-            torch.from_numpy(m.indices.astype(np.int64)),
+            torch.from_numpy(m.indptr.astype(index_type)),
+            torch.from_numpy(m.indices.astype(index_type)),
             torch.from_numpy(m.data),
             size=m.shape,
             device=device,
@@ -108,10 +111,87 @@ class _Propagate(torch.autograd.Function):
         return None, acc, None, None
 
 
+class _NormalizedPropagate(torch.autograd.Function):
+    """scale * Σ_{l=0..L} Âˡ X with X = L2-row-normalise([users; items]), for a symmetric Â.
+
+    One function for the stack, the normalisation and the propagation, so that the backward
+    pass makes three passes over the N x d gradient for the normalisation instead of autograd's
+    dozen (divisions, products, masks and sums of the chain rule), and keeps no intermediates.
+    """
+
+    @staticmethod
+    def forward(ctx, adj, users, items, layers, scale):
+        x = torch.cat([users, items])
+        inv_norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12).reciprocal_()
+        x.mul_(inv_norm)
+        out, h = x.clone(), x
+        for _ in range(layers):
+            h = spmm(adj, h)
+            out.add_(h)
+        ctx.save_for_backward(x, inv_norm)
+        ctx.adj, ctx.layers, ctx.scale, ctx.n_users = adj, layers, scale, users.shape[0]
+        if scale != 1.0:
+            out.mul_(scale)
+        # Users and items as two outputs: slicing one output would cost a zero-filled N x d
+        # gradient per slice in the backward pass.
+        return out[: ctx.n_users], out[ctx.n_users :]
+
+    @staticmethod
+    def backward(ctx, grad_users, grad_items):
+        x, inv_norm = ctx.saved_tensors
+        grad_users = torch.zeros_like(x[: ctx.n_users]) if grad_users is None else grad_users
+        grad_items = torch.zeros_like(x[ctx.n_users :]) if grad_items is None else grad_items
+        seed = torch.cat([grad_users, grad_items])
+        if ctx.scale != 1.0:
+            seed.mul_(ctx.scale)
+        acc = seed.clone()
+        for _ in range(ctx.layers):
+            acc = spmm(ctx.adj, acc).add_(seed)
+        # d normalise(v) / dv applied to g: (g - x (g·x)) / ||v||, with x the normalised row.
+        along = torch.linalg.vecdot(acc, x).unsqueeze(1)
+        acc.addcmul_(x, along, value=-1).mul_(inv_norm)
+        return None, acc[: ctx.n_users], acc[ctx.n_users :], None, None
+
+
+class _FrozenProduct(torch.autograd.Function):
+    """M @ x for a frozen sparse M whose transpose is kept: the backward pass is one CSR product,
+    where torch's own would transpose and convert M to CSR again on every step."""
+
+    @staticmethod
+    def forward(ctx, matrix, transpose, x):
+        ctx.transpose = transpose
+        return spmm(matrix, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None, spmm(ctx.transpose, grad.contiguous())
+
+
+class FrozenGraph:
+    """A frozen sparse graph (the item-item kNN graph) to multiply trainable tensors with."""
+
+    def __init__(self, matrix: sp.spmatrix, device: torch.device | str = "cpu"):
+        self.shape = matrix.shape
+        self.matrix = to_torch_csr(matrix, device)
+        symmetric = (abs(matrix - matrix.T) > 1e-7).nnz == 0
+        self.transpose = self.matrix if symmetric else to_torch_csr(sp.csr_matrix(matrix).T, device)
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        return _FrozenProduct.apply(self.matrix, self.transpose, x)
+
+
 def propagate(adj: torch.Tensor, ego: torch.Tensor, layers: int, combine: str) -> torch.Tensor:
     """The LightGCN layer combination (mean or sum of Âˡ E, l = 0..L) of every row."""
     scale = 1.0 / (layers + 1) if combine == "mean" else 1.0
     return _Propagate.apply(adj, ego, layers, scale)
+
+
+def normalized_propagate(adj: torch.Tensor, users: torch.Tensor, items: torch.Tensor, layers: int,
+                         combine: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer combination (mean or sum of Âˡ X, l = 0..L) of X = L2-row-normalise([users; items]),
+    as (user rows, item rows)."""
+    scale = 1.0 / (layers + 1) if combine == "mean" else 1.0
+    return _NormalizedPropagate.apply(adj, users, items, layers, scale)
 
 
 def propagate_rows(adj: torch.Tensor, ego: torch.Tensor, index: torch.Tensor, layers: int, combine: str) -> torch.Tensor:

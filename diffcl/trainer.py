@@ -26,7 +26,7 @@ import yaml
 
 from diffcl.config import PipelineConfig, dump_config
 from diffcl.data import InteractionData
-from diffcl.device import resolve_device
+from diffcl.device import keep_freed_memory, resolve_device
 from diffcl.evaluator import Evaluator
 from diffcl.io import atomic_path, write_json_atomic, write_parquet_atomic, write_text_atomic
 from diffcl.models import Batch, ModelContext, Recommender, build_model
@@ -108,6 +108,7 @@ class Trainer:
         tc = config.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
+        keep_freed_memory()  # a step frees and reallocates the same large tensors: reuse, don't remap
         self.device = pick_device(tc.device)
         self.dirs, self.data = load_data(config)
         seed_everything(tc.seed)

@@ -168,6 +168,40 @@ def test_switches_change_what_they_name(demo_multimodal):
     assert anchor.loss(batch)["align"].item() > 0
 
 
+def test_id_branch_is_computed_only_where_something_reads_it(demo_multimodal):
+    model = _model(demo_multimodal).model
+    assert model.branches_in_use(training=True) == ["image", "text", "id"]  # the alignment loss reads it
+    assert model.branches_in_use(training=False) == ["image", "text"]  # the score does not
+    no_align = _model(demo_multimodal, "model.diffcl.alignment=false").model
+    assert no_align.branches_in_use(training=True) == ["image", "text"]
+    in_score = _model(demo_multimodal, "model.diffcl.id_in_score=true").model
+    assert in_score.branches_in_use(training=False) == ["image", "text", "id"]
+
+
+def test_precision_switch_bf16_close_to_fp32(demo_multimodal):
+    from diffcl.device import dense_dtype, native_bf16
+
+    cpu = torch.device("cpu")
+    assert dense_dtype("fp32", cpu) is None and dense_dtype("bf16", cpu) is torch.bfloat16
+    assert dense_dtype("auto", cpu) is (torch.bfloat16 if native_bf16(cpu) else None)
+    fp32 = _model(demo_multimodal, "model.diffcl.precision=fp32").model
+    bf16 = _model(demo_multimodal, "model.diffcl.precision=bf16").model
+    assert "fp32" in fp32.describe() and "bf16" in bf16.describe()
+    bf16.load_state_dict(fp32.state_dict())
+    with torch.no_grad():
+        a, b = fp32.project("text"), bf16.project("text")
+    assert b.dtype == torch.float32  # mixed precision inside, float32 out
+    assert (a - b).norm() / a.norm() < 0.02
+    d = Diffusion(dim=8, steps=5, noise_scale=0.1, noise_min=1e-4, noise_max=0.02, hidden=16, time_dim=10,
+                  dtype=torch.bfloat16)
+    x0 = torch.randn(6, 8, requires_grad=True)
+    view = d.generate(x0, 5)
+    view.sum().backward()
+    assert view.dtype == torch.float32 and x0.grad is not None and torch.isfinite(x0.grad).all()
+    losses = d.row_losses(x0)
+    assert losses.shape == (6,) and losses.dtype == torch.float32
+
+
 def test_cross_modal_needs_two_modalities(demo_multimodal):
     from diffcl.config import ConfigError
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from diffcl.config import ModelConfig
 from diffcl.data import InteractionData
-from diffcl.graphs import fuse_item_graphs, normalized_adjacency, to_torch_csr
+from diffcl.graphs import FrozenGraph, fuse_item_graphs, normalized_adjacency, to_torch_csr
 
 
 class Batch(NamedTuple):
@@ -44,10 +44,10 @@ class ModelContext:
         """The wanted modalities that have features, in a fixed order (image, text)."""
         return [m for m in ("image", "text") if m in wanted and m in self.features]
 
-    def item_graph(self, modalities: list[str]) -> torch.Tensor | None:
+    def item_graph(self, modalities: list[str]) -> FrozenGraph | None:
         """S = α S^image + (1 - α) S^text over the given modalities (one alone when only one)."""
         fused = fuse_item_graphs({m: self.knn_graphs[m] for m in modalities if m in self.knn_graphs}, self.image_weight)
-        return None if fused is None else to_torch_csr(fused, self.device)
+        return None if fused is None else FrozenGraph(fused, self.device)
 
     @property
     def n_users(self) -> int:

@@ -11,7 +11,8 @@ Sections of the spec, in the order a training step runs them:
 7. alignment     the ID view aligns the modality views (distribution level, or InfoNCE to ID)
 8. objective     BPR + λ_cl L_cl + λ_align L_align + λ_diff L_diff + λ_reg L_reg
 
-All three branches propagate in one sparse product over their concatenated columns.
+Each branch's stack, normalisation and propagation is one autograd function (graphs.py); the dense
+MLPs run in bfloat16 where the hardware has it natively (``precision``).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from diffcl.graphs import propagate
+from diffcl.device import dense_autocast, dense_dtype
+from diffcl.graphs import normalized_propagate
 from diffcl.models import register
 from diffcl.models.base import Batch, ModelContext, Recommender, bpr_loss, l2_reg
 from diffcl.models.contrastive import distribution_alignment, info_nce
@@ -51,6 +52,7 @@ class DiffCL(Recommender):
         self.branches = [*self.modalities, *(["id"] if self.use_id else [])]
         self.id_in_score = s.id_in_score or not self.modalities
         self.adjacency = ctx.adjacency
+        self.dense_dtype = dense_dtype(s.precision, ctx.device)
 
         self.register_features(ctx, self.modalities, s.max_feature_dim)
         self.projections = nn.ModuleDict({
@@ -70,7 +72,7 @@ class DiffCL(Recommender):
         targets = ["fused"] if ds.target == "fused" else self.modalities or ["id"]
         self.diffusions = nn.ModuleDict({
             t: Diffusion(width if t == "fused" else d, ds.steps, ds.noise_scale, ds.noise_min, ds.noise_max,
-                         ds.hidden, ds.time_dim)
+                         ds.hidden, ds.time_dim, self.dense_dtype)
             for t in targets
         })
 
@@ -82,21 +84,36 @@ class DiffCL(Recommender):
         parts.append(f"item graph {'on' if self.item_graph is not None else 'off'}")
         parts.append(f"diffusion {s.diffusion.target}/{s.diffusion.views}" if s.diffusion.enabled else "Gaussian views (no diffusion)")
         parts.append("contrastive on" if s.contrastive else "contrastive off")
+        parts.append(f"dense MLPs in {'bf16' if self.dense_dtype is not None else 'fp32'}")
         parts.append(f"alignment {s.alignment_mode}" if s.alignment else "alignment off")
         return f"diffcl ({', '.join(parts)})"
 
     # ------------------------------------------------------------------ encoder (sections 1-4)
-    def encode(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def project(self, modality: str) -> torch.Tensor:
+        # The projections of all items are the largest dense products of a step: mixed precision
+        # where the hardware has it (``precision``), float32 out.
+        features = self.features(modality)
+        with dense_autocast(self.dense_dtype, features.device):
+            return self.projections[modality](features).float()
+
+    def branches_in_use(self, training: bool) -> list[str]:
+        """The branches a forward pass needs: by default the ID branch reaches the score only through
+        the alignment loss, so evaluation (and training without alignment) skips it."""
+        s = self.settings
+        if not self.use_id or self.id_in_score or (training and s.alignment and s.align_weight > 0):
+            return self.branches
+        return self.modalities
+
+    def encode(self, branches: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per branch: (users x d, items x d) after propagation and the item graph."""
         out = {}
-        for b in self.branches:
-            items = self.item_id if b == "id" else self.projections[b](self.features(b))
-            x = F.normalize(torch.cat([self.user_tables[b], items]), dim=1)
+        for b in branches:
+            items = self.item_id if b == "id" else self.project(b)
             # Each branch propagates on its own: three 64-column products beat one 192-column one.
-            z = propagate(self.adjacency, x, self.settings.layers, self.settings.combine)
-            z_users, z_items = z[: self.n_users], z[self.n_users :]
+            z_users, z_items = normalized_propagate(self.adjacency, self.user_tables[b], items, self.settings.layers,
+                                                    self.settings.combine)
             if self.item_graph is not None:
-                z_items = z_items + torch.sparse.mm(self.item_graph, z_items)
+                z_items = z_items + self.item_graph @ z_items
             out[b] = (z_users, z_items)
         return out
 
@@ -116,7 +133,7 @@ class DiffCL(Recommender):
         return e_u, e_i
 
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.fuse(self.encode())
+        return self.fuse(self.encode(self.branches_in_use(training=False)))
 
     # ------------------------------------------------------------------ views (sections 5-6)
     def _view(self, target: str, x0: torch.Tensor) -> torch.Tensor:
@@ -156,14 +173,18 @@ class DiffCL(Recommender):
                 b = self._view(text, z[text][side][idx])
                 l_cl = l_cl + self._contrast(a, b, self._view(text, z[text][side]) if all_nodes else None, idx)
         else:
-            for target, table, idx in pairs:
-                v1, v2 = self._views(target, table[idx])
+            views: list = [None] * len(pairs)
+            for target, (members, rows, sizes) in _stack_by_target(pairs).items():
+                v1, v2 = self._views(target, rows)
+                for k, a, b in zip(members, v1.split(sizes), v2.split(sizes)):
+                    views[k] = (a, b)
+            for (target, table, idx), (v1, v2) in zip(pairs, views):
                 candidates = self._view(target, table) if all_nodes else None
                 l_cl = l_cl + self._contrast(v1, v2, candidates, idx)
             l_cl = l_cl / max(1, len(pairs) // 2)
         if s.diffusion.enabled and s.diff_weight > 0:
-            for target, table, idx in pairs:
-                l_diff = l_diff + self.diffusions[target].loss(table[idx])
+            for target, (_, rows, sizes) in _stack_by_target(pairs).items():
+                l_diff = l_diff + sum(part.mean() for part in self.diffusions[target].row_losses(rows).split(sizes))
             l_diff = l_diff / max(1, len(pairs) // 2)
         return l_cl, l_diff
 
@@ -189,7 +210,7 @@ class DiffCL(Recommender):
     # ------------------------------------------------------------------ objective (section 8)
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         s = self.settings
-        z = self.encode()
+        z = self.encode(self.branches_in_use(training=True))
         users, items = self._nodes(batch.users), self._nodes(batch.positives)
         n = len(batch.users)
         if s.contrastive and s.negatives == "all_nodes":
@@ -200,8 +221,8 @@ class DiffCL(Recommender):
             e_u, e_i_all = self.fuse(z, torch.cat([batch.users, users]))
             e_batch, fused_users = e_u[:n], torch.arange(n, n + len(users), device=e_u.device)
         bpr = bpr_loss(e_batch, e_i_all[batch.positives], e_i_all[batch.negatives])
-        reg_rows = [self.user_tables[b][batch.users] for b in self.branches]
-        if self.use_id:
+        reg_rows = [self.user_tables[b][batch.users] for b in z]
+        if "id" in z:
             reg_rows += [self.item_id[batch.positives], self.item_id[batch.negatives]]
         reg = self.config.reg_weight * l2_reg(*reg_rows, self.user_weight_logits[batch.users])
         parts = {"bpr": bpr, "reg": reg}
@@ -215,3 +236,16 @@ class DiffCL(Recommender):
             parts["align"] = l_align
             total = total + s.align_weight * l_align
         return {"loss": total, **parts}
+
+
+def _stack_by_target(pairs) -> dict[str, tuple[list[int], torch.Tensor, list[int]]]:
+    """Per diffusion target: which pairs use it, their rows stacked (users then items) and the
+    row counts, so that each denoiser runs once per step over all of its rows."""
+    groups: dict[str, list[int]] = {}
+    for k, (target, _, _) in enumerate(pairs):
+        groups.setdefault(target, []).append(k)
+    out = {}
+    for target, members in groups.items():
+        rows = [pairs[k][1][pairs[k][2]] for k in members]
+        out[target] = (members, torch.cat(rows), [len(r) for r in rows])
+    return out

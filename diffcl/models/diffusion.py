@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from diffcl.device import dense_autocast
+
 
 class GaussianSchedule(nn.Module):
     def __init__(self, steps: int = 5, noise_scale: float = 0.1, noise_min: float = 1e-4, noise_max: float = 0.02):
@@ -78,22 +80,37 @@ class Denoiser(nn.Module):
 
 
 class Diffusion(nn.Module):
-    """A schedule and its denoiser, with the three things the model asks of them."""
+    """A schedule and its denoiser, with the three things the model asks of them.
+
+    ``dtype``: autocast dtype of the denoiser's products (None: float32); its outputs are float32.
+    """
 
     def __init__(self, dim: int, steps: int, noise_scale: float, noise_min: float, noise_max: float,
-                 hidden: int, time_dim: int):
+                 hidden: int, time_dim: int, dtype: torch.dtype | None = None):
         super().__init__()
         self.schedule = GaussianSchedule(steps, noise_scale, noise_min, noise_max)
         self.denoiser = Denoiser(dim, hidden, time_dim)
+        self.dtype = dtype
 
-    def loss(self, x0: torch.Tensor) -> torch.Tensor:
-        """Mean over rows of the SNR-weighted MSE of the x0 prediction at a uniform random step.
+    def _denoise(self, x_t: torch.Tensor, t: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        with dense_autocast(self.dtype, x_t.device):
+            if params is None:
+                out = self.denoiser(x_t, t)
+            else:
+                out = torch.func.functional_call(self.denoiser, params, (x_t, t))
+        return out.float()
+
+    def row_losses(self, x0: torch.Tensor) -> torch.Tensor:
+        """Per row: the SNR-weighted MSE of the x0 prediction at a uniform random step.
         x0 is detached: this loss trains the denoiser, not the encoder."""
         x0 = x0.detach()
         t = torch.randint(0, self.schedule.steps, (x0.shape[0],), device=x0.device)
-        pred = self.denoiser(self.schedule.q_sample(x0, t), t)
-        mse = (x0 - pred).pow(2).mean(dim=1)
-        return (self.schedule.loss_weight[t] * mse).mean()
+        pred = self._denoise(self.schedule.q_sample(x0, t), t)
+        return self.schedule.loss_weight[t] * (x0 - pred).pow(2).mean(dim=1)
+
+    def loss(self, x0: torch.Tensor) -> torch.Tensor:
+        """Mean of :meth:`row_losses` over the rows."""
+        return self.row_losses(x0).mean()
 
     def generate(self, x0: torch.Tensor, start: int) -> torch.Tensor:
         """A view: noise x0 forward to step ``start`` (1..T), then reverse with posterior means to 0.
@@ -109,8 +126,7 @@ class Diffusion(nn.Module):
         x = self.schedule.q_sample(x0, t)
         for step in range(start - 1, -1, -1):
             t = torch.full_like(t, step)
-            x0_pred = torch.func.functional_call(self.denoiser, params, (x, t))
-            x = self.schedule.posterior_mean(x0_pred, x, t)
+            x = self.schedule.posterior_mean(self._denoise(x, t, params), x, t)
         return x
 
     def perturb(self, x0: torch.Tensor, start: int) -> torch.Tensor:

@@ -71,7 +71,7 @@ class Freedom(Recommender):
             return None
         h = self.ego[self.n_users :]
         for _ in range(self.settings.item_layers):
-            h = torch.sparse.mm(self.item_graph, h)
+            h = self.item_graph @ h
         return h
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
