@@ -73,7 +73,7 @@ def _scientific(workspace: str) -> Path | None:
     return config
 
 
-def part_accuracy(workspace: str, seeds: list[int], extra: list[str]) -> None:
+def part_accuracy(workspace: str, seeds: list[int], extra: list[str], models: list[str] | None = None) -> None:
     config = _scientific(workspace)
     if config is None:
         return
@@ -81,6 +81,8 @@ def part_accuracy(workspace: str, seeds: list[int], extra: list[str]) -> None:
     for col in ("model", *METRICS, "best epochs", "s/epoch"):
         table.add_column(col, justify="right")
     for name, overrides in MODELS.items():
+        if models and name not in models:
+            continue
         runs = [run(config, [f"workspace={workspace}", f"train.seed={s}", *overrides, *extra]) for s in seeds]
         cells = []
         for metric in METRICS:
@@ -125,6 +127,7 @@ def part_timing(workspace: str, epochs: int, extra: list[str]) -> None:
         "LightGCN": ["model.name=lightgcn"],
         "FREEDOM": ["model.name=freedom"],
         "DiffCL": ["model.name=diffcl"],
+        "DiffCL, dense MLPs in fp32": ["model.name=diffcl", "model.diffcl.precision=fp32"],
         "DiffCL encoder + BPR only": ["model.name=diffcl", "model.diffcl.contrastive=false", "model.diffcl.alignment=false"],
         "DiffCL + alignment": ["model.name=diffcl", "model.diffcl.contrastive=false"],
         "DiffCL + contrastive, Gaussian views": ["model.name=diffcl", "model.diffcl.alignment=false",
@@ -157,8 +160,8 @@ def part_timing(workspace: str, epochs: int, extra: list[str]) -> None:
     split.add_column("s/epoch", justify="right")
     split.add_column("share", justify="right")
     parts = {
-        "encoder, fusion, BPR (forward + backward)": encoder,
-        "alignment loss": times["DiffCL + alignment"] - encoder,
+        "image and text branches, projections, item graph, fusion, BPR": encoder,
+        "ID branch and alignment loss (the ID branch is read only by it)": times["DiffCL + alignment"] - encoder,
         "contrastive loss (views without diffusion)": times["DiffCL + contrastive, Gaussian views"] - encoder,
         "diffusion (denoiser, its loss, reverse steps)": times["DiffCL + contrastive, diffusion views"]
         - times["DiffCL + contrastive, Gaussian views"],
@@ -203,6 +206,7 @@ def main() -> None:
     parser.add_argument("--timing-epochs", type=int, default=3)
     parser.add_argument("--workspace", default=None, help="default: a temporary folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), help="accuracy part: only these models")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     parts = args.part or ["accuracy", "ablations", "timing", "demo"]
@@ -210,7 +214,7 @@ def main() -> None:
         workspace = args.workspace or tmp
         for part in parts:
             if part == "accuracy":
-                part_accuracy(workspace, args.seeds, args.overrides)
+                part_accuracy(workspace, args.seeds, args.overrides, args.models)
             elif part == "ablations":
                 part_ablations(workspace, args.overrides)
             elif part == "timing":
