@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -134,25 +135,28 @@ def part_timing(workspace: str, epochs: int, extra: list[str]) -> None:
                                                  "model.diffcl.diffusion.enabled=false"],
         "DiffCL + contrastive, diffusion views": ["model.name=diffcl", "model.diffcl.alignment=false"],
     }
-    times = {}
-    table = Table(title=f"Baby, stand-in 4096-d visual and 384-d text features: seconds per training epoch ({epochs} epochs)")
-    for col in ("model", "s/epoch", "x LightGCN", "MMRec s/epoch", "peak RSS GB"):
+    # All variants are built first and timed round-robin, one epoch each per round, so that the
+    # machine's drift over minutes falls on every variant alike (it otherwise swamps the differences
+    # the split below is made of).
+    trainers, resident = {}, {}
+    for name, overrides in variants.items():
+        before = _rss_gb()
+        trainers[name] = Trainer(load_config(config, [*base, *overrides]))
+        _timed_epoch(trainers[name])  # warm-up, not counted
+        resident[name] = _rss_gb() - before
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(epochs):
+        for name, trainer in trainers.items():
+            seconds[name].append(_timed_epoch(trainer))
+    times = {name: statistics.median(values) for name, values in seconds.items()}
+    table = Table(title=f"Baby, stand-in 4096-d visual and 384-d text features: seconds per training epoch "
+                        f"(median of {epochs} epochs, variants interleaved)")
+    for col in ("model", "s/epoch", "spread", "x LightGCN", "MMRec s/epoch", "resident GB"):
         table.add_column(col, justify="right")
     reference = {"MF-BPR": 0.8, "LightGCN": 3.2, "FREEDOM": 24.0}
-    import resource
-
-    for name, overrides in variants.items():
-        trainer = Trainer(load_config(config, [*base, *overrides]))
-        seconds = []
-        for _ in range(epochs):
-            start = time.perf_counter()
-            trainer.train_epoch()
-            trainer.epoch += 1
-            seconds.append(time.perf_counter() - start)
-        times[name] = statistics.median(seconds)
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-        table.add_row(name, f"{times[name]:.2f}", f"{times[name] / times.get('LightGCN', np.nan):.2f}",
-                      str(reference.get(name, "-")), f"{rss:.1f}")
+    for name in variants:
+        table.add_row(name, f"{times[name]:.2f}", f"{min(seconds[name]):.2f}-{max(seconds[name]):.2f}",
+                      f"{times[name] / times['LightGCN']:.2f}", str(reference.get(name, "-")), f"{resident[name]:.2f}")
     console.print(table)
     encoder = times["DiffCL encoder + BPR only"]
     split = Table(title="Where a DiffCL epoch goes (differences between the variants above)")
@@ -170,6 +174,19 @@ def part_timing(workspace: str, epochs: int, extra: list[str]) -> None:
         split.add_row(part, f"{value:.2f}", f"{value / times['DiffCL']:.0%}")
     split.add_row("DiffCL total", f"{times['DiffCL']:.2f}", "100%")
     console.print(split)
+
+
+def _timed_epoch(trainer: Trainer) -> float:
+    start = time.perf_counter()
+    trainer.train_epoch()
+    trainer.epoch += 1
+    return time.perf_counter() - start
+
+
+def _rss_gb() -> float:
+    """Resident memory of this process now (Linux), in GB."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 1e9
 
 
 def part_demo(workspace: str, extra: list[str]) -> None:
@@ -203,7 +220,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["accuracy", "ablations", "timing", "demo"], action="append")
     parser.add_argument("--seeds", type=int, nargs="+", default=[2024, 2025, 2026])
-    parser.add_argument("--timing-epochs", type=int, default=3)
+    parser.add_argument("--timing-epochs", type=int, default=4)
     parser.add_argument("--workspace", default=None, help="default: a temporary folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), help="accuracy part: only these models")
