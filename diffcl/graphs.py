@@ -144,7 +144,7 @@ class _NormalizedPropagate(torch.autograd.Function):
         seed = torch.cat([grad_users, grad_items])
         if ctx.scale != 1.0:
             seed.mul_(ctx.scale)
-        acc = seed.clone()
+        acc = seed  # a fresh tensor (the cat above): changing it in place below is safe
         for _ in range(ctx.layers):
             acc = spmm(ctx.adj, acc).add_(seed)
         # d normalise(v) / dv applied to g: (g - x (g·x)) / ||v||, with x the normalised row.

@@ -107,8 +107,18 @@ def test_propagate_matches_autograd_reference(combine):
     np.testing.assert_allclose(got_grad.numpy(), ego.grad.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def _reference_propagation(dense, users, items, layers, combine):
+    x = torch.nn.functional.normalize(torch.cat([users, items]), dim=1)
+    out, h = x, x
+    for _ in range(layers):
+        h = dense @ h
+        out = out + h
+    return out / (layers + 1) if combine == "mean" else out
+
+
 @pytest.mark.parametrize("combine", ["mean", "sum"])
-def test_normalized_propagate_matches_autograd_reference(combine):
+@pytest.mark.parametrize("layers", [0, 1, 2])
+def test_normalized_propagate_matches_autograd_reference(combine, layers):
     from diffcl.graphs import normalized_propagate
 
     adj, n = _adjacency(3)
@@ -116,28 +126,21 @@ def test_normalized_propagate_matches_autograd_reference(combine):
     users = torch.randn(9, 5, requires_grad=True)
     items = torch.randn(6, 5, requires_grad=True)
     weights = torch.randn(n, 5)
-    out = torch.cat(normalized_propagate(adj, users, items, 2, combine))
+    out = torch.cat(normalized_propagate(adj, users, items, layers, combine))
     (out * weights).sum().backward()
     got = [out.detach().clone(), users.grad.clone(), items.grad.clone()]
     users.grad = items.grad = None
-    x = torch.nn.functional.normalize(torch.cat([users, items]), dim=1)
-    h1 = dense @ x
-    ref = x + h1 + dense @ h1
-    ref = ref / 3 if combine == "mean" else ref
+    ref = _reference_propagation(dense, users, items, layers, combine)
     (ref * weights).sum().backward()
     for a, b in zip(got, [ref.detach(), users.grad, items.grad]):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
     # A loss on the item rows alone: the users' rows get gradient through the graph only.
     users.grad = items.grad = None
-    (normalized_propagate(adj, users, items, 2, combine)[1] * weights[9:]).sum().backward()
+    (normalized_propagate(adj, users, items, layers, combine)[1] * weights[9:]).sum().backward()
     got_users = users.grad.clone()
     users.grad = None
-    x = torch.nn.functional.normalize(torch.cat([users, items]), dim=1)
-    h1 = dense @ x
-    ref = x + h1 + dense @ h1
-    ref = ref / 3 if combine == "mean" else ref
-    (ref[9:] * weights[9:]).sum().backward()
+    (_reference_propagation(dense, users, items, layers, combine)[9:] * weights[9:]).sum().backward()
     np.testing.assert_allclose(got_users.numpy(), users.grad.numpy(), rtol=1e-5, atol=1e-6)
 
 
