@@ -144,6 +144,29 @@ def test_normalized_propagate_matches_autograd_reference(combine, layers):
     np.testing.assert_allclose(got_users.numpy(), users.grad.numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("combine", ["mean", "sum"])
+@pytest.mark.parametrize("layers", [0, 1, 2, 3])
+def test_item_rows_only_propagation_matches_the_full_one(combine, layers):
+    from diffcl.graphs import normalized_blocks, normalized_propagate_items
+
+    rng = np.random.default_rng(6)
+    r = sp.csr_matrix((rng.random((9, 6)) < 0.4).astype(np.float32))
+    blocks = tuple(to_torch_csr(b) for b in normalized_blocks(r))
+    dense = to_torch_csr(normalized_adjacency(r)).to_dense()
+    np.testing.assert_allclose(blocks[0].to_dense().numpy(), dense[:9, 9:].numpy())
+    users = torch.randn(9, 5, requires_grad=True)
+    items = torch.randn(6, 5, requires_grad=True)
+    weights = torch.randn(6, 5)
+    out = normalized_propagate_items(blocks, users, items, layers, combine)
+    (out * weights).sum().backward()
+    got = [out.detach().clone(), users.grad.clone(), items.grad.clone()]
+    users.grad = items.grad = None
+    ref = _reference_propagation(dense, users, items, layers, combine)[9:]
+    (ref * weights).sum().backward()
+    for a, b in zip(got, [ref.detach(), users.grad, items.grad]):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_frozen_graph_product_and_gradient_match_dense():
     from diffcl.graphs import FrozenGraph
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from diffcl.config import ModelConfig
 from diffcl.data import InteractionData
-from diffcl.graphs import FrozenGraph, fuse_item_graphs, normalized_adjacency, to_torch_csr
+from diffcl.graphs import FrozenGraph, fuse_item_graphs, normalized_adjacency, normalized_blocks, to_torch_csr
 
 
 class Batch(NamedTuple):
@@ -39,6 +39,7 @@ class ModelContext:
     knn_graphs: dict[str, sp.csr_matrix] = field(default_factory=dict)  # modality -> frozen kNN graph
     image_weight: float = 0.1  # α of the fused item-item graph
     _adjacency: torch.Tensor | None = None
+    _blocks: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def modalities(self, wanted: list[str]) -> list[str]:
         """The wanted modalities that have features, in a fixed order (image, text)."""
@@ -63,6 +64,14 @@ class ModelContext:
         if self._adjacency is None:
             self._adjacency = to_torch_csr(normalized_adjacency(self.data.train), self.device)
         return self._adjacency
+
+    @property
+    def adjacency_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R̂, R̂ᵀ): the user-item and item-user blocks of the normalised adjacency, built once."""
+        if self._blocks is None:
+            r_hat, r_hat_t = normalized_blocks(self.data.train)
+            self._blocks = (to_torch_csr(r_hat, self.device), to_torch_csr(r_hat_t, self.device))
+        return self._blocks
 
 
 class Recommender(nn.Module, ABC):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from diffcl.device import dense_autocast, dense_dtype
-from diffcl.graphs import normalized_propagate
+from diffcl.graphs import normalized_propagate, normalized_propagate_items
 from diffcl.models import register
 from diffcl.models.base import Batch, ModelContext, Recommender, bpr_loss, l2_reg
 from diffcl.models.contrastive import distribution_alignment, info_nce
@@ -52,6 +52,9 @@ class DiffCL(Recommender):
         self.branches = [*self.modalities, *(["id"] if self.use_id else [])]
         self.id_in_score = s.id_in_score or not self.modalities
         self.adjacency = ctx.adjacency
+        # Without id_in_score nothing reads the ID branch's user rows: it propagates item rows only.
+        self.id_items_only = self.use_id and not self.id_in_score
+        self.adjacency_blocks = ctx.adjacency_blocks if self.id_items_only else None
         self.dense_dtype = dense_dtype(s.precision, ctx.device)
 
         self.register_features(ctx, self.modalities, s.max_feature_dim)
@@ -104,14 +107,19 @@ class DiffCL(Recommender):
             return self.branches
         return self.modalities
 
-    def encode(self, branches: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per branch: (users x d, items x d) after propagation and the item graph."""
+    def encode(self, branches: list[str]) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
+        """Per branch: (users x d, items x d) after propagation and the item graph; the ID branch's
+        users are None where nothing reads them."""
         out = {}
+        layers, combine = self.settings.layers, self.settings.combine
         for b in branches:
-            items = self.item_id if b == "id" else self.project(b)
             # Each branch propagates on its own: three 64-column products beat one 192-column one.
-            z_users, z_items = normalized_propagate(self.adjacency, self.user_tables[b], items, self.settings.layers,
-                                                    self.settings.combine)
+            if b == "id" and self.id_items_only:
+                z_users = None
+                z_items = normalized_propagate_items(self.adjacency_blocks, self.user_tables[b], self.item_id, layers, combine)
+            else:
+                items = self.item_id if b == "id" else self.project(b)
+                z_users, z_items = normalized_propagate(self.adjacency, self.user_tables[b], items, layers, combine)
             if self.item_graph is not None:
                 z_items = z_items + self.item_graph @ z_items
             out[b] = (z_users, z_items)
