@@ -123,17 +123,14 @@ def part_timing(workspace: str, epochs: int, extra: list[str]) -> None:
     write_features(dirs.features / "image.parquet", rng.random((n_items, 4096), dtype=np.float32), {"note": "random stand-in"})
     write_features(dirs.features / "text.parquet", rng.standard_normal((n_items, 384), dtype=np.float32), {"note": "random stand-in"})
     base = [f"workspace={workspace}", f"train.epochs={epochs}", "train.patience=1000", "train.eval_every=1000", *extra]
+    diffcl = MODELS["DiffCL"]
     variants = {
-        "MF-BPR": ["model.name=mf"],
-        "LightGCN": ["model.name=lightgcn"],
-        "FREEDOM": ["model.name=freedom"],
-        "DiffCL": ["model.name=diffcl"],
-        "DiffCL, dense MLPs in fp32": ["model.name=diffcl", "model.diffcl.precision=fp32"],
-        "DiffCL encoder + BPR only": ["model.name=diffcl", "model.diffcl.contrastive=false", "model.diffcl.alignment=false"],
-        "DiffCL + alignment": ["model.name=diffcl", "model.diffcl.contrastive=false"],
-        "DiffCL + contrastive, Gaussian views": ["model.name=diffcl", "model.diffcl.alignment=false",
-                                                 "model.diffcl.diffusion.enabled=false"],
-        "DiffCL + contrastive, diffusion views": ["model.name=diffcl", "model.diffcl.alignment=false"],
+        **{name: MODELS[name] for name in ("MF-BPR", "LightGCN", "FREEDOM", "DiffCL")},
+        "DiffCL, dense MLPs in fp32": [*diffcl, "model.diffcl.precision=fp32"],
+        "DiffCL encoder + BPR only": [*diffcl, "model.diffcl.contrastive=false", "model.diffcl.alignment=false"],
+        "DiffCL + alignment": [*diffcl, "model.diffcl.contrastive=false"],
+        "DiffCL + contrastive, Gaussian views": [*diffcl, "model.diffcl.alignment=false", "model.diffcl.diffusion.enabled=false"],
+        "DiffCL + contrastive, diffusion views": [*diffcl, "model.diffcl.alignment=false"],
     }
     # All variants are built first and timed round-robin, one epoch each per round, so that the
     # machine's drift over minutes falls on every variant alike (it otherwise swamps the differences

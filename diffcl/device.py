@@ -1,4 +1,5 @@
-"""One rule for picking the compute device, used by training and by both encoders."""
+"""Where and how models compute: the device rule (training and both encoders), bfloat16 where the
+hardware has it natively, and the allocator setting of the training process."""
 
 from __future__ import annotations
 

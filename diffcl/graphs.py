@@ -30,10 +30,8 @@ def normalized_adjacency(train: sp.csr_matrix) -> sp.csr_matrix:
     return out
 
 
-def normalized_blocks(train: sp.csr_matrix) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-    """(R̂, R̂ᵀ) with R̂ = D_u^-1/2 R D_i^-1/2: the two off-diagonal blocks of Â, as CSR matrices."""
-    adj = normalized_adjacency(train)
-    n_users = train.shape[0]
+def adjacency_blocks(adj: sp.csr_matrix, n_users: int) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """(R̂, R̂ᵀ) with R̂ = D_u^-1/2 R D_i^-1/2: the two off-diagonal blocks of the normalised Â."""
     r_hat = adj[:n_users, n_users:].tocsr()
     r_hat_t = adj[n_users:, :n_users].tocsr()
     r_hat.sort_indices()
@@ -57,6 +55,29 @@ def to_torch_csr(matrix: sp.spmatrix, device: torch.device | str = "cpu") -> tor
             device=device,
             check_invariants=False,  # built by scipy from a canonical CSR: valid by construction
         )
+
+
+def _layer_scale(layers: int, combine: str) -> float:
+    """The factor of Σ_{l=0..L}: 1/(L+1) for the mean of the layers, 1 for their sum."""
+    return 1.0 / (layers + 1) if combine == "mean" else 1.0
+
+
+def _layer_sum(adj: torch.Tensor, x: torch.Tensor, layers: int) -> torch.Tensor:
+    """Σ_{l=0..L} Âˡ x, as a fresh tensor."""
+    out, h = x.clone(), x
+    for _ in range(layers):
+        h = spmm(adj, h)
+        out.add_(h)
+    return out
+
+
+def _layer_sum_backward(adj: torch.Tensor, seed: torch.Tensor, layers: int) -> torch.Tensor:
+    """Σ_{l=0..L} Âˡ seed for a symmetric Â, by Horner's rule (g ← seed + Â g): the gradient of
+    :func:`_layer_sum`. ``seed`` is left as it is when ``layers`` > 0."""
+    acc = seed
+    for _ in range(layers):
+        acc = spmm(adj, acc).add_(seed)
+    return acc
 
 
 class _PropagateRows(torch.autograd.Function):
@@ -83,10 +104,7 @@ class _PropagateRows(torch.autograd.Function):
         (index,) = ctx.saved_tensors
         seed = torch.zeros((ctx.n, grad.shape[1]), dtype=grad.dtype, device=grad.device)
         seed.index_add_(0, index, grad * ctx.scale)
-        acc = seed
-        for _ in range(ctx.layers):
-            acc = spmm(ctx.adj, acc).add_(seed)
-        return None, acc, None, None, None
+        return None, _layer_sum_backward(ctx.adj, seed, ctx.layers), None, None, None
 
 
 SPMM_COLUMNS = 64  # wider dense operands are multiplied in slices: narrow ones stay in cache
@@ -106,20 +124,14 @@ class _Propagate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, adj, ego, layers, scale):
-        out, h = ego.clone(), ego
-        for _ in range(layers):
-            h = spmm(adj, h)
-            out.add_(h)
+        out = _layer_sum(adj, ego, layers)
         ctx.adj, ctx.layers, ctx.scale = adj, layers, scale
         return out.mul_(scale) if scale != 1.0 else out
 
     @staticmethod
     def backward(ctx, grad):
         seed = grad * ctx.scale if ctx.scale != 1.0 else grad
-        acc = seed
-        for _ in range(ctx.layers):
-            acc = spmm(ctx.adj, acc).add_(seed)
-        return None, acc, None, None
+        return None, _layer_sum_backward(ctx.adj, seed, ctx.layers), None, None
 
 
 def _normalize_rows(users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,10 +158,7 @@ class _NormalizedPropagate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, adj, users, items, layers, scale):
         x, inv_norm = _normalize_rows(users, items)
-        out, h = x.clone(), x
-        for _ in range(layers):
-            h = spmm(adj, h)
-            out.add_(h)
+        out = _layer_sum(adj, x, layers)
         ctx.save_for_backward(x, inv_norm)
         ctx.adj, ctx.layers, ctx.scale, ctx.n_users = adj, layers, scale, users.shape[0]
         if scale != 1.0:
@@ -166,10 +175,8 @@ class _NormalizedPropagate(torch.autograd.Function):
         seed = torch.cat([grad_users, grad_items])
         if ctx.scale != 1.0:
             seed.mul_(ctx.scale)
-        acc = seed  # a fresh tensor (the cat above): changing it in place below is safe
-        for _ in range(ctx.layers):
-            acc = spmm(ctx.adj, acc).add_(seed)
-        acc = _normalize_rows_backward(acc, x, inv_norm)
+        # seed is a fresh tensor (the cat above): the in-place normalisation backward may reuse it.
+        acc = _normalize_rows_backward(_layer_sum_backward(ctx.adj, seed, ctx.layers), x, inv_norm)
         return None, acc[: ctx.n_users], acc[ctx.n_users :], None, None
 
 
@@ -238,7 +245,6 @@ class FrozenGraph:
     """A frozen sparse graph (the item-item kNN graph) to multiply trainable tensors with."""
 
     def __init__(self, matrix: sp.spmatrix, device: torch.device | str = "cpu"):
-        self.shape = matrix.shape
         self.matrix = to_torch_csr(matrix, device)
         symmetric = (abs(matrix - matrix.T) > 1e-7).nnz == 0
         self.transpose = self.matrix if symmetric else to_torch_csr(sp.csr_matrix(matrix).T, device)
@@ -249,30 +255,26 @@ class FrozenGraph:
 
 def propagate(adj: torch.Tensor, ego: torch.Tensor, layers: int, combine: str) -> torch.Tensor:
     """The LightGCN layer combination (mean or sum of Âˡ E, l = 0..L) of every row."""
-    scale = 1.0 / (layers + 1) if combine == "mean" else 1.0
-    return _Propagate.apply(adj, ego, layers, scale)
+    return _Propagate.apply(adj, ego, layers, _layer_scale(layers, combine))
 
 
 def normalized_propagate(adj: torch.Tensor, users: torch.Tensor, items: torch.Tensor, layers: int,
                          combine: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer combination (mean or sum of Âˡ X, l = 0..L) of X = L2-row-normalise([users; items]),
     as (user rows, item rows)."""
-    scale = 1.0 / (layers + 1) if combine == "mean" else 1.0
-    return _NormalizedPropagate.apply(adj, users, items, layers, scale)
+    return _NormalizedPropagate.apply(adj, users, items, layers, _layer_scale(layers, combine))
 
 
 def normalized_propagate_items(blocks: tuple[torch.Tensor, torch.Tensor], users: torch.Tensor, items: torch.Tensor,
                                layers: int, combine: str) -> torch.Tensor:
     """The item rows of :func:`normalized_propagate`, from the blocks (R̂, R̂ᵀ) of Â: for a branch
     whose user rows nothing reads."""
-    scale = 1.0 / (layers + 1) if combine == "mean" else 1.0
-    return _NormalizedPropagateItems.apply(*blocks, users, items, layers, scale)
+    return _NormalizedPropagateItems.apply(*blocks, users, items, layers, _layer_scale(layers, combine))
 
 
 def propagate_rows(adj: torch.Tensor, ego: torch.Tensor, index: torch.Tensor, layers: int, combine: str) -> torch.Tensor:
     """Rows ``index`` of the LightGCN layer combination (mean or sum of Âˡ E, l = 0..L)."""
-    scale = 1.0 / (layers + 1) if combine == "mean" else 1.0
-    return _PropagateRows.apply(adj, ego, index, layers, scale)
+    return _PropagateRows.apply(adj, ego, index, layers, _layer_scale(layers, combine))
 
 
 def knn_graph(

@@ -169,7 +169,9 @@ class Trainer:
     def train_epoch(self) -> dict[str, float]:
         self.model.train()
         self.model.start_epoch(self.epoch)
-        sums: dict[str, float] = {}
+        # Loss parts summed on the device (in float64, as Python floats would be): reading them
+        # back every step would make a GPU wait for each step to finish.
+        sums: dict[str, torch.Tensor] = {}
         steps = 0
         for users, pos, neg in self.sampler.epoch():
             batch = Batch(users.to(self.device), pos.to(self.device), neg.to(self.device))
@@ -178,9 +180,9 @@ class Trainer:
             parts["loss"].backward()
             self.optimizer.step()
             for key, value in parts.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach())
+                sums[key] = sums[key] + value.detach().double() if key in sums else value.detach().double()
             steps += 1
-        return {key: value / steps for key, value in sums.items()}
+        return {key: float(value) / steps for key, value in sums.items()}
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:

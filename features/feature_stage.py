@@ -113,26 +113,25 @@ def download_images(config: PipelineConfig, progress: bool = True) -> Path | Non
     urls = items.get_column("image_url").to_list()
     path = dirs.features / "image_sources.parquet"
     settings = DownloadSettings(ic.timeout_s, ic.retries, 0.5, ic.max_bytes, ic.download_workers)
-    results = fetch_images(urls, dirs.root / "images", settings, progress, _previous_images(path))
+    previous = pl.read_parquet(path) if path.exists() else None  # read once: reuse and no-op check
+    results = fetch_images(urls, dirs.root / "images", settings, progress, _previous_images(previous))
     sources = pl.DataFrame(
         [{"item": i, **asdict(r)} for i, r in enumerate(results)],
         schema={"item": pl.Int64, "url": pl.String, "status": pl.String, "reason": pl.String,
                 "path": pl.String, "sha256": pl.String, "size": pl.Int64, "mtime_ns": pl.Int64},
     )
-    if path.exists() and pl.read_parquet(path).equals(sources):
+    if previous is not None and previous.equals(sources):
         return path  # unchanged: leave the file (and its hash) as it is
     write_parquet_atomic(sources, path)
     return path
 
 
-def _previous_images(path: Path) -> dict[str, Any]:
+def _previous_images(frame: pl.DataFrame | None) -> dict[str, Any]:
+    """The earlier run's downloaded images by URL (its ``image_sources.parquet``)."""
     from features.images import ImageResult
 
-    if not path.exists():
-        return {}
     fields = ("url", "status", "reason", "path", "sha256", "size", "mtime_ns")
-    frame = pl.read_parquet(path)
-    if not set(fields) <= set(frame.columns):
+    if frame is None or not set(fields) <= set(frame.columns):
         return {}
     return {row["url"]: ImageResult(**{k: row[k] for k in fields})
             for row in frame.filter(pl.col("status") == "ok").iter_rows(named=True)}

@@ -28,10 +28,6 @@ log = logging.getLogger(__name__)
 StageResult = dict[str, Any]  # {"stage", "key", "outputs": {name: Artifact}, "info": {...}}
 
 
-def _config(config: dict[str, Any]) -> PipelineConfig:
-    return load_config(config)
-
-
 def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     stage = context.task.name
     return Ledger(parameters["config"], stage).key(base_key(stage, parameters["config"], parameters["inputs"]))
@@ -67,7 +63,7 @@ def fetch_stage(config: dict[str, Any]) -> StageResult:
 
     from features.prepare import acquire
 
-    acquired = acquire(_config(config), progress=False)
+    acquired = acquire(load_config(config), progress=False)
     outputs = {role: {"path": str(path), "sha256": m.sha256} for role, (path, m) in acquired.items()}
     manifests = {role: asdict(m) for role, (_, m) in acquired.items()}
     return {"stage": "fetch", "outputs": outputs, "info": {"manifests": manifests}}
@@ -78,7 +74,7 @@ def prepare_stage(config: dict[str, Any], inputs: dict[str, Artifact], manifests
     from features.fetch import Manifest
     from features.prepare import prepare
 
-    cfg = _config(config)
+    cfg = load_config(config)
     acquired = {role: (Path(inputs[role]["path"]), Manifest(**manifests[role])) for role in manifests}
     result = prepare(cfg, progress=False, acquired=acquired)
     outputs = {name: artifact(path) for name, path in result.outputs.items()}
@@ -89,32 +85,28 @@ def prepare_stage(config: dict[str, Any], inputs: dict[str, Artifact], manifests
 def images_stage(config: dict[str, Any], inputs: dict[str, Artifact]) -> StageResult:
     from features.feature_stage import download_images
 
-    path = download_images(_config(config), progress=False)
+    path = download_images(load_config(config), progress=False)
     return _finish("images", config, inputs, {"image_sources": artifact(path)} if path else {})
 
 
 @_stage("text_features")
 def text_features_stage(config: dict[str, Any], inputs: dict[str, Artifact]) -> StageResult:
-    from features.feature_stage import modality_features
-
-    report = modality_features(_config(config), "text", progress=False)
-    return _features_result("text_features", "text", config, inputs, report)
+    return _features_stage("text_features", "text", config, inputs)
 
 
 @_stage("image_features")
 def image_features_stage(config: dict[str, Any], inputs: dict[str, Artifact]) -> StageResult:
-    from features.feature_stage import modality_features
-
-    report = modality_features(_config(config), "image", progress=False)
-    return _features_result("image_features", "image", config, inputs, report)
+    return _features_stage("image_features", "image", config, inputs)
 
 
-def _features_result(stage, modality, config, inputs, report) -> StageResult:
+def _features_stage(stage: str, modality: str, config: dict[str, Any], inputs: dict[str, Artifact]) -> StageResult:
     from dataclasses import asdict
 
     from diffcl.workspace import DatasetDirs
+    from features.feature_stage import modality_features
 
-    cfg = _config(config)
+    cfg = load_config(config)
+    report = modality_features(cfg, modality, progress=False)
     path = DatasetDirs.of(cfg.workspace, cfg.dataset.name).features / f"{modality}.parquet"
     outputs = {modality: artifact(path)} if report.status != "skipped" else {}
     return _finish(stage, config, inputs, outputs, {"report": asdict(report)})
@@ -124,7 +116,7 @@ def _features_result(stage, modality, config, inputs, report) -> StageResult:
 def graphs_stage(config: dict[str, Any], inputs: dict[str, Artifact]) -> StageResult:
     from diffcl.graph_stage import build_graphs
 
-    report = build_graphs(_config(config))
+    report = build_graphs(load_config(config))
     folder = Path(report["dir"])
     outputs = {name: artifact(folder / f"{name}.npz") for name in report["graphs"]}
     return _finish("graphs", config, inputs, outputs, {"graphs": report["graphs"]})
@@ -136,7 +128,7 @@ def train_stage(config: dict[str, Any], inputs: dict[str, Artifact]) -> StageRes
     failure) resumes from the last checkpoint instead of starting over."""
     from diffcl.trainer import Trainer
 
-    cfg = _config(config)
+    cfg = load_config(config)
     key = _current_key("train", config, inputs)
     run_id = f"{cfg.model.name}-{key.rsplit('-', 2)[1][:12]}"
     result = Trainer(cfg, run_id=run_id).fit()  # its epoch log reaches Prefect (extra loggers)
@@ -170,7 +162,7 @@ def publish_stage(config: dict[str, Any], inputs: dict[str, Artifact], run_dir: 
     from diffcl.registry import Registry
     from diffcl.workspace import DatasetDirs
 
-    cfg = _config(config)
+    cfg = load_config(config)
     evaluation = json.loads(Path(inputs["evaluation"]["path"]).read_text())
     registry = Registry(DatasetDirs.of(cfg.workspace, cfg.dataset.name).root / "registry.json")
     entry = {

@@ -8,6 +8,7 @@ dot product ranks items at evaluation time.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple
@@ -19,7 +20,13 @@ from torch import nn
 
 from diffcl.config import ModelConfig
 from diffcl.data import InteractionData
-from diffcl.graphs import FrozenGraph, fuse_item_graphs, normalized_adjacency, normalized_blocks, to_torch_csr
+from diffcl.graphs import (
+    FrozenGraph,
+    adjacency_blocks,
+    fuse_item_graphs,
+    normalized_adjacency,
+    to_torch_csr,
+)
 
 
 class Batch(NamedTuple):
@@ -38,8 +45,6 @@ class ModelContext:
     features: dict[str, np.ndarray] = field(default_factory=dict)  # modality -> items x d_m
     knn_graphs: dict[str, sp.csr_matrix] = field(default_factory=dict)  # modality -> frozen kNN graph
     image_weight: float = 0.1  # α of the fused item-item graph
-    _adjacency: torch.Tensor | None = None
-    _blocks: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def modalities(self, wanted: list[str]) -> list[str]:
         """The wanted modalities that have features, in a fixed order (image, text)."""
@@ -58,20 +63,20 @@ class ModelContext:
     def n_items(self) -> int:
         return self.data.n_items
 
-    @property
+    @functools.cached_property
+    def _normalized(self) -> sp.csr_matrix:
+        return normalized_adjacency(self.data.train)
+
+    @functools.cached_property
     def adjacency(self) -> torch.Tensor:
         """The normalised bipartite adjacency (N x N, CSR on the device), built once."""
-        if self._adjacency is None:
-            self._adjacency = to_torch_csr(normalized_adjacency(self.data.train), self.device)
-        return self._adjacency
+        return to_torch_csr(self._normalized, self.device)
 
-    @property
+    @functools.cached_property
     def adjacency_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(R̂, R̂ᵀ): the user-item and item-user blocks of the normalised adjacency, built once."""
-        if self._blocks is None:
-            r_hat, r_hat_t = normalized_blocks(self.data.train)
-            self._blocks = (to_torch_csr(r_hat, self.device), to_torch_csr(r_hat_t, self.device))
-        return self._blocks
+        r_hat, r_hat_t = adjacency_blocks(self._normalized, self.n_users)
+        return to_torch_csr(r_hat, self.device), to_torch_csr(r_hat_t, self.device)
 
 
 class Recommender(nn.Module, ABC):
@@ -117,6 +122,15 @@ def reduce_features(matrix: np.ndarray, max_dim: int | None) -> torch.Tensor:
     mean = x.mean(dim=0, keepdim=True)
     _, _, v = torch.pca_lowrank(x - mean, q=max_dim, center=False, niter=3)
     return (x - mean) @ v
+
+
+def stacked_embeddings(n_users: int, n_items: int, dim: int) -> nn.Parameter:
+    """One table of users then items, each half Xavier-initialised on its own. Propagation needs
+    them stacked, and slicing a stacked parameter is free where concatenating two would copy every step."""
+    table = nn.Parameter(torch.empty(n_users + n_items, dim))
+    nn.init.xavier_uniform_(table[:n_users])
+    nn.init.xavier_uniform_(table[n_users:])
+    return table
 
 
 def bpr_loss(users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:

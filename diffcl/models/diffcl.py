@@ -56,6 +56,7 @@ class DiffCL(Recommender):
         self.id_items_only = self.use_id and not self.id_in_score
         self.adjacency_blocks = ctx.adjacency_blocks if self.id_items_only else None
         self.dense_dtype = dense_dtype(s.precision, ctx.device)
+        self.aligns = s.alignment and s.align_weight > 0
 
         self.register_features(ctx, self.modalities, s.max_feature_dim)
         self.projections = nn.ModuleDict({
@@ -102,8 +103,7 @@ class DiffCL(Recommender):
     def branches_in_use(self, training: bool) -> list[str]:
         """The branches a forward pass needs: by default the ID branch reaches the score only through
         the alignment loss, so evaluation (and training without alignment) skips it."""
-        s = self.settings
-        if not self.use_id or self.id_in_score or (training and s.alignment and s.align_weight > 0):
+        if not self.use_id or self.id_in_score or (training and self.aligns):
             return self.branches
         return self.modalities
 
@@ -125,7 +125,7 @@ class DiffCL(Recommender):
             out[b] = (z_users, z_items)
         return out
 
-    def fuse(self, z: dict[str, tuple[torch.Tensor, torch.Tensor]], users: torch.Tensor | slice = slice(None)):
+    def fuse(self, z: dict[str, tuple[torch.Tensor | None, torch.Tensor]], users: torch.Tensor | slice = slice(None)):
         """(e_u for ``users``, e_i for all items): the scored representations."""
         if self.modalities:
             weights = torch.softmax(self.user_weight_logits[users], dim=1)
@@ -174,6 +174,8 @@ class DiffCL(Recommender):
             pairs = [("fused", e_u, fused_users), ("fused", e_i_all, items)]
         else:
             pairs = [(m, z[m][side], idx) for m in self.diffusions for side, idx in ((0, users), (1, items))]
+        # Each target's rows gathered and stacked once: its views and its denoiser loss share them.
+        stacked = _stack_by_target(pairs)
         if s.diffusion.views == "cross_modal":
             image, text = self.modalities[:2]
             for side, idx in ((0, users), (1, items)):
@@ -182,16 +184,16 @@ class DiffCL(Recommender):
                 l_cl = l_cl + self._contrast(a, b, self._view(text, z[text][side]) if all_nodes else None, idx)
         else:
             views: list = [None] * len(pairs)
-            for target, (members, rows, sizes) in _stack_by_target(pairs).items():
+            for target, (members, rows, sizes) in stacked.items():
                 v1, v2 = self._views(target, rows)
-                for k, a, b in zip(members, v1.split(sizes), v2.split(sizes)):
+                for k, a, b in zip(members, v1.split(sizes), v2.split(sizes), strict=True):
                     views[k] = (a, b)
-            for (target, table, idx), (v1, v2) in zip(pairs, views):
+            for (target, table, idx), (v1, v2) in zip(pairs, views, strict=True):
                 candidates = self._view(target, table) if all_nodes else None
                 l_cl = l_cl + self._contrast(v1, v2, candidates, idx)
             l_cl = l_cl / max(1, len(pairs) // 2)
         if s.diffusion.enabled and s.diff_weight > 0:
-            for target, (_, rows, sizes) in _stack_by_target(pairs).items():
+            for target, (_, rows, sizes) in stacked.items():
                 l_diff = l_diff + sum(part.mean() for part in self.diffusions[target].row_losses(rows).split(sizes))
             l_diff = l_diff / max(1, len(pairs) // 2)
         return l_cl, l_diff
@@ -239,7 +241,7 @@ class DiffCL(Recommender):
             l_cl, l_diff = self.contrastive_and_diffusion(z, e_u, e_i_all, users, items, fused_users)
             parts["cl"], parts["diff"] = l_cl, l_diff
             total = total + s.cl_weight * l_cl + s.diff_weight * l_diff
-        if s.alignment and s.align_weight > 0:
+        if self.aligns:
             l_align = self.alignment(z, e_i_all, items)
             parts["align"] = l_align
             total = total + s.align_weight * l_align

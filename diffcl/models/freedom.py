@@ -19,7 +19,14 @@ from torch import nn
 
 from diffcl.graphs import normalized_adjacency, propagate, propagate_rows, to_torch_csr
 from diffcl.models import register
-from diffcl.models.base import Batch, ModelContext, Recommender, bpr_loss, l2_reg
+from diffcl.models.base import (
+    Batch,
+    ModelContext,
+    Recommender,
+    bpr_loss,
+    l2_reg,
+    stacked_embeddings,
+)
 
 
 @register
@@ -35,9 +42,7 @@ class Freedom(Recommender):
         self.device = ctx.device
         self.full_adjacency = ctx.adjacency
         self.train_matrix = ctx.data.train.tocoo()
-        self.ego = nn.Parameter(torch.empty(ctx.n_users + ctx.n_items, d))
-        nn.init.xavier_uniform_(self.ego[: ctx.n_users])
-        nn.init.xavier_uniform_(self.ego[ctx.n_users :])
+        self.ego = stacked_embeddings(ctx.n_users, ctx.n_items, d)
         self.register_features(ctx, self.modalities)
         self.projections = nn.ModuleDict({m: nn.Linear(ctx.features[m].shape[1], d) for m in self.modalities})
         self.item_graph = ctx.item_graph(self.modalities)

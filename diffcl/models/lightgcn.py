@@ -6,11 +6,17 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from diffcl.graphs import propagate, propagate_rows
 from diffcl.models import register
-from diffcl.models.base import Batch, ModelContext, Recommender, bpr_loss, l2_reg
+from diffcl.models.base import (
+    Batch,
+    ModelContext,
+    Recommender,
+    bpr_loss,
+    l2_reg,
+    stacked_embeddings,
+)
 
 
 @register
@@ -21,11 +27,7 @@ class LightGCN(Recommender):
         super().__init__(ctx, config)
         self.adjacency = ctx.adjacency
         self.settings = config.lightgcn
-        # One table for users then items: propagation needs them stacked, and slicing a stacked
-        # parameter is free where concatenating two would copy every step.
-        self.ego = nn.Parameter(torch.empty(ctx.n_users + ctx.n_items, config.embedding_dim))
-        nn.init.xavier_uniform_(self.ego[: ctx.n_users])
-        nn.init.xavier_uniform_(self.ego[ctx.n_users :])
+        self.ego = stacked_embeddings(ctx.n_users, ctx.n_items, config.embedding_dim)
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         out = propagate(self.adjacency, self.ego, self.settings.layers, self.settings.combine)
