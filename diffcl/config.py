@@ -187,6 +187,9 @@ class ImageFeaturesConfig(_Strict):
     timeout_s: float = Field(20.0, gt=0, description="per image request, seconds")
     retries: int = Field(2, ge=0, description="further attempts on network errors and 5xx")
     max_bytes: int = Field(10_000_000, ge=1024, description="larger images are recorded as missing")
+    max_pixels: int = Field(
+        40_000_000, ge=1, description="images declaring more pixels (width x height) are recorded as missing, never decoded"
+    )
     missing: Literal["mean", "zeros"] = Field(
         "mean", description="vector of an item without image: mean of the present ones (MMRec), or zeros plus a mask"
     )

@@ -10,6 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from diffcl.io import write_json_atomic
+from diffcl.locks import LockBusy, exclusive_lock
+
+LOCK_TIMEOUT_S = 60.0  # a registration takes milliseconds: waiting longer means a stuck process
+
+
+class RegistryBusy(RuntimeError):
+    pass
 
 
 @dataclass
@@ -23,9 +30,10 @@ class Decision:
 class Registry:
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.data: dict[str, Any] = {"production": None, "versions": []}
-        if self.path.exists():
-            self.data = json.loads(self.path.read_text())
+        self.data: dict[str, Any] = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        return json.loads(self.path.read_text()) if self.path.exists() else {"production": None, "versions": []}
 
     @property
     def versions(self) -> list[dict[str, Any]]:
@@ -37,7 +45,18 @@ class Registry:
 
     def register(self, entry: dict[str, Any], metric: str, promote_if: str = "at_least") -> Decision:
         """Add a version; promote it when its validation ``metric`` is at least (or strictly above,
-        with ``promote_if='better'``) the production model's."""
+        with ``promote_if='better'``) the production model's. The file is locked from reading to
+        writing, so two pipelines publishing at once get distinct versions and both are kept."""
+        lock = self.path.with_name(f"{self.path.name}.lock")
+        try:
+            with exclusive_lock(lock, timeout_s=LOCK_TIMEOUT_S):
+                self.data = self._read()  # what other processes registered since this one read it
+                return self._register(entry, metric, promote_if)
+        except LockBusy as err:
+            raise RegistryBusy(f"{self.path} is being updated by another process (pid {err.pid}) "
+                               f"for more than {LOCK_TIMEOUT_S:.0f} s; try again") from None
+
+    def _register(self, entry: dict[str, Any], metric: str, promote_if: str) -> Decision:
         champion = self.production()
         version = max((v["version"] for v in self.versions), default=0) + 1
         value = entry["valid"][metric]

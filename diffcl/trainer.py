@@ -1,15 +1,18 @@
 """The shared trainer: BPR batches, Adam, validation every ``eval_every`` epochs, early stopping,
 a checkpoint each epoch, resume after an interruption, and the run folder.
 
-Run folder ``runs/<run-id>/``: ``config.yaml`` (resolved), ``history.parquet`` (one row per epoch:
-loss parts, validation metrics, seconds), ``best.pt`` (weights of the best validation epoch,
-loadable with ``torch.load(weights_only=True)``), ``last.pt`` (everything needed to resume),
-``curves.png`` and ``metrics.json`` (``valid`` and ``test`` at the best epoch, ``best_epoch``,
-``epoch_seconds``, ``eval_seconds``).
+Run folder ``runs/<run-id>/``: ``config.yaml`` (resolved), ``run.json`` (the hash of the data it
+was trained on), ``history.parquet`` (one row per epoch: loss parts, validation metrics, seconds),
+``best.pt`` (weights of the best validation epoch), ``last.pt`` (tensors and counters to resume)
+with ``history.json`` (the epochs so far), ``curves.png`` and ``metrics.json`` (``valid`` and
+``test`` at the best epoch, ``best_epoch``, ``epoch_seconds``, ``eval_seconds``). Both checkpoints
+hold only tensors and plain values and are read with ``torch.load(weights_only=True)``: a planted
+checkpoint cannot run code. ``.lock`` is held while a process trains into the folder.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -28,10 +31,17 @@ from diffcl.config import PipelineConfig, dump_config
 from diffcl.data import InteractionData
 from diffcl.device import keep_freed_memory, resolve_device
 from diffcl.evaluator import Evaluator
-from diffcl.io import atomic_path, write_json_atomic, write_parquet_atomic, write_text_atomic
+from diffcl.io import (
+    atomic_path,
+    sha256_file,
+    write_json_atomic,
+    write_parquet_atomic,
+    write_text_atomic,
+)
+from diffcl.locks import LockBusy, exclusive_lock
 from diffcl.models import Batch, ModelContext, Recommender, build_model
 from diffcl.sampler import BPRSampler
-from diffcl.workspace import DatasetDirs
+from diffcl.workspace import DatasetDirs, RunIdError, check_run_id, new_run_id
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +107,28 @@ def build_context(config: PipelineConfig, dirs: DatasetDirs, data: InteractionDa
     return ctx
 
 
-def _new_run_id(model: str) -> str:
-    return f"{model}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+def _checked_run_id(run_id: str) -> str:
+    try:
+        return check_run_id(run_id)
+    except RunIdError as err:
+        raise TrainError(str(err)) from None
+
+
+def _load_checkpoint(path: Path, device: torch.device) -> Any:
+    """Tensors and plain values only: a pickled object that would run code is refused, not run."""
+    try:
+        return torch.load(path, weights_only=True, map_location=device)
+    except Exception as err:  # UnpicklingError for a foreign object; anything else for a broken file
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrainError(f"{path}: not a diffcl checkpoint of tensors and plain values, refused ({first_line[:160]})") from None
 
 
 class Trainer:
     def __init__(self, config: PipelineConfig, run_id: str | None = None,
                  on_epoch: Callable[[dict[str, Any]], None] | None = None):
         self.config = config
+        self.explicit_id = run_id is not None  # an existing folder of that name resumes
+        self.run_id = _checked_run_id(run_id) if run_id is not None else new_run_id(config.model.name)
         tc = config.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
@@ -120,7 +144,6 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, tc.lr)
         self.sampler = BPRSampler(self.data.train, tc.batch_size, tc.seed)
         self.evaluator = Evaluator(self.data, config.eval.topk, config.eval.batch_users, self.device)
-        self.run_id = run_id or _new_run_id(config.model.name)
         self.run_dir = self.dirs.runs / self.run_id
         self.on_epoch = on_epoch
         self.history: list[dict[str, Any]] = []
@@ -131,39 +154,72 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def _state(self) -> dict[str, Any]:
+        """Everything to resume that ``torch.load(weights_only=True)`` reads back: tensors, ints,
+        floats and the sampler's bit-generator state (a dict of ints). Config and history live in
+        text files beside it."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch,
-            "best_value": self.best_value,
+            "best_value": float(self.best_value),
             "best_epoch": self.best_epoch,
             "bad_evals": self.bad_evals,
-            "history": self.history,
             "sampler_rng": self.sampler.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
-            "config": dump_config(self.config),
         }
 
     def _save(self, name: str, obj: Any) -> None:
         with atomic_path(self.run_dir / name) as tmp:
             torch.save(obj, tmp)
 
+    def _save_progress(self) -> None:
+        # History first: killed between the two writes, it is one epoch ahead of last.pt, and
+        # _resume drops the epochs that last.pt does not hold.
+        write_json_atomic(self.run_dir / "history.json", self.history)
+        self._save("last.pt", self._state())
+
     def _resume(self) -> bool:
         path = self.run_dir / "last.pt"
         if not path.exists():
             return False
-        state = torch.load(path, weights_only=False, map_location=self.device)
-        if state["config"] != dump_config(self.config):
+        config_path = self.run_dir / "config.yaml"
+        if not config_path.exists() or config_path.read_text(encoding="utf-8") != dump_config(self.config):
             raise TrainError(f"{self.run_dir} was started with another config; use a new --run-id")
+        self._check_same_data()
+        state = _load_checkpoint(path, self.device)
+        history_path = self.run_dir / "history.json"
+        history = json.loads(history_path.read_text()) if history_path.exists() else state.get("history", [])
+        self.history = [row for row in history if row["epoch"] <= state["epoch"]]
+        if len(self.history) != state["epoch"]:
+            raise TrainError(f"{history_path} holds {len(self.history)} of the {state['epoch']} epochs in {path}; "
+                             "the run cannot resume, use a new --run-id")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.best_value = state["epoch"], state["best_value"]
         self.best_epoch, self.bad_evals = state["best_epoch"], state["bad_evals"]
-        self.history = state["history"]
         self.sampler.rng.bit_generator.state = state["sampler_rng"]
         torch.set_rng_state(state["torch_rng"])
         log.info("resuming %s after epoch %d", self.run_id, self.epoch)
         return True
+
+    def _check_same_data(self) -> None:
+        recorded = recorded_data_hash(self.run_dir)
+        if recorded and recorded != self.data.source_hash:
+            raise TrainError(data_changed_message(self.run_dir, recorded, self.data.source_hash))
+
+    def _create_run_dir(self) -> None:
+        """A new run gets a folder of its own; an explicit id of an existing folder resumes it."""
+        self.dirs.runs.mkdir(parents=True, exist_ok=True)
+        if self.explicit_id:
+            self.run_dir.mkdir(exist_ok=True)
+            return
+        while True:
+            try:
+                self.run_dir.mkdir()
+                return
+            except FileExistsError:  # another run took this id in the same second
+                self.run_id = new_run_id(self.config.model.name)
+                self.run_dir = self.dirs.runs / self.run_id
 
     # ---------------------------------------------------------------- training
     def train_epoch(self) -> dict[str, float]:
@@ -191,11 +247,23 @@ class Trainer:
         return self.evaluator.evaluate(users, items, split)
 
     def fit(self) -> TrainResult:
+        self._create_run_dir()
+        try:
+            with exclusive_lock(self.run_dir / ".lock"):
+                return self._fit_locked()
+        except LockBusy as err:
+            raise TrainError(f"run {self.run_id} is being trained by another process (pid {err.pid or 'unknown'}); "
+                             "wait for it, or start a new run without --run-id") from None
+
+    def _fit_locked(self) -> TrainResult:
         tc = self.config.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         resumed = self._resume()
         if not resumed:
             write_text_atomic(self.run_dir / "config.yaml", dump_config(self.config))
+            write_json_atomic(self.run_dir / "run.json", {
+                "run_id": self.run_id, "data_hash": self.data.source_hash,
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            })
         log.info("training %s on %s: %d users, %d items, %d training pairs (%s)", self.model.describe(),
                  self.config.dataset.name, self.data.n_users, self.data.n_items, self.data.train.nnz, self.device)
         while self.epoch < tc.epochs and self.bad_evals < tc.patience:
@@ -216,7 +284,7 @@ class Trainer:
                 else:
                     self.bad_evals += 1
             self.history.append(row)
-            self._save("last.pt", self._state())
+            self._save_progress()
             self._log_epoch(row)
             if self.on_epoch:
                 self.on_epoch(row)
@@ -266,19 +334,50 @@ def train(config: PipelineConfig, run_id: str | None = None) -> TrainResult:
     return Trainer(config, run_id).fit()
 
 
+def recorded_data_hash(run_dir: Path) -> str | None:
+    """The sha256 of the interactions a run was trained on: ``run.json``, or ``metrics.json`` for
+    runs from before it existed."""
+    for name in ("run.json", "metrics.json"):
+        path = Path(run_dir) / name
+        if path.exists():
+            value = json.loads(path.read_text()).get("data_hash")
+            if value:
+                return value
+    return None
+
+
+def data_changed_message(run_dir: Path, recorded: str, current: str) -> str:
+    return (f"{run_dir}: the prepared data changed since this run was trained (interactions sha256 "
+            f"{recorded[:12]} then, {current[:12]} now); its weights do not fit it. "
+            "Train a new run on the current data: `diffcl train CONFIG`")
+
+
 def load_run(run_dir: Path) -> tuple[PipelineConfig, Trainer]:
-    """A trainer for a finished (or interrupted) run, with its best weights loaded."""
-    from diffcl.config import load_config
+    """A trainer for a finished (or interrupted) run, with its best weights loaded. Refused with a
+    clear error when the prepared data has changed since the run was trained."""
+    from diffcl.config import ConfigError, load_config
 
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.exists():
         raise TrainError(f"{run_dir} is not a run folder (no config.yaml)")
-    config = load_config(yaml.safe_load(config_path.read_text()))
-    trainer = Trainer(config, run_id=run_dir.name)
-    trainer.run_dir = run_dir
     best = run_dir / "best.pt"
     if not best.exists():
         raise TrainError(f"{run_dir}: no best.pt checkpoint yet")
-    trainer.model.load_state_dict(torch.load(best, weights_only=True, map_location=trainer.device))
+    try:
+        config = load_config(yaml.safe_load(config_path.read_text()))
+    except ConfigError as err:
+        raise TrainError(f"{config_path}: {err}") from None
+    interactions = DatasetDirs.of(config.workspace, config.dataset.name).prepared / "interactions.parquet"
+    recorded = recorded_data_hash(run_dir)
+    if recorded and interactions.exists() and (current := sha256_file(interactions)) != recorded:
+        raise TrainError(data_changed_message(run_dir, recorded, current))
+    trainer = Trainer(config)  # a generated id creates nothing; the run is the folder given
+    trainer.run_id, trainer.run_dir = run_dir.name, run_dir
+    weights = _load_checkpoint(best, trainer.device)
+    try:
+        trainer.model.load_state_dict(weights)
+    except RuntimeError as err:  # a run without a recorded data hash, trained on other data
+        raise TrainError(f"{best} does not fit the current data or model ({str(err).splitlines()[0][:160]}); "
+                         "train a new run: `diffcl train CONFIG`") from None
     return config, trainer

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from features.embedding_cache import content_key, weights_hash
+from features.images import DownloadSettings, too_many_pixels
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +72,24 @@ def load_clip(spec: ClipSpec, device: str, seed: int = 0):
 
 
 class _ImageFiles(torch.utils.data.Dataset):
-    def __init__(self, paths: list[str], preprocess):
-        self.paths, self.preprocess = paths, preprocess
+    """The images stage only caches images within the pixel cap; the cap is checked here again
+    before decoding, so a file put into the cache by other means cannot exhaust memory."""
+
+    def __init__(self, paths: list[str], preprocess, max_pixels: int):
+        self.paths, self.preprocess, self.max_pixels = paths, preprocess, max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        with Image.open(self.paths[i]) as img:
-            return self.preprocess(img.convert("RGB"))
+        path = self.paths[i]
+        try:
+            with Image.open(path) as img:  # reads the header only
+                if reason := too_many_pixels(img.width, img.height, self.max_pixels):
+                    raise ValueError(reason)
+                return self.preprocess(img.convert("RGB"))
+        except (Image.DecompressionBombError, ValueError) as err:
+            raise ValueError(f"{path}: not encoded, {err}; delete it and rerun `diffcl features`") from None
 
 
 def _worker_init(_: int) -> None:
@@ -88,9 +98,9 @@ def _worker_init(_: int) -> None:
 
 @torch.no_grad()
 def encode_images(model, preprocess, paths: list[str], batch_size: int, workers: int, device: str,
-                  progress: bool = True) -> np.ndarray:
+                  progress: bool = True, max_pixels: int = DownloadSettings.max_pixels) -> np.ndarray:
     loader = torch.utils.data.DataLoader(
-        _ImageFiles(paths, preprocess), batch_size=batch_size, num_workers=workers,
+        _ImageFiles(paths, preprocess, max_pixels), batch_size=batch_size, num_workers=workers,
         worker_init_fn=_worker_init if workers else None, persistent_workers=False,
     )
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn

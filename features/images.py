@@ -1,7 +1,9 @@
 """Item images: concurrent, bounded, checked downloads into a cache keyed by a hash of the URL.
 
 A missing, broken, too-large or undecodable image is recorded with its reason and never stops the
-stage. File names in the cache come from ``sha256(url)``, never from the data.
+stage. "Too large" is checked twice: the compressed bytes (``max_bytes``), and the pixel count the
+header declares (``max_pixels``) before any pixel is decoded, since a tiny PNG may declare a
+30000x30000 canvas (a decompression bomb). File names in the cache come from ``sha256(url)``, never from the data.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class DownloadSettings:
     backoff_s: float = 0.5
     max_bytes: int = 10_000_000
     workers: int = 8
+    max_pixels: int = 40_000_000  # declared width x height; larger images are never decoded
 
 
 class _Missing(Exception):
@@ -55,18 +58,42 @@ def cache_path(cache_dir: Path, url: str) -> Path:
     return cache_dir / digest[:2] / f"{digest}.img"
 
 
-def check_image(data: bytes) -> None:
-    """Raise _Missing unless ``data`` is a complete, decodable image."""
+def too_many_pixels(width: int, height: int, max_pixels: int) -> str | None:
+    """The reason an image of this declared size must not be decoded, or None."""
+    if width * height > max_pixels:
+        return f"too many pixels ({width}x{height} = {width * height:,} > {max_pixels:,}; decompression bomb?)"
+    return None
+
+
+def check_image(data: bytes, max_pixels: int = DownloadSettings.max_pixels) -> None:
+    """Raise _Missing unless ``data`` is a complete, decodable image of at most ``max_pixels``."""
     head = data[:64].lstrip().lower()
     if head.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body")):
         raise _Missing("not an image (HTML page)")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            if reason := too_many_pixels(img.width, img.height, max_pixels):
+                raise _Missing(reason)
             img.load()  # decodes every pixel: catches truncated files that verify() lets through
             if img.width == 0 or img.height == 0:
                 raise _Missing("empty image")
+    except Image.DecompressionBombError as err:  # Pillow's own cap (open refuses > 2x its limit)
+        raise _Missing(f"too many pixels ({str(err)[:100]})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise _Missing(f"undecodable image ({type(err).__name__}: {str(err)[:80]})") from None
+
+
+def _check_declared_size(path: Path, max_pixels: int) -> None:
+    """The header check of a cached file: it may have been cached under a larger ``max_pixels``."""
+    try:
+        with Image.open(path) as img:  # reads the header only
+            reason = too_many_pixels(img.width, img.height, max_pixels)
+    except Image.DecompressionBombError as err:
+        raise _Missing(f"too many pixels ({str(err)[:100]})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise _Missing(f"undecodable image ({type(err).__name__}: {str(err)[:80]})") from None
+    if reason:
+        raise _Missing(reason)
 
 
 def _read_local(url: str, max_bytes: int) -> bytes:
@@ -118,13 +145,14 @@ def fetch_image(client: httpx.Client, url: str | None, cache_dir: Path, s: Downl
     target = cache_path(cache_dir, url)
     try:
         if target.exists():
+            _check_declared_size(target, s.max_pixels)
             stat = target.stat()
             if known is not None and known.sha256 and (known.size, known.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
                 return known  # the cached file is the one hashed last time
             data = target.read_bytes()
         else:
             data = _download(client, url, s) if url.startswith(("http://", "https://")) else _read_local(url, s.max_bytes)
-            check_image(data)
+            check_image(data, s.max_pixels)
             with atomic_path(target) as tmp:
                 tmp.write_bytes(data)
     except _Missing as err:

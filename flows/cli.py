@@ -200,7 +200,7 @@ def evaluate(run_dir: Annotated[Path, typer.Argument(help="a run folder (runs/<r
 def recommend(
     run_dir: Annotated[Path, typer.Argument(help="a run folder (runs/<run-id>)")],
     user: Annotated[str, typer.Option(help="user: original id (e.g. reviewerID) or integer id")],
-    k: Annotated[int, typer.Option(help="how many items")] = 20,
+    k: Annotated[int, typer.Option(help="how many items (at most the items the user has not seen)")] = 20,
 ) -> None:
     """Top-K items for one user (items seen in training and validation are left out)."""
     import polars as pl
@@ -208,6 +208,8 @@ def recommend(
 
     from diffcl.trainer import TrainError, load_run
 
+    if k < 1:
+        _fail(f"--k must be at least 1 (got {k})")
     try:
         _, trainer = load_run(run_dir)
     except TrainError as err:
@@ -220,9 +222,13 @@ def recommend(
     if match.height == 0:
         _fail(f"unknown user {user!r} (neither an original id nor an integer id in {prepared / 'users.parquet'})")
     uid = int(match.get_column("user")[0])
+    seen = (trainer.data.train + trainer.data.valid).tocsr()
+    unseen = trainer.data.n_items - seen[uid].nnz
+    if unseen == 0:
+        _fail(f"user {user!r} has seen every item: nothing to recommend")
+    k = min(k, unseen)  # beyond this only seen items (score -inf) would follow
     with torch.no_grad():
         user_emb, item_emb = trainer.model.embeddings()
-        seen = (trainer.data.train + trainer.data.valid).tocsr()
         top, scores = trainer.evaluator.top_items(user_emb, item_emb, torch.tensor([uid]), seen, k)
     items = pl.read_parquet(prepared / "items.parquet", columns=["item", "item_id", "title"])
     ranked = pl.DataFrame({"item": top[0].numpy(), "score": scores[0].numpy()}).join(items, on="item", how="left")
@@ -242,12 +248,17 @@ def run(
     """Run the whole pipeline as a Prefect flow in this process (temporary local server, no setup)."""
     import json
 
+    from diffcl.registry import RegistryBusy
+    from diffcl.trainer import TrainError
     from flows.pipeline import diffcl_flow
     from flows.reporting import feature_notes
 
     cfg = _load(config, set_)  # validate before starting Prefect
     source = str(config.resolve()) if config.exists() else str(config)  # or a preset name
-    summary = diffcl_flow(config=source, overrides=list(set_ or []))
+    try:
+        summary = diffcl_flow(config=source, overrides=list(set_ or []))
+    except (TrainError, RegistryBusy) as err:  # e.g. another `diffcl run` trains the same run
+        _fail(str(err))
     metrics = json.loads((Path(summary["run_dir"]) / "metrics.json").read_text())
     metrics.update(valid=summary["valid"], test=summary["test"])  # from the evaluate stage
     console.print(metrics_table(metrics))
