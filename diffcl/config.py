@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from diffcl.io import is_url
 
@@ -301,6 +301,10 @@ class ModelConfig(_Strict):
     """Which model to train (``name``, from the registry) and each model's own settings."""
 
     name: str = Field("lightgcn", description="registered model name: mf, lightgcn, freedom, diffcl")
+    allow_missing_modalities: bool = Field(
+        False, description="train without a modality the model reads (its modalities list) whose features "
+        "are missing, with a warning; false: that is an error naming the modality"
+    )
     embedding_dim: int = Field(64, ge=1, description="width of user and item embeddings")
     reg_weight: float = Field(
         1e-4, ge=0, description="L2 weight on the batch's ego embeddings (the field's standard reg)"
@@ -309,6 +313,15 @@ class ModelConfig(_Strict):
     lightgcn: LightGCNConfig = Field(default_factory=LightGCNConfig)
     freedom: FreedomConfig = Field(default_factory=FreedomConfig)
     diffcl: DiffCLConfig = Field(default_factory=DiffCLConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _check_registered(cls, name: str) -> str:
+        from diffcl.models import REGISTRY  # imported here: the models import this module
+
+        if name not in REGISTRY:
+            raise ValueError(f"unknown model {name!r}; registered: {sorted(REGISTRY)}")
+        return name
 
 
 class TrainConfig(_Strict):
@@ -326,7 +339,7 @@ class TrainConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    topk: list[int] = Field([5, 10, 20, 50], description="cut-offs K of every metric")
+    topk: list[Annotated[int, Field(gt=0)]] = Field([5, 10, 20, 50], min_length=1, description="cut-offs K of every metric")
     batch_users: int = Field(4096, ge=1, description="users scored at once in full ranking")
 
 
@@ -365,12 +378,13 @@ class PipelineConfig(_Strict):
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
     @model_validator(mode="after")
-    def _check_metric(self) -> PipelineConfig:
-        name, _, k = self.train.metric.partition("@")
-        if name not in ("recall", "ndcg", "precision", "map", "hit") or not k.isdigit() or int(k) not in self.eval.topk:
-            raise ValueError(
-                f"train.metric {self.train.metric!r} must be recall|ndcg|precision|map|hit @K with K in eval.topk {self.eval.topk}"
-            )
+    def _check_metrics(self) -> PipelineConfig:
+        for key, metric in (("train.metric", self.train.metric), ("publish.metric", self.publish.metric)):
+            name, _, k = metric.partition("@")
+            if name not in ("recall", "ndcg", "precision", "map", "hit") or not k.isdigit() or int(k) not in self.eval.topk:
+                raise ValueError(
+                    f"{key} {metric!r} must be recall|ndcg|precision|map|hit @K with K in eval.topk {self.eval.topk}"
+                )
         return self
 
 
@@ -428,6 +442,22 @@ def _resolve_paths(config: PipelineConfig) -> PipelineConfig:
     return config
 
 
+def _read_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config path {path} is a folder, not a YAML file") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"config file {path} is not UTF-8 text (line {line}: byte {raw[err.start]:#04x})") from None
+
+
 def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> PipelineConfig:
     """Read a YAML file (or a mapping), apply ``key=value`` overrides, validate, resolve paths."""
     if isinstance(source, dict):
@@ -439,9 +469,7 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None
         path = Path(source)
         origin = str(path)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError as err:
-            raise ConfigError(f"config file not found: {path}") from err
+            data = yaml.safe_load(_read_text(path)) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
         if not isinstance(data, dict):

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 
 from diffcl.config import PipelineConfig
 from diffcl.data import InteractionData
-from diffcl.feature_store import available_features, read_features
+from diffcl.feature_store import available_features, model_feature_files, read_item_features
 from diffcl.graphs import fuse_item_graphs, knn_graph, normalized_adjacency
 from diffcl.io import atomic_path, sha256_file, write_json_atomic
 from diffcl.workspace import DatasetDirs
@@ -66,16 +66,14 @@ def build_graphs(config: PipelineConfig) -> dict[str, Any]:
                                      "seconds": round(time.perf_counter() - start, 3)}
 
     knn: dict[str, sp.csr_matrix] = {}
+    model_feature_files(config, dirs.features)  # the configured model's modalities must be there
     features = available_features(dirs.features)
     for modality in ("image", "text"):
         if modality not in features:
             log.info("no %s features in %s: the %s item graph is skipped", modality, dirs.features, modality)
             continue
         start = time.perf_counter()
-        matrix, _ = read_features(features[modality])
-        if matrix.shape[0] != data.n_items:
-            raise ValueError(f"{features[modality]}: {matrix.shape[0]} rows but the dataset has {data.n_items} items; "
-                             "rerun `diffcl features`")
+        matrix, _ = read_item_features(features[modality], data.n_items)
         knn[modality], _ = modality_knn(dirs, modality, matrix, features[modality], gc.knn_k, gc.chunk_items)
         report["graphs"][f"knn_{modality}"] = {"items": data.n_items, "edges": knn[modality].nnz,
                                                "seconds": round(time.perf_counter() - start, 3)}

@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from diffcl.config import PipelineConfig, dump_config
-from diffcl.data import InteractionData
+from diffcl.data import InteractionData, PreparedDataError
 from diffcl.device import keep_freed_memory, resolve_device
 from diffcl.evaluator import Evaluator
 from diffcl.io import (
@@ -82,28 +82,30 @@ def load_data(config: PipelineConfig) -> tuple[DatasetDirs, InteractionData]:
     dirs = DatasetDirs.of(config.workspace, config.dataset.name)
     if not (dirs.prepared / "interactions.parquet").exists():
         raise TrainError(f"no prepared data in {dirs.prepared}; run `diffcl prepare` first")
-    return dirs, InteractionData.load(dirs.prepared)
+    try:
+        return dirs, InteractionData.load(dirs.prepared)
+    except PreparedDataError as err:
+        raise TrainError(str(err)) from None
 
 
 def build_context(config: PipelineConfig, dirs: DatasetDirs, data: InteractionData, device: torch.device) -> ModelContext:
-    """The data, the modality features that exist (and their frozen kNN graphs) for the model."""
-    from diffcl.feature_store import available_features, read_features
+    """The data, the features of the modalities the model reads (and their frozen kNN graphs):
+    a missing or unusable feature file is a TrainError naming it (see :func:`model_feature_files`)."""
+    from diffcl.feature_store import FeatureFileError, model_feature_files, read_item_features
     from diffcl.graph_stage import modality_knn
-    from diffcl.models import REGISTRY
 
     ctx = ModelContext(data=data, device=device, image_weight=config.graphs.image_weight)
-    model = REGISTRY.get(config.model.name)
-    if model is None or not model.uses_features:
-        return ctx  # ID-only models read no features (an unknown name fails when the model is built)
-    for modality, path in available_features(dirs.features).items():
-        matrix, meta = read_features(path)
-        if matrix.shape[0] != data.n_items:
-            raise TrainError(f"{path}: {matrix.shape[0]} rows but the dataset has {data.n_items} items; rerun `diffcl features`")
-        if meta.get("untrained"):
-            log.warning("%s features: %s", modality, meta.get("note", "untrained encoder"))
-        ctx.features[modality] = matrix
-        ctx.knn_graphs[modality], built = modality_knn(dirs, modality, matrix, path, config.graphs.knn_k, config.graphs.chunk_items)
-        log.info("%s features %s; kNN graph %s", modality, matrix.shape, "built" if built else "loaded")
+    try:
+        for modality, path in model_feature_files(config, dirs.features).items():  # none for ID-only models
+            matrix, meta = read_item_features(path, data.n_items)
+            if meta.get("untrained"):
+                log.warning("%s features: %s", modality, meta.get("note", "untrained encoder"))
+            ctx.features[modality] = matrix
+            ctx.knn_graphs[modality], built = modality_knn(dirs, modality, matrix, path, config.graphs.knn_k,
+                                                           config.graphs.chunk_items)
+            log.info("%s features %s; kNN graph %s", modality, matrix.shape, "built" if built else "loaded")
+    except FeatureFileError as err:
+        raise TrainError(str(err)) from None
     return ctx
 
 
@@ -238,7 +240,11 @@ class Trainer:
             for key, value in parts.items():
                 sums[key] = sums[key] + value.detach().double() if key in sums else value.detach().double()
             steps += 1
-        return {key: float(value) / steps for key, value in sums.items()}
+        means = {key: float(value) / steps for key, value in sums.items()}
+        if not np.isfinite(means["loss"]):  # read back once an epoch anyway: the check is free
+            parts = ", ".join(f"{key} {value:.4g}" for key, value in means.items())
+            raise TrainError(f"non-finite loss at epoch {self.epoch} ({parts}); check the features / lower train.lr")
+        return means
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:

@@ -21,7 +21,8 @@ import numpy as np
 import polars as pl
 
 from diffcl.config import ImageFeaturesConfig, PipelineConfig, TextFeaturesConfig
-from diffcl.feature_store import read_metadata, write_features
+from diffcl.data import verify_prepared
+from diffcl.feature_store import check_finite, read_metadata, read_npy_matrix, write_features
 from diffcl.io import write_parquet_atomic
 from diffcl.workspace import DatasetDirs
 from features.embedding_cache import EmbeddingCache, content_key
@@ -69,6 +70,7 @@ def _inputs(config: PipelineConfig) -> tuple[DatasetDirs, pl.DataFrame, dict[str
     items_path = dirs.prepared / "items.parquet"
     if not items_path.exists():
         raise FeatureError(f"no prepared items in {dirs.prepared}; run `diffcl prepare` first")
+    verify_prepared(dirs.prepared, (items_path.name,))
     items = pl.read_parquet(items_path).sort("item")
     dirs.features.mkdir(parents=True, exist_ok=True)
     stats = json.loads((dirs.prepared / "stats.json").read_text())
@@ -260,11 +262,13 @@ def _import_precomputed(modality: str, source: Path, items: pl.DataFrame, out: P
     report = ModalityReport(modality, "unchanged", items=items.height, note=f"precomputed: {source.name}")
     if _unchanged(out, state):
         return report
-    matrix = np.load(source, mmap_mode="r")
+    matrix = read_npy_matrix(source)
     rows = items.get_column("source_row").to_numpy()
     if rows.max() >= matrix.shape[0]:
         raise FeatureError(f"{source}: {matrix.shape[0]} rows, but items refer to row {rows.max()}")
-    write_features(out, np.asarray(matrix[rows], dtype=np.float32), {
+    imported = np.asarray(matrix[rows], dtype=np.float32)
+    check_finite(imported, str(source), file_rows=rows)
+    write_features(out, imported, {
         "state": state, "modality": modality, "encoder": f"precomputed ({source})", "untrained": False,
         "versions": _versions(),
     })

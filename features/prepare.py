@@ -7,7 +7,10 @@ Outputs under ``<workspace>/<dataset>/prepared/``:
 - ``items.parquet``: item, item_id (original), title, brand, categories, description, text
   (assembled with the standard recipe), image_url, and source_row (row of a shipped feature matrix);
 - ``users.parquet``: user, user_id (original);
-- ``stats.json``: counts per split, density, malformed-record counts, input hashes, timings.
+- ``stats.json``: counts per split, density, malformed-record counts, input hashes, and the sha256
+  of each table above. Written last: the tables are renamed into place one by one, and the readers
+  check them against these hashes (:func:`diffcl.data.verify_prepared`), so a run killed between
+  two renames leaves a set that every later stage rejects instead of a silently mixed one.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 import polars as pl
 
 from diffcl.config import PipelineConfig
+from diffcl.data import table_hashes
 from diffcl.io import write_json_atomic, write_parquet_atomic
 from diffcl.workspace import DatasetDirs
 from features.fetch import Manifest, fetch, local_manifest
@@ -32,7 +36,7 @@ from features.text import DEFAULT_RECIPE, assemble
 
 log = logging.getLogger(__name__)
 
-STAGE_VERSION = 1  # bump when the outputs of this stage change for the same inputs
+STAGE_VERSION = 2  # bump when the outputs of this stage change for the same inputs
 
 
 @dataclass
@@ -129,6 +133,7 @@ def prepare(config: PipelineConfig, progress: bool = True,
         "inputs": {name: {"url": m.url, "size": m.size, "sha256": m.sha256} for name, m in manifests.items()},
         "precomputed_features": {k: str(v) for k, v in raw.precomputed.items()},
         "stage_version": STAGE_VERSION,
+        "tables": table_hashes(dirs.prepared),
     }
     # stats.json holds only what the data determine, so that equal inputs give an identical file
     # (the orchestration keys later stages on its hash); timings are returned, not written.

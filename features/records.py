@@ -11,6 +11,7 @@ import ast
 import gzip
 import io
 import json
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,21 +46,67 @@ class ParseReport:
         if self.records and self.bad == self.records:
             raise DataError(f"{self.path}: no record could be parsed (line {self.first_bad_line}: {self.first_bad_reason})")
         if self.bad_share > max_share:
+            share, limit = distinct_percentages(self.bad_share, max_share)
             raise DataError(
                 f"{self.path}: {self.bad} of {self.records} records are malformed "
-                f"({self.bad_share:.1%} > prepare.max_bad_share {max_share:.1%}); "
+                f"({share} > prepare.max_bad_share {limit}); "
                 f"first at line {self.first_bad_line} ({self.first_bad_reason}): {self.first_bad_text!r}"
             )
 
 
-def open_text(path: str | Path) -> io.TextIOBase:
-    """Open plain or gzip text by its magic bytes, not its name."""
-    path = Path(path)
+def distinct_percentages(a: float, b: float) -> tuple[str, str]:
+    """``a`` and ``b`` as percentages with the fewest decimals (one at least) that tell them apart,
+    so that a message comparing them never reads ``1.0% > 1.0%``."""
+    for digits in range(1, 10):
+        pa, pb = f"{a:.{digits}%}", f"{b:.{digits}%}"
+        if pa != pb:
+            return pa, pb
+    return f"{a:%}", f"{b:%}"
+
+
+GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def gzip_error(path: str | Path, err: Exception) -> DataError:
+    """The one-line error of a gzip file that cannot be decompressed to its end."""
+    if isinstance(err, EOFError):
+        return DataError(f"{path}: the gzip file is truncated (it ends before its end-of-stream marker), "
+                         "as after an interrupted download or copy; fetch it again")
+    return DataError(f"{path}: corrupt gzip data ({err}); fetch the file again")
+
+
+def _open_binary(path: Path) -> io.BufferedIOBase:
+    """Plain or gzip bytes, told by the magic bytes, not the name."""
     with open(path, "rb") as probe:
         magic = probe.read(2)
-    if magic == b"\x1f\x8b":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
+
+
+def first_non_utf8_line(path: str | Path) -> tuple[int, int] | None:
+    """(line number, first offending byte) of the first line that is not UTF-8, or None."""
+    with _open_binary(Path(path)) as handle:
+        for lineno, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return lineno, line[err.start]
+    return None
+
+
+def describe_read_error(path: str | Path, err: Exception) -> str:
+    """A table reader's error, with the line where it is a text-encoding one (polars names none)."""
+    if "utf-8" not in str(err).lower() and "utf8" not in str(err).lower():
+        return str(err)
+    try:
+        found = first_non_utf8_line(path)
+    except (OSError, *GZIP_ERRORS):
+        found = None
+    return str(err) if found is None else f"line {found[0]} is not UTF-8 text (byte {found[1]:#04x})"
+
+
+def open_text(path: str | Path) -> io.TextIOBase:
+    """Open plain or gzip text by its magic bytes, not its name."""
+    return io.TextIOWrapper(_open_binary(Path(path)), encoding="utf-8", errors="replace")
 
 
 def _parse_line(line: str, allow_literal: bool) -> Any:
@@ -83,8 +130,16 @@ def iter_records(
 
     ``keep_line`` is a cheap pre-filter on the raw line (e.g. "is this asin wanted?") so that
     expensive parsing is spent only on records that will be used; it applies to line-per-record
-    files.
+    files. A gzip file that cannot be decompressed to its end is a :class:`DataError` naming it.
     """
+    try:
+        yield from _records(path, report, allow_literal, keep_line)
+    except GZIP_ERRORS as err:
+        raise gzip_error(path, err) from None
+
+
+def _records(path: str | Path, report: ParseReport, allow_literal: bool,
+             keep_line: Callable[[str], bool] | None) -> Iterator[dict[str, Any]]:
     with open_text(path) as handle:
         first = ""
         for first in handle:

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from diffcl.config import load_config
+from diffcl.data import table_hashes
 from diffcl.feature_store import read_features, read_metadata
 from features.feature_stage import FeatureError, run_features
 from tests.httpserver import Route
@@ -40,7 +41,8 @@ def _workspace(tmp_path, items: list[dict], **features):
                 "image_url": pl.String, "source_row": pl.Int64},
     )
     frame.write_parquet(prepared / "items.parquet")
-    (prepared / "stats.json").write_text(json.dumps({"precomputed_features": features.pop("precomputed", {})}))
+    (prepared / "stats.json").write_text(json.dumps({"precomputed_features": features.pop("precomputed", {}),
+                                                     "tables": table_hashes(prepared, ("items.parquet",))}))
     feats = {"image": {"model": "diffcl-tiny", "pretrained": None, "download_workers": 4, "timeout_s": 1.0,
                        "retries": 1, "max_bytes": 50_000, "loader_workers": 0, "batch_size": 4}}
     for key, value in features.items():

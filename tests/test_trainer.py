@@ -5,6 +5,7 @@ import polars as pl
 import pytest
 import torch
 
+from diffcl.config import ConfigError
 from diffcl.evaluator import Evaluator
 from diffcl.trainer import Trainer, TrainError, load_run, train
 
@@ -84,8 +85,9 @@ def test_early_stopping_and_best_epoch(demo_workspace):
 
 
 def test_unknown_model_is_a_clear_error(demo_workspace):
-    with pytest.raises(TrainError, match="model.name: unknown model 'nope'"):
-        Trainer(demo_workspace("model.name=nope"))
+    # Checked when the config loads, before any stage runs.
+    with pytest.raises(ConfigError, match="model.name: .*unknown model 'nope'"):
+        demo_workspace("model.name=nope")
 
 
 def test_load_run_and_evaluate_again(demo_workspace):

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import polars as pl
 
+from diffcl.feature_store import FeatureFileError, read_npy_matrix
 from features.readers.base import RawData
-from features.records import DataError
+from features.records import DataError, describe_read_error
 
 SPLIT_CODES = {0: "train", 1: "valid", 2: "test"}
 
@@ -18,7 +19,7 @@ def _read_tsv(path: Path, **kwargs) -> pl.DataFrame:
     try:
         return pl.read_csv(path, separator="\t", quote_char=None, **kwargs)
     except (pl.exceptions.ComputeError, pl.exceptions.NoDataError) as err:
-        raise DataError(f"{path}: cannot be read as a TAB-separated table: {err}") from err
+        raise DataError(f"{path}: cannot be read as a TAB-separated table: {describe_read_error(path, err)}") from err
 
 
 def _require(frame: pl.DataFrame, path: Path, columns: list[str]) -> None:
@@ -63,12 +64,26 @@ def read_mmrec(folder: Path) -> RawData:
     )
 
     item_table = _items(folder, inter_path.stem, items)
-    precomputed = {
-        modality: folder / f"{modality}_feat.npy"
-        for modality in ("image", "text")
-        if (folder / f"{modality}_feat.npy").exists()
-    }
-    return RawData(interactions=frame, items=item_table, precomputed=precomputed)
+    n_items = items.height if items is not None else int(frame.get_column("item_key").max()) + 1
+    return RawData(interactions=frame, items=item_table, precomputed=_shipped_features(folder, n_items))
+
+
+def _shipped_features(folder: Path, n_items: int) -> dict[str, Path]:
+    """The ``<modality>_feat.npy`` files, one row per MMRec item id: a matrix with another row count
+    belongs to another dataset (or version), and its rows would be read for the wrong items."""
+    shipped = {}
+    for modality in ("image", "text"):
+        path = folder / f"{modality}_feat.npy"
+        if not path.exists():
+            continue
+        try:
+            rows = read_npy_matrix(path).shape[0]
+        except FeatureFileError as err:
+            raise DataError(str(err)) from None
+        if rows != n_items:
+            raise DataError(f"{path}: {rows} rows but the dataset has {n_items} items (itemID 0..{n_items - 1})")
+        shipped[modality] = path
+    return shipped
 
 
 def _mapping(path: Path, original: str, key: str) -> pl.DataFrame | None:
@@ -88,7 +103,7 @@ def _items(folder: Path, name: str, items: pl.DataFrame | None) -> pl.DataFrame 
         try:
             urls = pl.read_csv(url_path, infer_schema=False)
         except pl.exceptions.ComputeError as err:
-            raise DataError(f"{url_path}: cannot be read as CSV: {err}") from err
+            raise DataError(f"{url_path}: cannot be read as CSV: {describe_read_error(url_path, err)}") from err
         _require(urls, url_path, ["itemID", "imUrl"])
         urls = urls.select(
             pl.col("itemID").cast(pl.Int64).alias("item_key"),

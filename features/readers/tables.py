@@ -8,7 +8,7 @@ import polars as pl
 
 from diffcl.config import Columns
 from features.readers.base import RawData
-from features.records import DataError
+from features.records import DataError, describe_read_error
 
 SPLIT_VALUES = {"0": "train", "1": "valid", "2": "test", "train": "train", "valid": "valid",
                 "validation": "valid", "val": "valid", "test": "test"}
@@ -39,7 +39,7 @@ def read_table(path: Path, fmt: str) -> pl.DataFrame:
         return pl.read_csv(path, separator="\t" if kind == "tsv" else ",", infer_schema_length=10000,
                            quote_char=None if kind == "tsv" else '"')
     except (pl.exceptions.ComputeError, pl.exceptions.NoDataError, OSError) as err:
-        raise DataError(f"{path}: cannot be read as {kind}: {err}") from err
+        raise DataError(f"{path}: cannot be read as {kind}: {describe_read_error(path, err)}") from err
 
 
 def _select(frame: pl.DataFrame, path: Path, columns: Columns, roles: tuple[str, ...]) -> pl.DataFrame:
