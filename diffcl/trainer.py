@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -121,8 +122,18 @@ def _load_checkpoint(path: Path, device: torch.device) -> Any:
     try:
         return torch.load(path, weights_only=True, map_location=device)
     except Exception as err:  # UnpicklingError for a foreign object; anything else for a broken file
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TrainError(f"{path}: not a diffcl checkpoint of tensors and plain values, refused ({first_line[:160]})") from None
+        raise TrainError(f"{path}: not a diffcl checkpoint of tensors and plain values, refused ({_load_failure(err)})") from None
+
+
+def _load_failure(err: Exception) -> str:
+    """The line of torch's long message that says what was refused (it also suggests loading with
+    the unsafe loader, which is exactly what must not be done here)."""
+    text = str(err)
+    found = re.search(r"Unsupported (?:global: GLOBAL [\w.]+|operand \d+)", text)
+    if found:
+        return found.group(0)
+    lines = text.strip().splitlines()
+    return lines[0][:160] if lines else type(err).__name__
 
 
 class Trainer:

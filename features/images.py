@@ -78,7 +78,7 @@ def check_image(data: bytes, max_pixels: int = DownloadSettings.max_pixels) -> N
             if img.width == 0 or img.height == 0:
                 raise _Missing("empty image")
     except Image.DecompressionBombError as err:  # Pillow's own cap (open refuses > 2x its limit)
-        raise _Missing(f"too many pixels ({str(err)[:100]})") from None
+        raise _Missing(f"too many pixels ({err})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise _Missing(f"undecodable image ({type(err).__name__}: {str(err)[:80]})") from None
 
@@ -89,7 +89,7 @@ def _check_declared_size(path: Path, max_pixels: int) -> None:
         with Image.open(path) as img:  # reads the header only
             reason = too_many_pixels(img.width, img.height, max_pixels)
     except Image.DecompressionBombError as err:
-        raise _Missing(f"too many pixels ({str(err)[:100]})") from None
+        raise _Missing(f"too many pixels ({err})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise _Missing(f"undecodable image ({type(err).__name__}: {str(err)[:80]})") from None
     if reason:

@@ -156,7 +156,7 @@ def metrics_table(metrics: dict, ks: tuple[int, ...] = (10, 20)) -> Table:
 def train(
     config: ConfigArg,
     set_: SetOpt = None,
-    run_id: Annotated[str | None, typer.Option(help="run folder name; an existing run resumes")] = None,
+    run_id: Annotated[str | None, typer.Option(help="run folder name (letters, digits, . _ -); an existing run resumes")] = None,
 ) -> None:
     """Train the configured model; test metrics are taken at the best validation epoch."""
     from diffcl.trainer import TrainError
