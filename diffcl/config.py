@@ -260,6 +260,9 @@ class DiffCLConfig(_Strict):
     )
     layers: int = Field(2, ge=0, description="L, propagation layers of the graph encoder")
     combine: Literal["sum", "mean"] = Field("sum", description="layer combination")
+    normalize_inputs: bool = Field(
+        True, description="L2-normalise each branch's input rows before propagation (the first spec)"
+    )
     id_branch: bool = Field(True, description="false: no item-ID branch (ablation w/o ID)")
     id_in_score: bool = Field(False, description="add the ID branch to the scored representation")
     item_graph: bool = Field(True, description="false: no frozen item-item graph (ablation)")

@@ -134,21 +134,26 @@ class _Propagate(torch.autograd.Function):
         return None, _layer_sum_backward(ctx.adj, seed, ctx.layers), None, None
 
 
-def _normalize_rows(users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(X, 1/||row||) for X = L2-row-normalise([users; items]), X a fresh tensor."""
+def _stack_rows(users: torch.Tensor, items: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(X, 1/||row|| or None): X = [users; items], L2-row-normalised when asked, a fresh tensor."""
     x = torch.cat([users, items])
+    if not normalize:
+        return x, None
     inv_norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12).reciprocal_()
     return x.mul_(inv_norm), inv_norm
 
 
-def _normalize_rows_backward(grad: torch.Tensor, x: torch.Tensor, inv_norm: torch.Tensor) -> torch.Tensor:
-    """d normalise(v) / dv applied to g, in place on ``grad``: (g - x (g·x)) / ||v||, x the normalised row."""
+def _stack_rows_backward(grad: torch.Tensor, x: torch.Tensor, inv_norm: torch.Tensor | None) -> torch.Tensor:
+    """The gradient of :func:`_stack_rows`, in place on ``grad``; through the normalisation it is
+    (g - x (g·x)) / ||v||, x the normalised row."""
+    if inv_norm is None:
+        return grad
     along = torch.linalg.vecdot(grad, x).unsqueeze(1)
     return grad.addcmul_(x, along, value=-1).mul_(inv_norm)
 
 
-class _NormalizedPropagate(torch.autograd.Function):
-    """scale * Σ_{l=0..L} Âˡ X with X = L2-row-normalise([users; items]), for a symmetric Â.
+class _BranchPropagate(torch.autograd.Function):
+    """scale * Σ_{l=0..L} Âˡ X with X = [users; items], optionally L2-row-normalised, for a symmetric Â.
 
     One function for the stack, the normalisation and the propagation, so that the backward
     pass makes three passes over the N x d gradient for the normalisation instead of autograd's
@@ -156,8 +161,8 @@ class _NormalizedPropagate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, adj, users, items, layers, scale):
-        x, inv_norm = _normalize_rows(users, items)
+    def forward(ctx, adj, users, items, layers, scale, normalize):
+        x, inv_norm = _stack_rows(users, items, normalize)
         out = _layer_sum(adj, x, layers)
         ctx.save_for_backward(x, inv_norm)
         ctx.adj, ctx.layers, ctx.scale, ctx.n_users = adj, layers, scale, users.shape[0]
@@ -176,12 +181,12 @@ class _NormalizedPropagate(torch.autograd.Function):
         if ctx.scale != 1.0:
             seed.mul_(ctx.scale)
         # seed is a fresh tensor (the cat above): the in-place normalisation backward may reuse it.
-        acc = _normalize_rows_backward(_layer_sum_backward(ctx.adj, seed, ctx.layers), x, inv_norm)
-        return None, acc[: ctx.n_users], acc[ctx.n_users :], None, None
+        acc = _stack_rows_backward(_layer_sum_backward(ctx.adj, seed, ctx.layers), x, inv_norm)
+        return None, acc[: ctx.n_users], acc[ctx.n_users :], None, None, None
 
 
-class _NormalizedPropagateItems(torch.autograd.Function):
-    """The item rows only of scale * Σ_{l=0..L} Âˡ X, X = L2-row-normalise([users; items]).
+class _BranchPropagateItems(torch.autograd.Function):
+    """The item rows only of scale * Σ_{l=0..L} Âˡ X, X = [users; items], optionally L2-row-normalised.
 
     With Â = [[0, R̂], [R̂ᵀ, 0]] a layer maps (users, items) to (R̂ items, R̂ᵀ users), so the item rows
     of the last layer need one block product, not two; and a gradient on item rows only alternates
@@ -190,9 +195,9 @@ class _NormalizedPropagateItems(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, r_hat, r_hat_t, users, items, layers, scale):
+    def forward(ctx, r_hat, r_hat_t, users, items, layers, scale, normalize):
         n_users = users.shape[0]
-        x, inv_norm = _normalize_rows(users, items)
+        x, inv_norm = _stack_rows(users, items, normalize)
         x_users, x_items = x[:n_users], x[n_users:]
         out = x_items.clone()
         a, b = x_users, x_items  # user and item rows of Âˡ X
@@ -223,8 +228,8 @@ class _NormalizedPropagateItems(torch.autograd.Function):
             else:
                 h, side = spmm(r_hat_t, h), "items"
                 grad_items_acc.add_(h)
-        grad = _normalize_rows_backward(grad, x, inv_norm)
-        return None, None, grad[: ctx.n_users], grad[ctx.n_users :], None, None
+        grad = _stack_rows_backward(grad, x, inv_norm)
+        return None, None, grad[: ctx.n_users], grad[ctx.n_users :], None, None, None
 
 
 class _FrozenProduct(torch.autograd.Function):
@@ -258,18 +263,18 @@ def propagate(adj: torch.Tensor, ego: torch.Tensor, layers: int, combine: str) -
     return _Propagate.apply(adj, ego, layers, _layer_scale(layers, combine))
 
 
-def normalized_propagate(adj: torch.Tensor, users: torch.Tensor, items: torch.Tensor, layers: int,
-                         combine: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer combination (mean or sum of Âˡ X, l = 0..L) of X = L2-row-normalise([users; items]),
-    as (user rows, item rows)."""
-    return _NormalizedPropagate.apply(adj, users, items, layers, _layer_scale(layers, combine))
+def branch_propagate(adj: torch.Tensor, users: torch.Tensor, items: torch.Tensor, layers: int,
+                     combine: str, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer combination (mean or sum of Âˡ X, l = 0..L) of X = [users; items] (L2-row-normalised
+    when ``normalize``), as (user rows, item rows)."""
+    return _BranchPropagate.apply(adj, users, items, layers, _layer_scale(layers, combine), normalize)
 
 
-def normalized_propagate_items(blocks: tuple[torch.Tensor, torch.Tensor], users: torch.Tensor, items: torch.Tensor,
-                               layers: int, combine: str) -> torch.Tensor:
-    """The item rows of :func:`normalized_propagate`, from the blocks (R̂, R̂ᵀ) of Â: for a branch
+def branch_propagate_items(blocks: tuple[torch.Tensor, torch.Tensor], users: torch.Tensor, items: torch.Tensor,
+                           layers: int, combine: str, normalize: bool = False) -> torch.Tensor:
+    """The item rows of :func:`branch_propagate`, from the blocks (R̂, R̂ᵀ) of Â: for a branch
     whose user rows nothing reads."""
-    return _NormalizedPropagateItems.apply(*blocks, users, items, layers, _layer_scale(layers, combine))
+    return _BranchPropagateItems.apply(*blocks, users, items, layers, _layer_scale(layers, combine), normalize)
 
 
 def propagate_rows(adj: torch.Tensor, ego: torch.Tensor, index: torch.Tensor, layers: int, combine: str) -> torch.Tensor:

@@ -107,8 +107,9 @@ def test_propagate_matches_autograd_reference(combine):
     np.testing.assert_allclose(got_grad.numpy(), ego.grad.numpy(), rtol=1e-5, atol=1e-6)
 
 
-def _reference_propagation(dense, users, items, layers, combine):
-    x = torch.nn.functional.normalize(torch.cat([users, items]), dim=1)
+def _reference_propagation(dense, users, items, layers, combine, normalize=True):
+    x = torch.cat([users, items])
+    x = torch.nn.functional.normalize(x, dim=1) if normalize else x
     out, h = x, x
     for _ in range(layers):
         h = dense @ h
@@ -116,38 +117,40 @@ def _reference_propagation(dense, users, items, layers, combine):
     return out / (layers + 1) if combine == "mean" else out
 
 
+@pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("combine", ["mean", "sum"])
 @pytest.mark.parametrize("layers", [0, 1, 2])
-def test_normalized_propagate_matches_autograd_reference(combine, layers):
-    from diffcl.graphs import normalized_propagate
+def test_branch_propagate_matches_autograd_reference(combine, layers, normalize):
+    from diffcl.graphs import branch_propagate
 
     adj, n = _adjacency(3)
     dense = adj.to_dense()
     users = torch.randn(9, 5, requires_grad=True)
     items = torch.randn(6, 5, requires_grad=True)
     weights = torch.randn(n, 5)
-    out = torch.cat(normalized_propagate(adj, users, items, layers, combine))
+    out = torch.cat(branch_propagate(adj, users, items, layers, combine, normalize))
     (out * weights).sum().backward()
     got = [out.detach().clone(), users.grad.clone(), items.grad.clone()]
     users.grad = items.grad = None
-    ref = _reference_propagation(dense, users, items, layers, combine)
+    ref = _reference_propagation(dense, users, items, layers, combine, normalize)
     (ref * weights).sum().backward()
     for a, b in zip(got, [ref.detach(), users.grad, items.grad], strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
     # A loss on the item rows alone: the users' rows get gradient through the graph only.
     users.grad = items.grad = None
-    (normalized_propagate(adj, users, items, layers, combine)[1] * weights[9:]).sum().backward()
+    (branch_propagate(adj, users, items, layers, combine, normalize)[1] * weights[9:]).sum().backward()
     got_users = users.grad.clone()
     users.grad = None
-    (_reference_propagation(dense, users, items, layers, combine)[9:] * weights[9:]).sum().backward()
+    (_reference_propagation(dense, users, items, layers, combine, normalize)[9:] * weights[9:]).sum().backward()
     np.testing.assert_allclose(got_users.numpy(), users.grad.numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("combine", ["mean", "sum"])
 @pytest.mark.parametrize("layers", [0, 1, 2, 3])
-def test_item_rows_only_propagation_matches_the_full_one(combine, layers):
-    from diffcl.graphs import adjacency_blocks, normalized_propagate_items
+def test_item_rows_only_propagation_matches_the_full_one(combine, layers, normalize):
+    from diffcl.graphs import adjacency_blocks, branch_propagate_items
 
     rng = np.random.default_rng(6)
     r = sp.csr_matrix((rng.random((9, 6)) < 0.4).astype(np.float32))
@@ -157,11 +160,11 @@ def test_item_rows_only_propagation_matches_the_full_one(combine, layers):
     users = torch.randn(9, 5, requires_grad=True)
     items = torch.randn(6, 5, requires_grad=True)
     weights = torch.randn(6, 5)
-    out = normalized_propagate_items(blocks, users, items, layers, combine)
+    out = branch_propagate_items(blocks, users, items, layers, combine, normalize)
     (out * weights).sum().backward()
     got = [out.detach().clone(), users.grad.clone(), items.grad.clone()]
     users.grad = items.grad = None
-    ref = _reference_propagation(dense, users, items, layers, combine)[9:]
+    ref = _reference_propagation(dense, users, items, layers, combine, normalize)[9:]
     (ref * weights).sum().backward()
     for a, b in zip(got, [ref.detach(), users.grad, items.grad], strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)

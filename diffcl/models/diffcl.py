@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from diffcl.device import dense_autocast, dense_dtype
-from diffcl.graphs import normalized_propagate, normalized_propagate_items
+from diffcl.graphs import branch_propagate, branch_propagate_items
 from diffcl.models import register
 from diffcl.models.base import Batch, ModelContext, Recommender, bpr_loss, l2_reg
 from diffcl.models.contrastive import distribution_alignment, info_nce
@@ -111,15 +111,15 @@ class DiffCL(Recommender):
         """Per branch: (users x d, items x d) after propagation and the item graph; the ID branch's
         users are None where nothing reads them."""
         out = {}
-        layers, combine = self.settings.layers, self.settings.combine
+        layers, combine, normalize = self.settings.layers, self.settings.combine, self.settings.normalize_inputs
         for b in branches:
             # Each branch propagates on its own: three 64-column products beat one 192-column one.
             if b == "id" and self.id_items_only:
                 z_users = None
-                z_items = normalized_propagate_items(self.adjacency_blocks, self.user_tables[b], self.item_id, layers, combine)
+                z_items = branch_propagate_items(self.adjacency_blocks, self.user_tables[b], self.item_id, layers, combine, normalize)
             else:
                 items = self.item_id if b == "id" else self.project(b)
-                z_users, z_items = normalized_propagate(self.adjacency, self.user_tables[b], items, layers, combine)
+                z_users, z_items = branch_propagate(self.adjacency, self.user_tables[b], items, layers, combine, normalize)
             if self.item_graph is not None:
                 z_items = z_items + self.item_graph @ z_items
             out[b] = (z_users, z_items)
