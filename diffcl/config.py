@@ -10,8 +10,10 @@ to another process (a Prefect worker) as absolute paths.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -217,11 +219,65 @@ class GraphsConfig(_Strict):
     )
 
 
+# --------------------------------------------------------------------------------------------
+# Search spaces of `diffcl tune`: dotted config key -> range. Each model config declares its own
+# keys in ``search_space``; SHARED_SEARCH_SPACE applies to every model. Modest on purpose: a
+# comparison gives every model the same trial budget, and a small space is covered by it.
+
+
+@dataclass(frozen=True)
+class LogUniform:
+    """A float drawn log-uniformly from [low, high]."""
+
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class Uniform:
+    """A float drawn uniformly from [low, high]."""
+
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class IntRange:
+    """An integer in [low, high]."""
+
+    low: int
+    high: int
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of a few values."""
+
+    options: tuple[Any, ...]
+
+
+SearchParam = LogUniform | Uniform | IntRange | Choice
+SearchSpace = dict[str, SearchParam]
+
+SHARED_SEARCH_SPACE: SearchSpace = {
+    "train.lr": LogUniform(1e-4, 1e-2),
+    "model.reg_weight": LogUniform(1e-6, 1e-2),
+}
+
+
 class MFConfig(_Strict):
-    """Matrix factorisation with BPR: no settings beyond model.embedding_dim and model.reg_weight."""
+    """Matrix factorisation with BPR: no settings beyond model.embedding_dim and model.reg_weight.
+    ``diffcl tune`` searches only the shared keys (train.lr, model.reg_weight)."""
+
+    search_space: ClassVar[SearchSpace] = {}
+
+
 
 
 class LightGCNConfig(_Strict):
+    """LightGCN. ``diffcl tune`` searches the shared keys and ``search_space``: the layer count."""
+
+    search_space: ClassVar[SearchSpace] = {"model.lightgcn.layers": IntRange(1, 4)}
     layers: int = Field(2, ge=0, description="propagation layers")
     combine: Literal["mean", "sum"] = Field("mean", description="how the layer outputs 0..L are combined")
 
@@ -247,7 +303,18 @@ class DiffusionSettings(_Strict):
 
 
 class DiffCLConfig(_Strict):
-    """DiffCL as reconstructed in docs (diffcl-model.md); every [switch] of the spec is here."""
+    """DiffCL as reconstructed in docs (diffcl-model.md); every [switch] of the spec is here.
+    ``diffcl tune`` searches the shared keys and ``search_space``: the loss weights, τ, the
+    diffusion noise scale and the layer count."""
+
+    search_space: ClassVar[SearchSpace] = {
+        "model.diffcl.cl_weight": LogUniform(1e-3, 1.0),
+        "model.diffcl.align_weight": LogUniform(1e-3, 1.0),
+        "model.diffcl.temperature": LogUniform(0.05, 1.0),
+        "model.diffcl.diffusion.noise_scale": LogUniform(0.01, 0.5),
+        "model.diffcl.layers": IntRange(1, 3),
+    }
+
 
     modalities: list[Modality] = Field(["image", "text"], description="modality branches to use (those with features)")
     projection: Literal["mlp", "linear"] = Field("mlp", description="feature projection: d_m -> 4d -> d MLP, or linear")
@@ -291,7 +358,15 @@ class DiffCLConfig(_Strict):
 
 class FreedomConfig(_Strict):
     """FREEDOM (Zhou & Shen, MM'23): frozen item-item graph over ID embeddings, LightGCN on a
-    degree-sensitively pruned interaction graph, BPR plus projected-feature BPR."""
+    degree-sensitively pruned interaction graph, BPR plus projected-feature BPR.
+    ``diffcl tune`` searches the shared keys and ``search_space``: the edge dropout (the paper's
+    grid) and the feature-BPR weight."""
+
+    search_space: ClassVar[SearchSpace] = {
+        "model.freedom.dropout": Choice((0.5, 0.8, 0.9)),
+        "model.freedom.feature_bpr_weight": LogUniform(1e-5, 1e-1),
+    }
+
 
     modalities: list[Modality] = Field(["image", "text"], description="modalities used (those with features)")
     layers: int = Field(2, ge=0, description="propagation layers on the interaction graph")
@@ -325,6 +400,13 @@ class ModelConfig(_Strict):
         if name not in REGISTRY:
             raise ValueError(f"unknown model {name!r}; registered: {sorted(REGISTRY)}")
         return name
+
+
+def search_space(model_name: str) -> SearchSpace:
+    """What ``diffcl tune`` searches for a model: the shared keys plus its config's own."""
+    field = ModelConfig.model_fields.get(model_name)
+    own = getattr(field.annotation, "search_space", {}) if field is not None else {}
+    return {**SHARED_SEARCH_SPACE, **own}
 
 
 class TrainConfig(_Strict):
@@ -445,24 +527,63 @@ def _resolve_paths(config: PipelineConfig) -> PipelineConfig:
     return config
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, what: str = "config file") -> str:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigError(f"{what} not found: {path}") from None
     except IsADirectoryError:
-        raise ConfigError(f"config path {path} is a folder, not a YAML file") from None
+        raise ConfigError(f"{what} {path} is a folder, not a YAML file") from None
     except OSError as err:
-        raise ConfigError(f"config file {path} cannot be read: {err.strerror}") from None
+        raise ConfigError(f"{what} {path} cannot be read: {err.strerror}") from None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw.count(b"\n", 0, err.start) + 1
-        raise ConfigError(f"config file {path} is not UTF-8 text (line {line}: byte {raw[err.start]:#04x})") from None
+        raise ConfigError(f"{what} {path} is not UTF-8 text (line {line}: byte {raw[err.start]:#04x})") from None
 
 
-def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> PipelineConfig:
-    """Read a YAML file (or a mapping), apply ``key=value`` overrides, validate, resolve paths."""
+def _read_mapping(path: Path, what: str = "config file") -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(_read_text(path, what)) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping at the top level")
+    return data
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """``overlay`` onto a copy of ``base``: sections merge key by key, values replace."""
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def overlay_overrides(overlay: dict[str, Any], prefix: str = "") -> list[str]:
+    """The ``--set key=value`` list equivalent to merging ``overlay`` (values as YAML)."""
+    items = []
+    for key, value in overlay.items():
+        if isinstance(value, dict) and value:
+            items += overlay_overrides(value, f"{prefix}{key}.")
+        else:
+            text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip()
+            items.append(f"{prefix}{key}={text.removesuffix('...').strip()}")
+    return items
+
+
+def read_overlay(path: str | Path) -> dict[str, Any]:
+    return _read_mapping(Path(path), "overlay file")
+
+
+def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None,
+                overlays: Sequence[str | Path] = ()) -> PipelineConfig:
+    """Read a YAML file (or a mapping), merge the overlay files onto it in order, apply
+    ``key=value`` overrides, validate, resolve paths."""
     if isinstance(source, dict):
         data, origin = source, "(mapping)"
     elif not Path(source).exists() and str(source) in PRESET_NAMES:
@@ -471,12 +592,11 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None
     else:
         path = Path(source)
         origin = str(path)
-        try:
-            data = yaml.safe_load(_read_text(path)) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = _read_mapping(path)
+    for overlay in overlays:
+        data = deep_merge(data, read_overlay(overlay))
+    if overlays:
+        origin += f" with overlay {', '.join(str(o) for o in overlays)}"
     data = apply_overrides(data, overrides or [])
     try:
         config = PipelineConfig.model_validate(data)

@@ -1,5 +1,6 @@
 """Item feature matrices on disk: ``features/<modality>.parquet`` with an ``item`` column and a
 fixed-size float32 ``embedding`` column, rows in item-id order, provenance in the Parquet metadata.
+A modality is any name (:data:`diffcl.config.MODALITY_NAME`): image, text, audio, ...
 
 The feature stage (``features/``) writes them; the graphs and the models read them back as a
 zero-copy numpy matrix, through :func:`read_item_features`, which checks that the rows match the
@@ -19,6 +20,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from diffcl.config import MODALITY_NAME
 from diffcl.io import atomic_path
 
 if TYPE_CHECKING:
@@ -26,7 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MODALITIES = ("image", "text")
 METADATA_KEY = b"diffcl"
 
 
@@ -101,15 +102,27 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return json.loads(meta.get(METADATA_KEY, b"{}"))
 
 
+def is_feature_file(path: Path) -> bool:
+    """A ``<modality>.parquet`` of this store (other Parquet files share the folder, e.g. image_sources)."""
+    if path.suffix != ".parquet" or not MODALITY_NAME.fullmatch(path.stem):
+        return False
+    try:
+        return {"item", "embedding"} <= set(pq.read_schema(path).names)
+    except (OSError, pa.ArrowInvalid):
+        return False
+
+
 def available_features(features_dir: Path) -> dict[str, Path]:
-    return {m: features_dir / f"{m}.parquet" for m in MODALITIES if (features_dir / f"{m}.parquet").exists()}
+    """Every modality's feature file in the folder, by name (sorted)."""
+    found = sorted(features_dir.glob("*.parquet")) if features_dir.is_dir() else []
+    return {p.stem: p for p in found if is_feature_file(p)}
 
 
 def model_modalities(config: PipelineConfig) -> list[str]:
-    """The modalities the configured model reads: its ``modalities`` setting (ID-only models have
-    none) less those switched off with ``features.<modality>.enabled: false``."""
+    """The modalities the configured model reads, in its ``modalities`` order (ID-only models have
+    none), less those switched off with ``features.<text|image>.enabled: false``."""
     wanted = getattr(getattr(config.model, config.model.name, None), "modalities", [])
-    return [m for m in MODALITIES if m in wanted and getattr(config.features, m).enabled]
+    return [m for m in dict.fromkeys(wanted) if config.features.enabled(m)]
 
 
 def model_feature_files(config: PipelineConfig, features_dir: Path) -> dict[str, Path]:
@@ -123,6 +136,6 @@ def model_feature_files(config: PipelineConfig, features_dir: Path) -> dict[str,
         if not config.model.allow_missing_modalities:
             raise FeatureFileError(
                 f"model {name} reads the {modality} modality but {path} does not exist; run `diffcl features CONFIG` "
-                f"(or set features.{modality}.enabled: false, or model.allow_missing_modalities: true)")
+                f"(or drop {modality} from model.{name}.modalities, or set model.allow_missing_modalities: true)")
         log.warning("model %s runs without the %s modality: %s does not exist", name, modality, path)
     return {m: found[m] for m in wanted if m in found}

@@ -19,7 +19,7 @@ import scipy.sparse as sp
 from diffcl.config import PipelineConfig
 from diffcl.data import InteractionData
 from diffcl.feature_store import available_features, model_feature_files, read_item_features
-from diffcl.graphs import fuse_item_graphs, knn_graph, normalized_adjacency
+from diffcl.graphs import fuse_item_graphs, fusion_weights, knn_graph, normalized_adjacency
 from diffcl.io import atomic_path, sha256_file, write_json_atomic
 from diffcl.workspace import DatasetDirs
 
@@ -68,20 +68,19 @@ def build_graphs(config: PipelineConfig) -> dict[str, Any]:
     knn: dict[str, sp.csr_matrix] = {}
     model_feature_files(config, dirs.features)  # the configured model's modalities must be there
     features = available_features(dirs.features)
-    for modality in ("image", "text"):
-        if modality not in features:
-            log.info("no %s features in %s: the %s item graph is skipped", modality, dirs.features, modality)
-            continue
+    for modality, path in features.items():
         start = time.perf_counter()
-        matrix, _ = read_item_features(features[modality], data.n_items)
-        knn[modality], _ = modality_knn(dirs, modality, matrix, features[modality], gc.knn_k, gc.chunk_items)
+        matrix, _ = read_item_features(path, data.n_items)
+        knn[modality], _ = modality_knn(dirs, modality, matrix, path, gc.knn_k, gc.chunk_items)
         report["graphs"][f"knn_{modality}"] = {"items": data.n_items, "edges": knn[modality].nnz,
                                                "seconds": round(time.perf_counter() - start, 3)}
-    fused = fuse_item_graphs(knn, gc.image_weight)
+    if not features:
+        log.info("no modality features in %s: no item graph is built", dirs.features)
+    fused = fuse_item_graphs(knn, gc.modality_weights)
     if fused is not None:
+        weights = fusion_weights(list(knn), gc.modality_weights)
         save_graph(dirs.graphs / "item_item.npz", fused,
-                   {"kind": "fused item-item graph", "modalities": sorted(knn), "image_weight": gc.image_weight,
-                    "k": gc.knn_k})
+                   {"kind": "fused item-item graph", "modalities": sorted(knn), "weights": weights, "k": gc.knn_k})
         report["graphs"]["item_item"] = {"items": data.n_items, "edges": fused.nnz, "modalities": sorted(knn)}
     report["dir"] = str(dirs.graphs)
     return report

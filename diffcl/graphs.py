@@ -7,6 +7,7 @@ One implementation of each, used by LightGCN, FREEDOM and DiffCL alike.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import scipy.sparse as sp
@@ -313,15 +314,23 @@ def knn_graph(
     return graph
 
 
-def fuse_item_graphs(graphs: dict[str, sp.csr_matrix], image_weight: float) -> sp.csr_matrix | None:
-    """S = α S^image + (1 - α) S^text; a single modality's graph alone when only one exists."""
+def fusion_weights(modalities: list[str], configured: Mapping[str, float]) -> dict[str, float]:
+    """The weight of each fused modality: its configured weight (1/n where none is listed, n the number
+    fused), renormalised over the modalities fused so that the weights sum to 1."""
+    raw = {m: float(configured.get(m, 1.0 / len(modalities))) for m in modalities}
+    total = sum(raw.values())
+    if total <= 0:
+        raise ValueError(f"graphs.modality_weights: the weights of {modalities} sum to 0; give one a positive weight")
+    return {m: w / total for m, w in raw.items()}
+
+
+def fuse_item_graphs(graphs: dict[str, sp.csr_matrix], weights: Mapping[str, float]) -> sp.csr_matrix | None:
+    """S = Σ_m w_m S_m over the given modalities' graphs, with :func:`fusion_weights`; a single
+    modality's graph alone when only one exists."""
     if not graphs:
         return None
     if len(graphs) == 1:
         return next(iter(graphs.values())).tocsr()
-    weights = {"image": image_weight, "text": 1.0 - image_weight}
-    unknown = set(graphs) - set(weights)
-    if unknown:
-        raise ValueError(f"no fusion weight for modalities {sorted(unknown)}")
-    fused = sum(weights[m] * g for m, g in graphs.items())
+    w = fusion_weights(list(graphs), weights)
+    fused = sum(w[m] * g for m, g in graphs.items())
     return sp.csr_matrix(fused, dtype=np.float32)

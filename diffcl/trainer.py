@@ -51,6 +51,10 @@ class TrainError(RuntimeError):
     pass
 
 
+class DivergedError(TrainError):
+    """The loss became non-finite: these settings do not train (a search prunes such a trial)."""
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -95,7 +99,7 @@ def build_context(config: PipelineConfig, dirs: DatasetDirs, data: InteractionDa
     from diffcl.feature_store import FeatureFileError, model_feature_files, read_item_features
     from diffcl.graph_stage import modality_knn
 
-    ctx = ModelContext(data=data, device=device, image_weight=config.graphs.image_weight)
+    ctx = ModelContext(data=data, device=device, modality_weights=config.graphs.modality_weights)
     try:
         for modality, path in model_feature_files(config, dirs.features).items():  # none for ID-only models
             matrix, meta = read_item_features(path, data.n_items)
@@ -137,9 +141,14 @@ def _load_failure(err: Exception) -> str:
 
 
 class Trainer:
+    """``on_epoch`` sees each epoch's history row (``valid_<metric>`` on evaluation epochs); an
+    exception it raises stops training, resumable. ``evaluate_test=False`` never evaluates the
+    test split (a hyper-parameter search must not see it): metrics.json then holds valid only."""
+
     def __init__(self, config: PipelineConfig, run_id: str | None = None,
-                 on_epoch: Callable[[dict[str, Any]], None] | None = None):
+                 on_epoch: Callable[[dict[str, Any]], None] | None = None, evaluate_test: bool = True):
         self.config = config
+        self.evaluate_test = evaluate_test
         self.explicit_id = run_id is not None  # an existing folder of that name resumes
         self.run_id = _checked_run_id(run_id) if run_id is not None else new_run_id(config.model.name)
         tc = config.train
@@ -254,7 +263,7 @@ class Trainer:
         means = {key: float(value) / steps for key, value in sums.items()}
         if not np.isfinite(means["loss"]):  # read back once an epoch anyway: the check is free
             parts = ", ".join(f"{key} {value:.4g}" for key, value in means.items())
-            raise TrainError(f"non-finite loss at epoch {self.epoch} ({parts}); check the features / lower train.lr")
+            raise DivergedError(f"non-finite loss at epoch {self.epoch} ({parts}); check the features / lower train.lr")
         return means
 
     @torch.no_grad()
@@ -316,14 +325,16 @@ class Trainer:
                  row["train_seconds"], row.get("eval_seconds", 0.0))
 
     def finish(self) -> TrainResult:
-        """Test at the best validation epoch; write history, curves and metrics."""
+        """Test at the best validation epoch (unless ``evaluate_test`` is off); write history,
+        curves and metrics."""
         if not (self.run_dir / "best.pt").exists():
             raise TrainError(f"{self.run_dir}: no evaluated epoch, nothing to report")
         self.model.load_state_dict(torch.load(self.run_dir / "best.pt", weights_only=True, map_location=self.device))
         start = time.perf_counter()
         valid = self.evaluate("valid")
         eval_seconds = time.perf_counter() - start
-        test = self.evaluate("test")
+        splits = ("valid", "test") if self.evaluate_test else ("valid",)
+        test = {"test": self.evaluate("test")} if self.evaluate_test else {}
         history = pl.DataFrame(self.history)
         metrics = {
             "model": self.config.model.name,
@@ -332,10 +343,10 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "epochs": self.epoch,
             "valid": valid,
-            "test": test,
+            **test,
             "epoch_seconds": float(history.get_column("train_seconds").mean()),
             "eval_seconds": eval_seconds,
-            "eval_users": {"valid": self.evaluator.n_users("valid"), "test": self.evaluator.n_users("test")},
+            "eval_users": {split: self.evaluator.n_users(split) for split in splits},
             "data_hash": self.data.source_hash,
             "device": str(self.device),
         }

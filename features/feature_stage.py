@@ -1,7 +1,8 @@
-"""``diffcl features``: the text and image feature matrices of the prepared items.
+"""``diffcl features``: the feature matrix of every modality of the prepared items.
 
-Writes ``features/text.parquet`` and ``features/image.parquet`` (see :mod:`diffcl.feature_store`)
-and ``features/image_sources.parquet`` (per item: URL, ok/missing, reason, content hash).
+Writes ``features/<modality>.parquet`` (see :mod:`diffcl.feature_store`) for each modality: a file
+named in ``features.files``, a shipped MMRec ``<modality>_feat.npy``, or this package's text and image
+encoders; and ``features/image_sources.parquet`` (per item: URL, ok/missing, reason, content hash).
 Incremental: a rerun with nothing changed loads no model and writes nothing; new or changed items
 are embedded, everything else comes from the per-item cache under ``features/cache/``.
 """
@@ -20,9 +21,20 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from diffcl.config import ImageFeaturesConfig, PipelineConfig, TextFeaturesConfig
+from diffcl.config import (
+    ENCODED_MODALITIES,
+    ImageFeaturesConfig,
+    PipelineConfig,
+    TextFeaturesConfig,
+)
 from diffcl.data import verify_prepared
-from diffcl.feature_store import check_finite, read_metadata, read_npy_matrix, write_features
+from diffcl.feature_store import (
+    available_features,
+    check_finite,
+    read_metadata,
+    read_npy_matrix,
+    write_features,
+)
 from diffcl.io import write_parquet_atomic
 from diffcl.workspace import DatasetDirs
 from features.embedding_cache import EmbeddingCache, content_key
@@ -74,33 +86,63 @@ def _inputs(config: PipelineConfig) -> tuple[DatasetDirs, pl.DataFrame, dict[str
     items = pl.read_parquet(items_path).sort("item")
     dirs.features.mkdir(parents=True, exist_ok=True)
     stats = json.loads((dirs.prepared / "stats.json").read_text())
-    shipped = stats.get("precomputed_features", {}) if config.features.precomputed else {}
-    return dirs, items, shipped
+    return dirs, items, shipped_features(config, stats)
+
+
+def feature_modalities(config: PipelineConfig, shipped: dict[str, str]) -> list[str]:
+    """Every modality the features stage handles: the encoded ones (text, image), then the other
+    names of ``features.files`` and of the shipped ``<name>_feat.npy`` files, sorted."""
+    others = sorted((set(config.features.files) | set(shipped)) - set(ENCODED_MODALITIES))
+    return [*ENCODED_MODALITIES, *others]
+
+
+def shipped_features(config: PipelineConfig, stats: dict[str, Any]) -> dict[str, str]:
+    """The shipped feature files recorded by the data stage, by modality; none when
+    ``features.precomputed`` is off."""
+    return stats.get("precomputed_features", {}) if config.features.precomputed else {}
+
+
+def feature_source(config: PipelineConfig, modality: str, shipped: dict[str, str]) -> Path | None:
+    """The file a modality is imported from: ``features.files`` first, then the shipped one."""
+    named = config.features.files.get(modality) or shipped.get(modality)
+    return Path(named) if named else None
 
 
 def modality_features(config: PipelineConfig, modality: str, progress: bool = True) -> ModalityReport:
-    """One modality's feature file: imported (MMRec), encoded (incrementally), or skipped."""
+    """One modality's feature file: imported (a configured or shipped file), encoded (text and
+    image, incrementally), or skipped."""
     dirs, items, shipped = _inputs(config)
-    settings = getattr(config.features, modality)
     path = dirs.features / f"{modality}.parquet"
-    if not settings.enabled:
+    source = feature_source(config, modality, shipped)
+    if not config.features.enabled(modality):
         path.unlink(missing_ok=True)
         report = ModalityReport(modality, "skipped", note=f"features.{modality}.enabled is false")
-    elif modality in shipped:
-        report = _import_precomputed(modality, Path(shipped[modality]), items, path)
+    elif source is not None:
+        report = _import_file(modality, source, items, path)
     elif modality == "text":
-        report = _run_text(settings, items, dirs, progress)
+        report = _run_text(config.features.text, items, dirs, progress)
+    elif modality == "image":
+        report = _run_image(config.features.image, items, dirs, progress)
     else:
-        report = _run_image(settings, items, dirs, progress)
+        raise FeatureError(f"modality {modality!r}: no features.files.{modality} entry and no shipped "
+                           f"{modality}_feat.npy to import it from")
     if report.status == "skipped":
         log.info("%s modality skipped: %s", modality, report.note)
     return report
 
 
 def run_features(config: PipelineConfig, progress: bool = True) -> list[ModalityReport]:
-    """Both modalities, images downloaded first: the ``diffcl features`` command."""
+    """Every modality, images downloaded first: the ``diffcl features`` command. Feature files of
+    modalities no longer produced are removed, so that no later stage reads a stale one."""
     download_images(config, progress)
-    return [modality_features(config, m, progress) for m in ("text", "image")]
+    dirs, _, shipped = _inputs(config)
+    modalities = feature_modalities(config, shipped)
+    reports = [modality_features(config, m, progress) for m in modalities]
+    for name, path in available_features(dirs.features).items():
+        if name not in modalities:
+            log.warning("removed %s: no configured or shipped source has the %s modality any more", path, name)
+            path.unlink()
+    return reports
 
 
 def download_images(config: PipelineConfig, progress: bool = True) -> Path | None:
@@ -108,13 +150,14 @@ def download_images(config: PipelineConfig, progress: bool = True) -> Path | Non
     (per item: URL, ok/missing, reason, content hash). None when the visual modality is off."""
     dirs, items, shipped = _inputs(config)
     ic = config.features.image
-    if not ic.enabled or "image" in shipped:
+    if not ic.enabled or feature_source(config, "image", shipped) is not None:
         return None
     from features.images import DownloadSettings, fetch_images
 
     urls = items.get_column("image_url").to_list()
     path = dirs.features / "image_sources.parquet"
-    settings = DownloadSettings(ic.timeout_s, ic.retries, 0.5, ic.max_bytes, ic.download_workers)
+    settings = DownloadSettings(ic.timeout_s, ic.retries, 0.5, ic.max_bytes, ic.download_workers,
+                                max_pixels=ic.max_pixels)
     previous = pl.read_parquet(path) if path.exists() else None  # read once: reuse and no-op check
     results = fetch_images(urls, dirs.root / "images", settings, progress, _previous_images(previous))
     sources = pl.DataFrame(
@@ -235,7 +278,7 @@ def _run_image(ic: ImageFeaturesConfig, items: pl.DataFrame, dirs: DatasetDirs, 
         path_of = {r.sha256: r.path for r in results if r.sha256}
         t0 = time.perf_counter()
         cache.add(todo, encode_images(model, preprocess, [path_of[k] for k in todo], ic.batch_size,
-                                      ic.loader_workers, device, progress))
+                                      ic.loader_workers, device, progress, max_pixels=ic.max_pixels))
         encode_seconds = time.perf_counter() - t0
     vectors = cache.lookup(present_keys)
     matrix = np.zeros((len(results), vectors.shape[1]), dtype=np.float32)
@@ -254,23 +297,61 @@ def _run_image(ic: ImageFeaturesConfig, items: pl.DataFrame, dirs: DatasetDirs, 
 
 
 # ----------------------------------------------------------------------------------- precomputed
-def _import_precomputed(modality: str, source: Path, items: pl.DataFrame, out: Path) -> ModalityReport:
-    """MMRec's ``<modality>_feat.npy`` (row = MMRec item id) reordered into our item ids."""
+def _import_file(modality: str, source: Path, items: pl.DataFrame, out: Path) -> ModalityReport:
+    """A feature file reordered into our item ids: ``.npy`` by MMRec itemID (row = itemID, the
+    items' source_row), Parquet by the items' original ids (columns item_id, embedding)."""
     start = time.perf_counter()
-    state = content_key(json.dumps([STAGE_VERSION, "npy", str(source), source.stat().st_size, source.stat().st_mtime_ns,
-                                    items.get_column("source_row").to_list()]))
-    report = ModalityReport(modality, "unchanged", items=items.height, note=f"precomputed: {source.name}")
+    if not source.is_file():
+        raise FeatureError(f"{modality} features: file not found: {source}")
+    parquet = source.suffix.lower() == ".parquet"
+    keys = items.get_column("item_id" if parquet else "source_row").to_list()
+    state = content_key(json.dumps([STAGE_VERSION, source.suffix, str(source), source.stat().st_size,
+                                    source.stat().st_mtime_ns, keys]))
+    report = ModalityReport(modality, "unchanged", items=items.height, note=f"imported: {source.name}")
     if _unchanged(out, state):
         return report
-    matrix = read_npy_matrix(source)
-    rows = items.get_column("source_row").to_numpy()
-    if rows.max() >= matrix.shape[0]:
-        raise FeatureError(f"{source}: {matrix.shape[0]} rows, but items refer to row {rows.max()}")
-    imported = np.asarray(matrix[rows], dtype=np.float32)
-    check_finite(imported, str(source), file_rows=rows)
+    imported, file_rows = (_rows_by_item_id if parquet else _rows_by_itemid)(source, items)
+    check_finite(imported, str(source), file_rows=file_rows)
     write_features(out, imported, {
         "state": state, "modality": modality, "encoder": f"precomputed ({source})", "untrained": False,
         "versions": _versions(),
     })
     report.status, report.seconds = "imported", time.perf_counter() - start
     return report
+
+
+def _rows_by_itemid(source: Path, items: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(items x d, file rows): the rows of a ``.npy`` matrix at the items' MMRec itemIDs."""
+    rows = items.get_column("source_row")
+    if rows.is_null().any():
+        raise FeatureError(f"{source}: a .npy matrix is read by MMRec itemID (row = itemID), which this dataset "
+                           "does not have; give a Parquet file with item_id and embedding columns")
+    rows = rows.to_numpy()
+    matrix = read_npy_matrix(source)
+    if rows.max() >= matrix.shape[0]:
+        raise FeatureError(f"{source}: {matrix.shape[0]} rows, but items refer to row {rows.max()}")
+    return np.asarray(matrix[rows], dtype=np.float32), rows
+
+
+def _rows_by_item_id(source: Path, items: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(items x d, file rows): the rows of a Parquet file (item_id, embedding) of the items' original ids."""
+    try:
+        table = pl.read_parquet(source, columns=["item_id", "embedding"])
+    except (pl.exceptions.PolarsError, OSError) as err:
+        raise FeatureError(f"{source}: needs columns item_id and embedding (a list of floats) ({err})") from None
+    table = table.with_columns(pl.col("item_id").cast(pl.String)).with_row_index("_row")
+    if table.get_column("item_id").is_duplicated().any():
+        raise FeatureError(f"{source}: item_id {table.filter(pl.col('item_id').is_duplicated())['item_id'][0]!r} "
+                           "has more than one row")
+    joined = items.select("item", "item_id").join(table, on="item_id", how="left").sort("item")
+    missing = joined.filter(pl.col("_row").is_null())
+    if missing.height:
+        raise FeatureError(f"{source}: no row for {missing.height} of {items.height} item(s) "
+                           f"(e.g. item_id {missing['item_id'][0]!r})")
+    try:
+        matrix = np.asarray(joined.get_column("embedding").to_list(), dtype=np.float32)
+    except (ValueError, TypeError) as err:
+        raise FeatureError(f"{source}: embedding must be a list of numbers of one length per row ({err})") from None
+    if matrix.ndim != 2:
+        raise FeatureError(f"{source}: embedding must be a list of numbers of one length per row")
+    return matrix, joined.get_column("_row").to_numpy()

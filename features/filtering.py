@@ -74,12 +74,17 @@ def assign_split(
     return frame.with_columns(split.cast(SplitEnum).alias("split")).drop("_noise")
 
 
+def users_without_train(frame: pl.DataFrame) -> pl.Series:
+    """The users (integer ``user`` column) none of whose interactions is in the train split."""
+    per_user = frame.group_by("user").agg((pl.col("split") == "train").any().alias("has_train"))
+    return per_user.filter(~pl.col("has_train")).get_column("user").sort()
+
+
 def check_split(frame: pl.DataFrame, origin: str) -> None:
     """Every user needs training items, or it cannot be represented by the model."""
-    per_user = frame.group_by("user").agg((pl.col("split") == "train").sum().alias("train"))
-    lacking = per_user.filter(pl.col("train") == 0)
-    if lacking.height:
+    lacking = users_without_train(frame)
+    if lacking.len():
         raise DataError(
-            f"{origin}: the split leaves {lacking.height} user(s) without training interactions "
-            f"(e.g. user {lacking.get_column('user')[0]}); raise prepare.kcore (3 or more) or fix the split"
+            f"{origin}: the split leaves {lacking.len()} user(s) without training interactions "
+            f"(e.g. user {lacking[0]}); raise prepare.kcore (3 or more) or fix the split"
         )

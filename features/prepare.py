@@ -23,12 +23,19 @@ from typing import Any
 
 import polars as pl
 
-from diffcl.config import PipelineConfig
+from diffcl.config import PipelineConfig, PrepareConfig
 from diffcl.data import table_hashes
 from diffcl.io import write_json_atomic, write_parquet_atomic
 from diffcl.workspace import DatasetDirs
 from features.fetch import Manifest, fetch, local_manifest
-from features.filtering import SplitEnum, assign_split, check_split, deduplicate, kcore
+from features.filtering import (
+    SplitEnum,
+    assign_split,
+    check_split,
+    deduplicate,
+    kcore,
+    users_without_train,
+)
 from features.readers import RawData, read_dataset
 from features.records import DataError
 from features.sources import SourceFile, source_files
@@ -36,7 +43,7 @@ from features.text import DEFAULT_RECIPE, assemble
 
 log = logging.getLogger(__name__)
 
-STAGE_VERSION = 2  # bump when the outputs of this stage change for the same inputs
+STAGE_VERSION = 3  # bump when the outputs of this stage change for the same inputs
 
 
 @dataclass
@@ -98,7 +105,12 @@ def prepare(config: PipelineConfig, progress: bool = True,
                         report.path, report.bad, report.records, report.first_bad_line, report.first_bad_reason)
     t_read = time.perf_counter()
 
-    interactions, users, items = _build_tables(raw, config)
+    tables = _build_tables(raw, config)
+    interactions, users, items = tables.interactions, tables.users, tables.items
+    if tables.cold_start_users:
+        log.warning("%s: dropped %d user(s) without a training interaction and their %d valid/test "
+                    "interaction(s), as MMRec does (stats.json: cold_start_users)",
+                    ds.name, tables.cold_start_users, tables.cold_start_interactions)
     t_build = time.perf_counter()
 
     dirs.prepared.mkdir(parents=True, exist_ok=True)
@@ -126,7 +138,9 @@ def prepare(config: PipelineConfig, progress: bool = True,
         "test": per_split.get("test", 0),
         "density": interactions.height / (n_users * n_items),
         "split": _split_kind(raw, prep.split),
-        "kcore": prep.kcore,
+        "kcore": tables.kcore,
+        "cold_start_users": tables.cold_start_users,
+        "cold_start_interactions": tables.cold_start_interactions,
         "items_with_text": int(items.get_column("text").is_not_null().sum()),
         "items_with_image_url": int(items.get_column("image_url").is_not_null().sum()),
         "malformed": {r.path: {"records": r.records, "bad": r.bad} for r in raw.reports},
@@ -153,7 +167,28 @@ def _split_kind(raw: RawData, wanted: str) -> str:
     return wanted
 
 
-def _build_tables(raw: RawData, config: PipelineConfig) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+AUTO_KCORE = 5  # prepare.kcore null on data without a shipped split: the field's 5-core
+
+
+def effective_kcore(prep: PrepareConfig, split_kind: str) -> int:
+    """prepare.kcore, or where it is null (auto): 1 (no filtering) when the shipped split is used,
+    since a published benchmark is taken as published, else the 5-core."""
+    if prep.kcore is not None:
+        return prep.kcore
+    return 1 if split_kind == "shipped" else AUTO_KCORE
+
+
+@dataclass
+class Tables:
+    interactions: pl.DataFrame
+    users: pl.DataFrame
+    items: pl.DataFrame
+    kcore: int
+    cold_start_users: int = 0  # users dropped for want of a training interaction
+    cold_start_interactions: int = 0  # their valid / test interactions, dropped with them
+
+
+def _build_tables(raw: RawData, config: PipelineConfig) -> Tables:
     prep, origin = config.prepare, f"dataset {config.dataset.name}"
     frame = raw.interactions
     if frame.height == 0:
@@ -163,19 +198,20 @@ def _build_tables(raw: RawData, config: PipelineConfig) -> tuple[pl.DataFrame, p
             raise DataError(f"{origin}: prepare.min_rating is set but the source has no ratings")
         frame = frame.filter(pl.col("rating") >= prep.min_rating)
     frame = deduplicate(frame)
-    frame = kcore(frame, prep.kcore)
+    kind = _split_kind(raw, prep.split)
+    k = effective_kcore(prep, kind)
+    frame = kcore(frame, k)
     if frame.height == 0:
-        raise DataError(f"{origin}: no interactions left after filtering (kcore={prep.kcore}, "
+        raise DataError(f"{origin}: no interactions left after filtering (kcore={k}, "
                         f"min_rating={prep.min_rating}); lower prepare.kcore")
 
     users = _id_table(frame, "user")
-    items_ids = _id_table(frame, "item")
+    items_ids = _id_table(_with_catalogue(frame, raw.items) if k <= 1 else frame, "item")
     frame = (
         frame.join(users.select("user_id", "user"), on="user_id")
         .join(items_ids.select("item_id", "item"), on="item_id")
     )
 
-    kind = _split_kind(raw, prep.split)
     if kind == "shipped":
         if "split" not in frame.columns:
             raise DataError(f"{origin}: prepare.split is 'shipped' but the source has no split")
@@ -187,12 +223,35 @@ def _build_tables(raw: RawData, config: PipelineConfig) -> tuple[pl.DataFrame, p
         frame = assign_split(frame, ratios=prep.ratios, seed=prep.seed, order=order)
     else:
         frame = assign_split(frame, ratios=prep.ratios, seed=prep.seed)
+    before = frame.height
+    frame, users, cold = _drop_cold_start_users(frame, users)
     check_split(frame, origin)
 
     keep = ["user", "item", "split"] + [c for c in ("rating", "timestamp", "position") if c in frame.columns]
     interactions = frame.select(keep).sort("user", "item")
     items = _item_table(items_ids, raw.items)
-    return interactions, users.select("user", "user_id"), items
+    return Tables(interactions, users.select("user", "user_id"), items, k, cold, before - frame.height)
+
+
+def _with_catalogue(frame: pl.DataFrame, catalogue: pl.DataFrame | None) -> pl.DataFrame:
+    """The interactions' items plus every item of an MMRec catalogue (item_key = feature row), so that
+    unfiltered data keep each item and its feature row, with or without interactions."""
+    if catalogue is None or "item_key" not in catalogue.columns or "item_key" not in frame.columns:
+        return frame
+    columns = ["item_id", "item_key"]
+    return pl.concat([frame.select(columns), catalogue.select(columns)], how="vertical_relaxed")
+
+
+def _drop_cold_start_users(frame: pl.DataFrame, users: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame, int]:
+    """Users without a training interaction cannot be represented by the model: MMRec drops them
+    (from evaluation too), and so does this. The others keep their order under new contiguous ids."""
+    cold = users_without_train(frame)
+    if cold.len() == 0:
+        return frame, users, 0
+    users = (users.filter(~pl.col("user").is_in(cold.implode())).sort("user").drop("user")
+             .with_row_index("user").with_columns(pl.col("user").cast(pl.Int64)))
+    frame = frame.drop("user").join(users.select("user_id", "user"), on="user_id")
+    return frame, users, cold.len()
 
 
 def _id_table(frame: pl.DataFrame, kind: str) -> pl.DataFrame:

@@ -31,6 +31,11 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="override a config key: --set prepare.kcore=10 (repeatable)"),
 ]
+OverlayOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--overlay", "-o", help="YAML mapping merged onto the config before --set, e.g. the "
+                 "tuning/<study>-best.yaml of `diffcl tune` (repeatable, in order)"),
+]
 
 
 @app.callback()
@@ -54,13 +59,26 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _load(config: Path, overrides: list[str] | None):
+def _load(config: Path, overrides: list[str] | None, overlays: list[Path] | None = None):
     from diffcl.config import ConfigError, load_config
 
     try:
-        return load_config(config, overrides or [])
+        return load_config(config, overrides or [], overlays or [])
     except ConfigError as err:
         _fail(str(err))
+
+
+def _overlay_sets(overlays: list[Path] | None) -> list[str]:
+    """The overlays as ``--set`` items, for the flow (which takes a config and overrides)."""
+    from diffcl.config import ConfigError, deep_merge, overlay_overrides, read_overlay
+
+    merged: dict = {}
+    try:
+        for path in overlays or []:
+            merged = deep_merge(merged, read_overlay(path))
+    except ConfigError as err:
+        _fail(str(err))
+    return overlay_overrides(merged)
 
 
 def stats_table(stats: dict) -> Table:
@@ -157,18 +175,86 @@ def train(
     config: ConfigArg,
     set_: SetOpt = None,
     run_id: Annotated[str | None, typer.Option(help="run folder name (letters, digits, . _ -); an existing run resumes")] = None,
+    overlay: OverlayOpt = None,
 ) -> None:
     """Train the configured model; test metrics are taken at the best validation epoch."""
     from diffcl.trainer import TrainError
     from diffcl.trainer import train as run_train
 
-    cfg = _load(config, set_)
+    cfg = _load(config, set_, overlay)
     try:
         result = run_train(cfg, run_id)
     except TrainError as err:
         _fail(str(err))
     console.print(metrics_table(result.metrics))
     console.print(f"run folder: {result.run_dir}")
+
+
+def _short_key(key: str, model: str) -> str:
+    """train.lr -> lr, model.diffcl.diffusion.noise_scale -> diffusion.noise_scale."""
+    for prefix in (f"model.{model}.", "model.", "train."):
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def _format_value(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def trials_table(result, model: str) -> Table:
+    table = Table(title=f"study {result.study}: valid {result.metric} per trial")
+    notes = any(t.note for t in result.trials)
+    for col, justify in (("trial", "right"), ("state", "left"), ("value", "right"), ("params", "left"),
+                         ("epochs", "right"), ("seconds", "right"), *((("note", "left"),) if notes else ())):
+        table.add_column(col, justify=justify)
+    best = result.best.number if result.best else None
+    for t in result.trials:
+        params = " ".join(f"{_short_key(k, model)}={_format_value(v)}" for k, v in t.params.items())
+        table.add_row(f"{t.number}{' *' if t.number == best else ''}", t.state,
+                      "-" if t.value is None else f"{t.value:.4f}", params, "-" if t.epochs is None else str(t.epochs),
+                      "-" if t.seconds is None else f"{t.seconds:.1f}", *((t.note,) if notes else ()))
+    table.caption = "value: best valid metric of the trial (pruned: at the last evaluation); * best trial"
+    return table
+
+
+@app.command()
+def tune(
+    config: ConfigArg,
+    trials: Annotated[int, typer.Option("--trials", "-n", help="finished (complete or pruned) trials the study should hold; "
+                                        "a rerun after an interruption completes the rest")],
+    study: Annotated[str | None, typer.Option(help="study name (default: model.name); tuning/<study>.db in the dataset folder")] = None,
+    max_epochs: Annotated[int | None, typer.Option(help="cap on train.epochs per trial")] = None,
+    timeout: Annotated[float | None, typer.Option(help="start no trial after this many seconds")] = None,
+    set_: SetOpt = None,
+    overlay: OverlayOpt = None,
+) -> None:
+    """Search the model's hyper-parameters on the validation metric (Optuna TPE, median pruning);
+    the best trial becomes a config overlay. The test split is never evaluated."""
+    import optuna
+
+    from diffcl.config import ConfigError, overlay_overrides
+    from diffcl.trainer import TrainError
+    from diffcl.tuning import SearchBudget, TuneError, budget_line
+    from diffcl.tuning import tune as run_tune
+
+    if max_epochs is not None and max_epochs < 1:
+        _fail(f"--max-epochs must be at least 1 (got {max_epochs})")
+    cfg = _load(config, set_, overlay)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # diffcl.tuning logs each trial; errors end the command
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("diffcl.trainer").setLevel(logging.WARNING)  # per-epoch lines with --verbose
+    try:
+        result = run_tune(cfg, SearchBudget(trials, max_epochs, timeout), study)
+    except (TuneError, TrainError, ConfigError) as err:
+        _fail(str(err))
+    console.print(trials_table(result, cfg.model.name))
+    console.print(f"budget: {budget_line(result)}; study {result.storage}")
+    if result.best is None:
+        _fail("no trial completed (all pruned or failed): nothing to write; run more --trials")
+    console.print(f"best: trial {result.best.number}, valid {result.metric} {result.best.value:.4f}; "
+                  f"overlay {result.overlay_path}")
+    console.print("as --set: " + " ".join(f"--set {item}" for item in overlay_overrides(result.overlay)), highlight=False)
 
 
 @app.command()
@@ -244,6 +330,7 @@ def recommend(
 def run(
     config: Annotated[Path, typer.Argument(help="YAML config file, or a preset: baby, sports, clothing")] = Path("configs/demo.yaml"),
     set_: SetOpt = None,
+    overlay: OverlayOpt = None,
 ) -> None:
     """Run the whole pipeline as a Prefect flow in this process (temporary local server, no setup)."""
     import json
@@ -253,10 +340,10 @@ def run(
     from flows.pipeline import diffcl_flow
     from flows.reporting import feature_notes
 
-    cfg = _load(config, set_)  # validate before starting Prefect
+    cfg = _load(config, set_, overlay)  # validate before starting Prefect
     source = str(config.resolve()) if config.exists() else str(config)  # or a preset name
     try:
-        summary = diffcl_flow(config=source, overrides=list(set_ or []))
+        summary = diffcl_flow(config=source, overrides=_overlay_sets(overlay) + list(set_ or []))
     except (TrainError, RegistryBusy) as err:  # e.g. another `diffcl run` trains the same run
         _fail(str(err))
     metrics = json.loads((Path(summary["run_dir"]) / "metrics.json").read_text())

@@ -1,5 +1,5 @@
-"""The ``diffcl`` Prefect flow: fetch -> prepare -> images -> text / image features -> graphs ->
-train -> evaluate -> publish.
+"""The ``diffcl`` Prefect flow: fetch -> prepare -> images -> the features of every modality (text,
+image, and any other imported from a file) -> graphs -> train -> evaluate -> publish.
 
 Each stage is a small task over a library function of ``features/`` or ``diffcl/``; tasks pass
 file paths with content hashes, never DataFrames or tensors. Every stage but fetch is cached on
@@ -20,7 +20,8 @@ from prefect.cache_policies import NONE
 from prefect.context import TaskRunContext
 from prefect.transactions import get_transaction
 
-from diffcl.config import PipelineConfig, dump_config, load_config
+from diffcl.config import ENCODED_MODALITIES, PipelineConfig, dump_config, load_config
+from features.feature_stage import feature_modalities, shipped_features
 from flows.stages import Artifact, Ledger, artifact, base_key
 
 log = logging.getLogger(__name__)
@@ -30,22 +31,23 @@ StageResult = dict[str, Any]  # {"stage", "key", "outputs": {name: Artifact}, "i
 
 def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     stage = context.task.name
-    return Ledger(parameters["config"], stage).key(base_key(stage, parameters["config"], parameters["inputs"]))
+    config, inputs = parameters["config"], parameters["inputs"]
+    return Ledger(config, stage).key(base_key(stage, config, inputs, parameters.get("modality")))
 
 
-def _current_key(stage: str, config: dict[str, Any], inputs: dict[str, Artifact]) -> str:
+def _current_key(stage: str, config: dict[str, Any], inputs: dict[str, Artifact], modality: str | None = None) -> str:
     """The cache key this task run is stored under: Prefect's transaction holds it. Computing it
     again would re-hash the outputs, which the stage may just have rewritten."""
     transaction = get_transaction()
     if transaction is not None and transaction.key:
         return transaction.key
-    return Ledger(config, stage).key(base_key(stage, config, inputs))  # called outside a flow
+    return Ledger(config, stage).key(base_key(stage, config, inputs, modality))  # called outside a flow
 
 
 def _finish(stage: str, config: dict[str, Any], inputs: dict[str, Artifact], outputs: dict[str, Artifact],
-            info: dict[str, Any] | None = None) -> StageResult:
+            info: dict[str, Any] | None = None, modality: str | None = None) -> StageResult:
     """Record the outputs in the ledger under the key this run was cached as."""
-    key = _current_key(stage, config, inputs)
+    key = _current_key(stage, config, inputs, modality)
     Ledger(config, stage).record(key, outputs)
     get_run_logger().info("%s: wrote %s", stage, ", ".join(outputs) or "nothing")
     return {"stage": stage, "key": key, "outputs": outputs, "info": info or {}}
@@ -99,7 +101,14 @@ def image_features_stage(config: dict[str, Any], inputs: dict[str, Artifact]) ->
     return _features_stage("image_features", "image", config, inputs)
 
 
-def _features_stage(stage: str, modality: str, config: dict[str, Any], inputs: dict[str, Artifact]) -> StageResult:
+@_stage("features")
+def modality_features_stage(config: dict[str, Any], inputs: dict[str, Artifact], modality: str) -> StageResult:
+    """A modality other than text and image: imported from its configured or shipped file."""
+    return _features_stage("features", modality, config, inputs, keyed_by_modality=True)
+
+
+def _features_stage(stage: str, modality: str, config: dict[str, Any], inputs: dict[str, Artifact],
+                    keyed_by_modality: bool = False) -> StageResult:
     from dataclasses import asdict
 
     from diffcl.workspace import DatasetDirs
@@ -109,7 +118,14 @@ def _features_stage(stage: str, modality: str, config: dict[str, Any], inputs: d
     report = modality_features(cfg, modality, progress=False)
     path = DatasetDirs.of(cfg.workspace, cfg.dataset.name).features / f"{modality}.parquet"
     outputs = {modality: artifact(path)} if report.status != "skipped" else {}
-    return _finish(stage, config, inputs, outputs, {"report": asdict(report)})
+    return _finish(stage, config, inputs, outputs, {"report": asdict(report)}, modality if keyed_by_modality else None)
+
+
+def _feature_file_inputs(cfg: PipelineConfig, modality: str) -> dict[str, Artifact]:
+    """A modality's file from ``features.files`` as a stage input, so that its content keys the stage
+    (a shipped file is an input of prepare, and so in stats.json already)."""
+    path = cfg.features.files.get(modality)
+    return {f"{modality}_file": artifact(path)} if path and Path(path).is_file() else {}
 
 
 @_stage("graphs")
@@ -211,9 +227,14 @@ def diffcl_flow(config: str = "configs/demo.yaml", overrides: list[str] | None =
     prepared = opt(prepare_stage)(data, fetched["outputs"], fetched["info"]["manifests"])
     items = {"items": prepared["outputs"]["items"], "stats": prepared["outputs"]["stats"]}
     images = opt(images_stage, network=True)(data, items)
-    text = opt(text_features_stage)(data, items)
-    image = opt(image_features_stage)(data, {**items, **images["outputs"]})
+    text = opt(text_features_stage)(data, {**items, **_feature_file_inputs(cfg, "text")})
+    image = opt(image_features_stage)(data, {**items, **images["outputs"], **_feature_file_inputs(cfg, "image")})
     features = {**text["outputs"], **image["outputs"]}
+    shipped = shipped_features(cfg, prepared["info"]["stats"])
+    for modality in feature_modalities(cfg, shipped):
+        if modality not in ENCODED_MODALITIES:
+            inputs = {**items, **_feature_file_inputs(cfg, modality)}
+            features.update(opt(modality_features_stage)(data, inputs, modality)["outputs"])
     graphs = opt(graphs_stage)(data, {"interactions": prepared["outputs"]["interactions"], **features})
     trained = opt(train_stage, retries=1)(
         data, {"interactions": prepared["outputs"]["interactions"], **features, **graphs["outputs"]}

@@ -19,16 +19,17 @@ from diffcl.io import sha256_file, write_json_atomic
 
 # Bump a stage's number when its outputs change for the same inputs and config.
 STAGE_VERSIONS = {
-    "fetch": 1, "prepare": 1, "images": 1, "text_features": 1, "image_features": 1,
-    "graphs": 1, "train": 1, "evaluate": 1, "publish": 1,
+    "fetch": 1, "prepare": 2, "images": 1, "text_features": 1, "image_features": 1, "features": 1,
+    "graphs": 2, "train": 1, "evaluate": 1, "publish": 1,
 }
 # The config fields each stage reads (dotted paths into the resolved config).
 CONFIG_FIELDS = {
     "fetch": ["dataset", "fetch"],
     "prepare": ["dataset", "prepare"],
     "images": ["features.image"],
-    "text_features": ["features.text", "features.precomputed"],
-    "image_features": ["features.image", "features.precomputed"],
+    "text_features": ["features.text", "features.precomputed", "features.files"],
+    "image_features": ["features.image", "features.precomputed", "features.files"],
+    "features": ["features.precomputed", "features.files"],  # any other modality, imported from a file
     "graphs": ["graphs"],
     "train": ["model", "train", "graphs", "eval"],
     "evaluate": ["eval"],
@@ -49,7 +50,8 @@ def _select(config: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def base_key(stage: str, config: dict[str, Any], inputs: dict[str, Artifact]) -> str:
+def base_key(stage: str, config: dict[str, Any], inputs: dict[str, Artifact], modality: str | None = None) -> str:
+    """``modality`` names the modality of the one stage that serves several (``features``)."""
     payload = {
         "stage": stage,
         "version": STAGE_VERSIONS[stage],
@@ -57,6 +59,7 @@ def base_key(stage: str, config: dict[str, Any], inputs: dict[str, Artifact]) ->
         "dataset": config["dataset"]["name"],
         "config": {field: _select(config, field) for field in CONFIG_FIELDS[stage]},
         "inputs": {name: a["sha256"] for name, a in sorted(inputs.items())},
+        **({"modality": modality} if modality is not None else {}),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from diffcl.config import ConfigError, dump_config, load_config
+from features.prepare import effective_kcore
 from features.sources import source_files
 
 
@@ -26,8 +27,10 @@ def test_defaults_and_path_resolution(tmp_path, monkeypatch):
     cfg = load_config(_write(tmp_path, BASE))
     assert cfg.workspace == tmp_path / "ws"
     assert cfg.dataset.interactions == str(tmp_path / "inter.csv")
-    assert cfg.prepare.kcore == 5 and cfg.prepare.ratios == (0.8, 0.1, 0.1)
-    assert "kcore: 5" in dump_config(cfg)
+    # kcore null is auto: the 5-core on data without a shipped split (this table has none).
+    assert cfg.prepare.kcore is None and cfg.prepare.ratios == (0.8, 0.1, 0.1)
+    assert effective_kcore(cfg.prepare, "random") == 5 and effective_kcore(cfg.prepare, "shipped") == 1
+    assert "kcore: null" in dump_config(cfg)
 
 
 def test_overrides_are_typed_and_validated(tmp_path):

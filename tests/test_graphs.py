@@ -57,10 +57,11 @@ def test_knn_without_self_and_tiny_catalogue():
 def test_fused_graph_weights():
     a = sp.identity(3, format="csr", dtype=np.float32)
     b = sp.csr_matrix(np.ones((3, 3), dtype=np.float32))
-    fused = fuse_item_graphs({"image": a, "text": b}, image_weight=0.1).toarray()
+    weights = {"image": 0.1, "text": 0.9}  # graphs.modality_weights' default
+    fused = fuse_item_graphs({"image": a, "text": b}, weights).toarray()
     np.testing.assert_allclose(fused, 0.1 * np.eye(3) + 0.9 * np.ones((3, 3)), rtol=1e-6)
-    assert fuse_item_graphs({"text": b}, 0.1).toarray().tolist() == b.toarray().tolist()
-    assert fuse_item_graphs({}, 0.1) is None
+    assert fuse_item_graphs({"text": b}, weights).toarray().tolist() == b.toarray().tolist()
+    assert fuse_item_graphs({}, weights) is None
 
 
 def _adjacency(seed=0):

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from diffcl.config import ModelConfig
+from diffcl.config import DEFAULT_MODALITY_WEIGHTS, ModelConfig
 from diffcl.data import InteractionData
 from diffcl.graphs import (
     FrozenGraph,
@@ -44,15 +44,18 @@ class ModelContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     features: dict[str, np.ndarray] = field(default_factory=dict)  # modality -> items x d_m
     knn_graphs: dict[str, sp.csr_matrix] = field(default_factory=dict)  # modality -> frozen kNN graph
-    image_weight: float = 0.1  # α of the fused item-item graph
+    # graphs.modality_weights: w_m of the fused item-item graph, before renormalisation
+    modality_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MODALITY_WEIGHTS))
 
     def modalities(self, wanted: list[str]) -> list[str]:
-        """The wanted modalities that have features, in a fixed order (image, text)."""
-        return [m for m in ("image", "text") if m in wanted and m in self.features]
+        """The wanted modalities that have features, in the order of ``wanted`` (repeats dropped)."""
+        return [m for m in dict.fromkeys(wanted) if m in self.features]
 
     def item_graph(self, modalities: list[str]) -> FrozenGraph | None:
-        """S = α S^image + (1 - α) S^text over the given modalities (one alone when only one)."""
-        fused = fuse_item_graphs({m: self.knn_graphs[m] for m in modalities if m in self.knn_graphs}, self.image_weight)
+        """S = Σ_m w_m S_m over the given modalities' kNN graphs (one alone when only one); see
+        :func:`diffcl.graphs.fusion_weights`."""
+        graphs = {m: self.knn_graphs[m] for m in modalities if m in self.knn_graphs}
+        fused = fuse_item_graphs(graphs, self.modality_weights)
         return None if fused is None else FrozenGraph(fused, self.device)
 
     @property

@@ -4,7 +4,7 @@ Multimodal Recommendation", MM'23) on the shared harness.
     item ID embeddings smoothed over the frozen item-item graph S (one layer): h = S E_item
     LightGCN over a degree-sensitively pruned interaction graph (resampled every epoch)
     score = e_u · (e_i + h_i)
-    loss = BPR + w · (BPR(e_u, image projection) + BPR(e_u, text projection))
+    loss = BPR + w · Σ_m BPR(e_u, projection of modality m's features), for any set of modalities
 
 Unlike the reference code, only the batch's rows of the raw features are projected each step
 (the reference projects the whole 7,050 x 4,096 table every batch for the same loss).

@@ -1,18 +1,24 @@
 """MMRec's processed form: ``<name>.inter`` (TAB; userID, itemID, optional rating / timestamp,
 x_label 0/1/2), ``u_id_mapping.csv`` and ``i_id_mapping.csv`` (TAB), optional ``<name>_url.csv``
-(itemID, asin, imUrl) and optional ``image_feat.npy`` / ``text_feat.npy`` (row = itemID)."""
+(itemID, asin, imUrl) and optional ``<modality>_feat.npy`` of any modality name (image_feat.npy,
+text_feat.npy, audio_feat.npy, ...; row = itemID)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import polars as pl
 
+from diffcl.config import check_modality_name
 from diffcl.feature_store import FeatureFileError, read_npy_matrix
 from features.readers.base import RawData
 from features.records import DataError, describe_read_error
 
+log = logging.getLogger(__name__)
+
 SPLIT_CODES = {0: "train", 1: "valid", 2: "test"}
+FEATURE_SUFFIX = "_feat.npy"
 
 
 def _read_tsv(path: Path, **kwargs) -> pl.DataFrame:
@@ -63,18 +69,30 @@ def read_mmrec(folder: Path) -> RawData:
         pl.coalesce(pl.col("item_id") if items is not None else None, pl.col("item_key").cast(pl.String)).alias("item_id"),
     )
 
-    item_table = _items(folder, inter_path.stem, items)
     n_items = items.height if items is not None else int(frame.get_column("item_key").max()) + 1
+    item_table = _items(folder, inter_path.stem, _catalogue(n_items, items))
     return RawData(interactions=frame, items=item_table, precomputed=_shipped_features(folder, n_items))
 
 
+def _catalogue(n_items: int, items: pl.DataFrame | None) -> pl.DataFrame:
+    """Every MMRec item id 0..n_items-1 (a feature row each), with its original id where mapped."""
+    keys = pl.DataFrame({"item_key": pl.int_range(n_items, dtype=pl.Int64, eager=True)})
+    table = keys.join(items, on="item_key", how="left") if items is not None else keys.with_columns(
+        pl.lit(None, dtype=pl.String).alias("item_id"))
+    return table.with_columns(pl.coalesce("item_id", pl.col("item_key").cast(pl.String)).alias("item_id"))
+
+
 def _shipped_features(folder: Path, n_items: int) -> dict[str, Path]:
-    """The ``<modality>_feat.npy`` files, one row per MMRec item id: a matrix with another row count
-    belongs to another dataset (or version), and its rows would be read for the wrong items."""
+    """The ``<modality>_feat.npy`` files by modality name, one row per MMRec item id: a matrix with
+    another row count belongs to another dataset (or version), and its rows would be read for the
+    wrong items."""
     shipped = {}
-    for modality in ("image", "text"):
-        path = folder / f"{modality}_feat.npy"
-        if not path.exists():
+    for path in sorted(folder.glob(f"*{FEATURE_SUFFIX}")):
+        modality = path.name.removesuffix(FEATURE_SUFFIX)
+        try:
+            check_modality_name(modality)
+        except ValueError as err:
+            log.warning("%s: not imported: %s", path, err)
             continue
         try:
             rows = read_npy_matrix(path).shape[0]
@@ -97,7 +115,7 @@ def _mapping(path: Path, original: str, key: str) -> pl.DataFrame | None:
     )
 
 
-def _items(folder: Path, name: str, items: pl.DataFrame | None) -> pl.DataFrame | None:
+def _items(folder: Path, name: str, items: pl.DataFrame) -> pl.DataFrame:
     url_path = folder / f"{name}_url.csv"
     if url_path.exists():
         try:
@@ -109,5 +127,5 @@ def _items(folder: Path, name: str, items: pl.DataFrame | None) -> pl.DataFrame 
             pl.col("itemID").cast(pl.Int64).alias("item_key"),
             pl.when(pl.col("imUrl").str.strip_chars() != "").then(pl.col("imUrl")).alias("image_url"),
         )
-        return urls if items is None else items.join(urls, on="item_key", how="left")
+        return items.join(urls, on="item_key", how="left")
     return items

@@ -1,0 +1,207 @@
+"""Any number of named modalities, and MMRec folders taken as published (issue 11, parts 1 and 2):
+``<name>_feat.npy`` of any name, cold-start users dropped and counted, no re-filtering of a shipped
+split unless asked, the fused item graph over 1-3 modalities, FREEDOM on 1-3 modalities, and
+feature files named in the config. Tiny synthetic data throughout."""
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import scipy.sparse as sp
+import torch
+
+from diffcl.config import ConfigError, ModelConfig, load_config
+from diffcl.data import InteractionData
+from diffcl.feature_store import available_features, read_features
+from diffcl.graph_stage import build_graphs, load_graph
+from diffcl.graphs import fuse_item_graphs, fusion_weights, knn_graph
+from diffcl.models.base import Batch, ModelContext
+from diffcl.models.freedom import Freedom
+from diffcl.trainer import Trainer
+from diffcl.workspace import DatasetDirs
+from features.feature_stage import run_features
+from features.prepare import prepare
+
+N_USERS, N_ITEMS = 40, 24
+COLD_USERS = (37, 38, 39)  # valid / test interactions only: no training interaction
+UNSEEN_ITEM = 22  # in no interaction at all, yet a row of every feature matrix
+WIDTHS = {"image": 6, "text": 5, "audio": 4}
+
+
+@pytest.fixture(scope="module")
+def mmrec_folder(tmp_path_factory):
+    """An MMRec folder with a shipped split and three modalities; each feature row encodes its
+    itemID (column 0), so that alignment can be read back."""
+    folder = tmp_path_factory.mktemp("mmrec-3")
+    rng = np.random.default_rng(0)
+    rows = []
+    for user in range(N_USERS):
+        items = rng.choice([i for i in range(N_ITEMS) if i != UNSEEN_ITEM], size=6, replace=False)
+        labels = [1, 2] if user in COLD_USERS else [0, 0, 0, 0, 1, 2]
+        rows += [(user, int(item), label) for item, label in zip(items, labels, strict=False)]
+    lines = ["userID\titemID\tx_label"] + [f"{u}\t{i}\t{x}" for u, i, x in rows]
+    (folder / "toy.inter").write_text("\n".join(lines) + "\n")
+    for name, width in WIDTHS.items():
+        matrix = rng.normal(size=(N_ITEMS, width)).astype(np.float32)
+        matrix[:, 0] = np.arange(N_ITEMS)
+        np.save(folder / f"{name}_feat.npy", matrix)
+    return folder, rows
+
+
+def _config(tmp_path, folder, *overrides, **sections):
+    data = {"workspace": str(tmp_path / "ws"), "dataset": {"name": "toy", "source": "mmrec", "path": str(folder)},
+            **sections}
+    return load_config(data, list(overrides))
+
+
+def _stats(config) -> dict:
+    return json.loads((DatasetDirs.of(config.workspace, config.dataset.name).prepared / "stats.json").read_text())
+
+
+def test_shipped_split_is_taken_as_published_cold_start_users_dropped_and_counted(tmp_path, mmrec_folder):
+    folder, rows = mmrec_folder
+    config = _config(tmp_path, folder)
+    stats = prepare(config, progress=False).stats
+    cold_rows = sum(1 for u, _, _ in rows if u in COLD_USERS)
+    assert stats["kcore"] == 1 and stats["split"] == "shipped"  # auto: no re-filtering
+    assert stats["cold_start_users"] == len(COLD_USERS) and stats["cold_start_interactions"] == cold_rows
+    assert _stats(config)["cold_start_users"] == len(COLD_USERS)
+    assert stats["users"] == N_USERS - len(COLD_USERS) and stats["interactions"] == len(rows) - cold_rows
+    # Every item is kept with its feature row (item i = itemID i), the unseen one too.
+    prepared = DatasetDirs.of(config.workspace, "toy").prepared
+    items = pl.read_parquet(prepared / "items.parquet")
+    assert stats["items"] == N_ITEMS and items.get_column("source_row").to_list() == list(range(N_ITEMS))
+    users = pl.read_parquet(prepared / "users.parquet")
+    assert users.get_column("user").to_list() == list(range(N_USERS - len(COLD_USERS)))
+    assert not set(users.get_column("user_id").to_list()) & {str(u) for u in COLD_USERS}
+    data = InteractionData.load(prepared)
+    assert (np.diff(data.train.indptr) > 0).all()  # every remaining user trains
+
+
+def test_explicit_kcore_filters_a_shipped_split(tmp_path, mmrec_folder):
+    folder, _ = mmrec_folder
+    default = prepare(_config(tmp_path / "a", folder), progress=False).stats
+    filtered = prepare(_config(tmp_path / "b", folder, "prepare.kcore=3"), progress=False).stats
+    # The 3-core removes the cold users (2 interactions each) and the item without interactions.
+    assert filtered["kcore"] == 3 and filtered["cold_start_users"] == 0
+    assert filtered["users"] == default["users"] == N_USERS - len(COLD_USERS)
+    assert filtered["items"] == default["items"] - 1 == N_ITEMS - 1
+
+
+def test_mmrec_feature_files_of_any_name_are_imported(tmp_path, mmrec_folder):
+    folder, _ = mmrec_folder
+    config = _config(tmp_path, folder)
+    assert prepare(config, progress=False).stats["precomputed_features"].keys() == set(WIDTHS)
+    reports = {r.modality: r.status for r in run_features(config, progress=False)}
+    assert reports == {"text": "imported", "image": "imported", "audio": "imported"}
+    features = available_features(DatasetDirs.of(config.workspace, "toy").features)
+    assert list(features) == ["audio", "image", "text"]  # image_sources.parquet is no modality
+    for name, path in features.items():
+        matrix, meta = read_features(path)
+        assert matrix.shape == (N_ITEMS, WIDTHS[name]) and meta["modality"] == name
+        assert matrix[:, 0].tolist() == list(range(N_ITEMS))  # row = itemID
+    # The graph stage builds each modality's kNN graph and fuses all three.
+    report = build_graphs(config)
+    assert {"knn_audio", "knn_image", "knn_text", "item_item"} <= set(report["graphs"])
+    graphs = DatasetDirs.of(config.workspace, "toy").graphs
+    provenance = json.loads((graphs / "item_item.json").read_text())
+    assert provenance["modalities"] == ["audio", "image", "text"]
+    assert sum(provenance["weights"].values()) == pytest.approx(1.0)
+    # A model reads the modalities it names, in its order.
+    trainer = Trainer(_config(tmp_path, folder, "model.name=freedom", "model.freedom.modalities=[audio, image]",
+                              "train.epochs=1", "train.threads=1"))
+    assert trainer.model.modalities == ["audio", "image"]
+    assert load_graph(graphs / "knn_audio.npz").shape == (N_ITEMS, N_ITEMS)
+
+
+def test_config_feature_files_are_imported(tmp_path, mmrec_folder):
+    folder, _ = mmrec_folder
+    ids = [str(i) for i in range(N_ITEMS)]  # the dataset's item ids (no id map: the itemIDs)
+    style = np.arange(N_ITEMS * 3, dtype=np.float32).reshape(N_ITEMS, 3)
+    order = np.random.default_rng(1).permutation(N_ITEMS)  # any row order: matched by item_id
+    pl.DataFrame({"item_id": [ids[i] for i in order], "embedding": style[order].tolist()}).write_parquet(
+        tmp_path / "style.parquet")
+    np.save(tmp_path / "extra.npy", -style)
+    config = _config(tmp_path, folder, features={"files": {"style": str(tmp_path / "style.parquet"),
+                                                           "extra": str(tmp_path / "extra.npy")}})
+    prepare(config, progress=False)
+    reports = {r.modality: r.status for r in run_features(config, progress=False)}
+    assert reports["style"] == reports["extra"] == "imported"
+    features = DatasetDirs.of(config.workspace, "toy").features
+    assert np.array_equal(read_features(features / "style.parquet")[0], style)
+    assert np.array_equal(read_features(features / "extra.parquet")[0], -style)
+    # Dropping the entry removes the modality's file on the next run: no stale modality lingers.
+    run_features(_config(tmp_path, folder), progress=False)
+    assert "style" not in available_features(features)
+
+
+def test_modality_names_are_identifiers_and_image_weight_is_renamed(tmp_path, mmrec_folder):
+    folder, _ = mmrec_folder
+    with pytest.raises(ConfigError, match=r"features\.files\.2d.*must be an identifier"):
+        _config(tmp_path, folder, features={"files": {"2d": "x.npy"}})
+    with pytest.raises(ConfigError, match=r"model\.freedom\.modalities\.0.*other than id"):
+        _config(tmp_path, folder, "model.freedom.modalities=[id]")
+    with pytest.raises(ConfigError, match=r"graphs\.image_weight was replaced by graphs\.modality_weights"):
+        _config(tmp_path, folder, "graphs.image_weight=0.2")
+
+
+# ------------------------------------------------------------------------------ fused item graph
+def _graphs(n=5):
+    rng = np.random.default_rng(2)
+    return {m: sp.csr_matrix(rng.random((n, n)).astype(np.float32)) for m in ("image", "text", "audio")}
+
+
+def test_fused_item_graph_over_one_two_three_modalities():
+    g = _graphs()
+    default = {"image": 0.1, "text": 0.9}
+    # One: the graph itself. Two (image + text): exactly 0.1 / 0.9, as before modalities had names.
+    assert (fuse_item_graphs({"audio": g["audio"]}, default) != g["audio"]).nnz == 0
+    two = fuse_item_graphs({"image": g["image"], "text": g["text"]}, default)
+    assert np.array_equal(two.toarray(), (0.1 * g["image"] + 0.9 * g["text"]).toarray())
+    assert fusion_weights(["image", "text"], default) == {"image": 0.1, "text": 0.9}
+    # Three: the unlisted audio weighs 1/3, then all are renormalised to sum 1.
+    w = fusion_weights(["image", "text", "audio"], default)
+    assert w == pytest.approx({"image": 0.1 / (4 / 3), "text": 0.9 / (4 / 3), "audio": (1 / 3) / (4 / 3)})
+    three = fuse_item_graphs(g, default).toarray()
+    np.testing.assert_allclose(three, sum(w[m] * g[m].toarray() for m in g), rtol=1e-6)
+    # Weights are relative: renormalised over the modalities present; none at all is an error.
+    assert fusion_weights(["image", "audio"], {"image": 2.0, "audio": 6.0}) == {"image": 0.25, "audio": 0.75}
+    assert fusion_weights(["image", "audio"], {}) == {"image": 0.5, "audio": 0.5}
+    with pytest.raises(ValueError, match="modality_weights.*sum to 0"):
+        fusion_weights(["image", "text"], {"image": 0.0, "text": 0.0})
+
+
+# ---------------------------------------------------------------------------------------- FREEDOM
+def _context(modalities: dict[str, int]) -> ModelContext:
+    rng = np.random.default_rng(3)
+    dense = rng.random((30, 20)) < 0.2
+    dense[np.arange(30), rng.integers(0, 20, 30)] = True  # every user has an item
+    empty = sp.csr_matrix((30, 20), dtype=np.float32)
+    ctx = ModelContext(data=InteractionData(30, 20, sp.csr_matrix(dense.astype(np.float32)), empty, empty),
+                       modality_weights={"image": 0.1, "text": 0.9})
+    for name, width in modalities.items():
+        ctx.features[name] = rng.normal(size=(20, width)).astype(np.float32)
+        ctx.knn_graphs[name] = knn_graph(ctx.features[name], 4)
+    return ctx
+
+
+@pytest.mark.parametrize("wanted", [["audio"], ["image", "text"], ["text", "audio", "image"]])
+def test_freedom_trains_with_one_two_three_modalities(wanted):
+    torch.manual_seed(0)
+    ctx = _context({"image": 7, "text": 5, "audio": 3})
+    assert ctx.modalities([*wanted, "missing", wanted[0]]) == wanted  # wanted order, only those present
+    model = Freedom(ctx, ModelConfig(name="freedom", embedding_dim=8, freedom={"modalities": wanted}))
+    assert model.modalities == wanted and set(model.projections) == set(wanted)
+    assert model.item_graph is not None
+    batch = Batch(torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6, 7, 8]))
+    parts = model.loss(batch)
+    assert torch.isfinite(parts["loss"]) and {f"bpr_{m}" for m in wanted} <= set(parts)
+    parts["loss"].backward()
+    for m in wanted:
+        grad = model.projections[m].weight.grad
+        assert grad is not None and grad.abs().sum() > 0, m
+        assert model.projections[m].weight.shape == (8, ctx.features[m].shape[1])
+    with torch.no_grad():
+        users, items = model.embeddings()
+    assert users.shape == (30, 8) and items.shape == (20, 8)
