@@ -10,18 +10,45 @@ to another process (a Prefect worker) as absolute paths.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from diffcl.io import is_url
 
 SourceKind = Literal["amazon2014", "amazon2018", "amazon2023", "mmrec", "tables"]
 PRESET_NAMES = ("baby", "sports", "clothing")
+
+
+# A modality is a name plus an items x d matrix (features/<name>.parquet); the name becomes a file
+# name, a module key and a config key, hence a plain identifier. "id" is DiffCL's ID branch.
+MODALITY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+RESERVED_MODALITIES = ("id",)
+ENCODED_MODALITIES = ("text", "image")  # the modalities this package can encode itself
+DEFAULT_MODALITY_WEIGHTS = {"image": 0.1, "text": 0.9}  # FREEDOM's fusion of MMRec's two modalities
+
+
+def check_modality_name(name: str) -> str:
+    if not MODALITY_NAME.fullmatch(name) or name in RESERVED_MODALITIES:
+        raise ValueError(f"modality name {name!r} must be an identifier (letters, digits, _; not a digit first) "
+                         f"other than {', '.join(RESERVED_MODALITIES)}")
+    return name
+
+
+Modality = Annotated[str, AfterValidator(check_modality_name)]
 
 
 class ConfigError(ValueError):
@@ -132,7 +159,13 @@ class PrepareConfig(_Strict):
     min_rating: float | None = Field(
         None, description="keep interactions with rating >= this; null keeps all"
     )
-    kcore: int = Field(5, ge=1, description="iterative k-core: users and items with >= k interactions")
+    kcore: int | None = Field(
+        None, ge=1,
+        description="iterative k-core: users and items with >= k interactions. null (auto): no filtering when "
+        "the dataset's shipped split is used (a published benchmark is taken as published), else 5 (raw dumps, "
+        "tables without a split). An explicit number always applies. Users left without a training "
+        "interaction are dropped, as MMRec does, and counted in stats.json (cold_start_users)",
+    )
     split: Literal["auto", "random", "chronological"] = Field(
         "auto",
         description="auto: the dataset's own split where it ships one, else random; "
@@ -200,23 +233,48 @@ class ImageFeaturesConfig(_Strict):
 
 
 class FeaturesConfig(_Strict):
+    """The modalities: each a name plus an items x d matrix, from (first that applies) a file named in
+    ``files``, a ``<name>_feat.npy`` shipped in an MMRec folder, or this package's text / image encoder."""
+
     text: TextFeaturesConfig = Field(default_factory=TextFeaturesConfig)
     image: ImageFeaturesConfig = Field(default_factory=ImageFeaturesConfig)
     precomputed: bool = Field(
-        True, description="import feature matrices shipped with the data (MMRec .npy) instead of encoding"
+        True, description="import the <name>_feat.npy matrices shipped in an MMRec folder (row = itemID), "
+        "any name (audio_feat.npy: modality audio), instead of encoding"
     )
+    files: dict[Modality, str] = Field(
+        default_factory=dict,
+        description="modality name -> feature file, imported as that modality: .npy (row = MMRec itemID) "
+        "or Parquet with columns item_id (the dataset's item ids) and embedding (list of floats)",
+    )
+
+    def enabled(self, modality: str) -> bool:
+        """False only for an encoded modality switched off (``features.<text|image>.enabled: false``)."""
+        return getattr(self, modality).enabled if modality in ENCODED_MODALITIES else True
 
 
 class GraphsConfig(_Strict):
     """The interaction graph and the frozen item-item graphs built from modality features."""
 
     knn_k: int = Field(10, ge=1, description="neighbours per item in the modality kNN graphs")
-    image_weight: float = Field(
-        0.1, ge=0, le=1, description="weight of the visual kNN graph in the fused item graph (text: 1 - this)"
+    modality_weights: dict[Modality, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: dict(DEFAULT_MODALITY_WEIGHTS),
+        description="weight of each modality's kNN graph in the fused item graph S = Σ w_m S_m; the weights "
+        "of the modalities fused are renormalised to sum 1, and one not listed here weighs 1/n "
+        "(n: modalities fused) before that. Default: image 0.1, text 0.9 (FREEDOM)",
     )
     chunk_items: int = Field(
         4096, ge=1, description="rows of the item-item similarity computed at once (bounds memory)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_image_weight(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "image_weight" in data:
+            w = data["image_weight"]
+            raise ValueError(f"graphs.image_weight was replaced by graphs.modality_weights (e.g. {{image: {w}, "
+                             f"text: 1 - {w}}})")
+        return data
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,17 +330,12 @@ class MFConfig(_Strict):
     search_space: ClassVar[SearchSpace] = {}
 
 
-
-
 class LightGCNConfig(_Strict):
     """LightGCN. ``diffcl tune`` searches the shared keys and ``search_space``: the layer count."""
 
     search_space: ClassVar[SearchSpace] = {"model.lightgcn.layers": IntRange(1, 4)}
     layers: int = Field(2, ge=0, description="propagation layers")
     combine: Literal["mean", "sum"] = Field("mean", description="how the layer outputs 0..L are combined")
-
-
-Modality = Literal["image", "text"]
 
 
 class DiffusionSettings(_Strict):
@@ -315,8 +368,9 @@ class DiffCLConfig(_Strict):
         "model.diffcl.layers": IntRange(1, 3),
     }
 
-
-    modalities: list[Modality] = Field(["image", "text"], description="modality branches to use (those with features)")
+    modalities: list[Modality] = Field(
+        ["image", "text"], description="modality branches, any names with features (e.g. [image, audio]), in this order"
+    )
     projection: Literal["mlp", "linear"] = Field("mlp", description="feature projection: d_m -> 4d -> d MLP, or linear")
     max_feature_dim: int | None = Field(
         384, ge=8, description="wider raw features are reduced by PCA (once, frozen) before the projection; null: never"
@@ -367,8 +421,9 @@ class FreedomConfig(_Strict):
         "model.freedom.feature_bpr_weight": LogUniform(1e-5, 1e-1),
     }
 
-
-    modalities: list[Modality] = Field(["image", "text"], description="modalities used (those with features)")
+    modalities: list[Modality] = Field(
+        ["image", "text"], description="modalities used, any names with features (e.g. [image, audio])"
+    )
     layers: int = Field(2, ge=0, description="propagation layers on the interaction graph")
     item_layers: int = Field(1, ge=0, description="propagation layers on the item-item graph")
     dropout: float = Field(0.8, ge=0, lt=1, description="share of interaction edges pruned each epoch (degree-sensitive)")
@@ -524,6 +579,9 @@ def _resolve_paths(config: PipelineConfig) -> PipelineConfig:
         value = getattr(ds, key)
         if value is not None and not is_url(value):
             setattr(ds, key, str(Path(value).expanduser().resolve()))
+    files = config.features.files
+    for name, value in files.items():
+        files[name] = str(Path(value).expanduser().resolve())
     return config
 
 
