@@ -381,8 +381,13 @@ class DiffCLConfig(_Strict):
     )
     layers: int = Field(2, ge=0, description="L, propagation layers of the graph encoder")
     combine: Literal["sum", "mean"] = Field("sum", description="layer combination")
-    normalize_inputs: bool = Field(
-        True, description="L2-normalise each branch's input rows before propagation (the first spec)"
+    normalize_inputs: Literal["all", "modalities", "none"] = Field(
+        "all", description="which branches L2-normalise their input rows before propagation: all (the "
+        "first spec), the modality branches only (the ID branch then is LightGCN's), or none"
+    )
+    fusion: Literal["concat", "sum"] = Field(
+        "concat", description="scored representation: the modality branches concatenated (weighted per "
+        "user), or summed (weighted per user) in d dimensions"
     )
     id_branch: bool = Field(True, description="false: no item-ID branch (ablation w/o ID)")
     id_in_score: bool = Field(False, description="add the ID branch to the scored representation")
@@ -591,7 +596,7 @@ def _read_text(path: Path, what: str = "config file") -> str:
     except FileNotFoundError:
         raise ConfigError(f"{what} not found: {path}") from None
     except IsADirectoryError:
-        raise ConfigError(f"{what} {path} is a folder, not a YAML file") from None
+        raise ConfigError(f"{what.removesuffix(' file')} path {path} is a folder, not a YAML file") from None
     except OSError as err:
         raise ConfigError(f"{what} {path} cannot be read: {err.strerror}") from None
     try:
