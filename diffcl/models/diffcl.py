@@ -70,7 +70,7 @@ class DiffCL(Recommender):
         self.user_weight_logits = nn.Parameter(torch.zeros(ctx.n_users, max(len(self.modalities), 1)))
         self.item_graph = ctx.item_graph(self.modalities) if s.item_graph else None
 
-        width = d * max(len(self.modalities), 1)
+        width = d * max(len(self.modalities), 1) if s.fusion == "concat" else d
         ds = s.diffusion
         self.start_step = ds.steps if ds.start_step is None else ds.start_step
         targets = ["fused"] if ds.target == "fused" else self.modalities or ["id"]
@@ -111,8 +111,9 @@ class DiffCL(Recommender):
         """Per branch: (users x d, items x d) after propagation and the item graph; the ID branch's
         users are None where nothing reads them."""
         out = {}
-        layers, combine, normalize = self.settings.layers, self.settings.combine, self.settings.normalize_inputs
+        layers, combine = self.settings.layers, self.settings.combine
         for b in branches:
+            normalize = self.normalizes(b)
             # Each branch propagates on its own: three 64-column products beat one 192-column one.
             if b == "id" and self.id_items_only:
                 z_users = None
@@ -125,17 +126,24 @@ class DiffCL(Recommender):
             out[b] = (z_users, z_items)
         return out
 
+    def normalizes(self, branch: str) -> bool:
+        mode = self.settings.normalize_inputs
+        return mode == "all" or (mode == "modalities" and branch != "id")
+
     def fuse(self, z: dict[str, tuple[torch.Tensor | None, torch.Tensor]], users: torch.Tensor | slice = slice(None)):
         """(e_u for ``users``, e_i for all items): the scored representations."""
-        if self.modalities:
-            weights = torch.softmax(self.user_weight_logits[users], dim=1)
-            e_u = torch.cat([weights[:, k : k + 1] * z[m][0][users] for k, m in enumerate(self.modalities)], dim=1)
-            e_i = torch.cat([z[m][1] for m in self.modalities], dim=1)
+        if not self.modalities:
+            return z["id"][0][users], z["id"][1]
+        weights = torch.softmax(self.user_weight_logits[users], dim=1)
+        user_parts = [weights[:, k : k + 1] * z[m][0][users] for k, m in enumerate(self.modalities)]
+        item_parts = [z[m][1] for m in self.modalities]
+        if self.settings.fusion == "sum":
+            e_u, e_i = sum(user_parts), sum(item_parts)
+            repeat = 1
         else:
-            e_u, e_i = z["id"][0][users], z["id"][1]
-            return e_u, e_i
-        if self.id_in_score:
+            e_u, e_i = torch.cat(user_parts, dim=1), torch.cat(item_parts, dim=1)
             repeat = len(self.modalities)
+        if self.id_in_score:
             e_u = e_u + z["id"][0][users].repeat(1, repeat)
             e_i = e_i + z["id"][1].repeat(1, repeat)
         return e_u, e_i
