@@ -15,9 +15,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job on the embedded offline default: the synthetic demo dataset.
+# The main job on the embedded offline default: the synthetic demo dataset (written under
+# workspace/demo-source by the run itself when missing).
 run: $(STAMP)
-	$(BIN)/diffcl demo-data workspace/demo-source
 	$(BIN)/diffcl run configs/demo.yaml
 
 # pytest exits 5 when it collected no tests: treat that as a failure, deliberately.

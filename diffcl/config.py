@@ -81,6 +81,10 @@ class Columns(_Strict):
     image_url: str | None = Field(None, description="items: image URL or path")
 
 
+# Where a dataset's files are (paths or URLs): not what they hold, so no cache key includes them.
+DATASET_LOCATION_FIELDS = ("reviews", "meta", "path", "interactions", "items")
+
+
 class DatasetConfig(_Strict):
     """Where a dataset comes from. Sources are URLs (http, https, file) or local paths, plain or
     gzip; URLs are fetched into ``<workspace>/<name>/raw/``, local paths are read in place."""
@@ -150,6 +154,11 @@ class FetchConfig(_Strict):
         True,
         description="ask the server whether a fetched file changed (conditional request); "
         "false trusts the local copy",
+    )
+    offline_ok: bool = Field(
+        False,
+        description="when a server stays unreachable (after the retries) and raw/ holds a copy that "
+        "matches its manifest, go on with that copy (a warning says so); false: the run fails",
     )
 
 
@@ -469,6 +478,11 @@ def search_space(model_name: str) -> SearchSpace:
     return {**SHARED_SEARCH_SPACE, **own}
 
 
+# Train settings that choose where the work runs, not what is trained: neither the train stage's
+# cache key nor a run's resume check includes them.
+RESULT_NEUTRAL_TRAIN_FIELDS = ("device", "threads")
+
+
 class TrainConfig(_Strict):
     """The shared trainer: BPR sampling, Adam, early stopping on validation."""
 
@@ -505,6 +519,10 @@ class OrchestrationConfig(_Strict):
     network_retries: int = Field(3, ge=0, description="retries of the network stages (fetch, images)")
     retry_delay_s: float = Field(10.0, ge=0, description="first retry delay; doubles each retry")
     stage_timeout_s: float = Field(6 * 3600, gt=0, description="any stage running longer than this fails")
+    lock_wait_s: float = Field(
+        0.0, ge=0, description="how long a flow run waits for another run of the same workspace to "
+        "finish before it is skipped (one run per workspace at a time)"
+    )
 
 
 class PipelineConfig(_Strict):
@@ -580,7 +598,7 @@ def _format_errors(err: ValidationError, origin: str) -> str:
 def _resolve_paths(config: PipelineConfig) -> PipelineConfig:
     config.workspace = config.workspace.expanduser().resolve()
     ds = config.dataset
-    for key in ("reviews", "meta", "path", "interactions", "items"):
+    for key in DATASET_LOCATION_FIELDS:
         value = getattr(ds, key)
         if value is not None and not is_url(value):
             setattr(ds, key, str(Path(value).expanduser().resolve()))

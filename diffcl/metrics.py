@@ -11,6 +11,12 @@ import torch
 METRICS = ("recall", "ndcg", "precision", "map", "hit")
 
 
+def metric_names(ks: list[int] | tuple[int, ...]) -> list[str]:
+    """Every metric key the evaluator reports for the cut-offs ``ks`` (``eval.topk``), in report
+    order: the one list that reports, tables and artifacts use."""
+    return [f"{m}@{k}" for k in ks for m in METRICS]
+
+
 def topk_metrics(hits: torch.Tensor, n_relevant: torch.Tensor, ks: list[int]) -> dict[str, torch.Tensor]:
     """Per-user metric values, keyed like ``recall@20``; ``hits`` is users x max(ks), 0/1."""
     hits = hits.float()

@@ -1,9 +1,15 @@
 """The model registry of a dataset: every trained model with its metrics, config and data hashes,
-and which one is in production (champion / challenger on a validation metric)."""
+and which one is in production (champion / challenger on a validation metric).
+
+Champion and challenger are compared on the same data: when the data changed since the champion
+was registered, the champion is first evaluated on the challenger's data (``rescore``). When it
+cannot be (other users or items, other features), the rule is: the challenger, the only model
+trained on the current data, is promoted, and the decision says the data changed."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +31,12 @@ class Decision:
     promoted: bool
     champion: dict[str, Any] | None  # the production entry before this decision
     reason: str
+    champion_on_this_data: dict[str, float] | None = None  # its validation metrics on the challenger's data
+    data_changed: bool = False  # the champion was registered on other data
+
+
+# The champion's validation metrics on the current data, or None with the reason it cannot be measured.
+Rescore = Callable[[dict[str, Any]], "tuple[dict[str, float] | None, str]"]
 
 
 class Registry:
@@ -43,32 +55,60 @@ class Registry:
         version = self.data["production"]
         return next((v for v in self.versions if v["version"] == version), None)
 
-    def register(self, entry: dict[str, Any], metric: str, promote_if: str = "at_least") -> Decision:
+    def register(self, entry: dict[str, Any], metric: str, promote_if: str = "at_least",
+                 rescore: Rescore | None = None) -> Decision:
         """Add a version; promote it when its validation ``metric`` is at least (or strictly above,
-        with ``promote_if='better'``) the production model's. The file is locked from reading to
-        writing, so two pipelines publishing at once get distinct versions and both are kept."""
+        with ``promote_if='better'``) the production model's on the same data (see the module
+        docstring). The file is locked from reading to writing, so two pipelines publishing at once
+        get distinct versions and both are kept; the champion is rescored before, outside the lock."""
+        champion = self.production()
+        rescored = None
+        if champion is not None and rescore is not None and _other_data(champion, entry):
+            rescored = (champion["version"], *rescore(champion))
         lock = self.path.with_name(f"{self.path.name}.lock")
         try:
             with exclusive_lock(lock, timeout_s=LOCK_TIMEOUT_S):
                 self.data = self._read()  # what other processes registered since this one read it
-                return self._register(entry, metric, promote_if)
+                return self._register(entry, metric, promote_if, rescored)
         except LockBusy as err:
             raise RegistryBusy(f"{self.path} is being updated by another process (pid {err.pid}) "
                                f"for more than {LOCK_TIMEOUT_S:.0f} s; try again") from None
 
-    def _register(self, entry: dict[str, Any], metric: str, promote_if: str) -> Decision:
+    def _register(self, entry: dict[str, Any], metric: str, promote_if: str,
+                  rescored: tuple[int, dict[str, float] | None, str] | None) -> Decision:
         champion = self.production()
         version = max((v["version"] for v in self.versions), default=0) + 1
         value = entry["valid"][metric]
+        on_this_data, data_changed = None, False
         if champion is None:
             promoted, reason = True, "first model"
+        elif not _other_data(champion, entry):
+            promoted, reason = _compare(value, champion["valid"][metric], promote_if, metric, champion, "")
+        elif rescored is not None and rescored[0] == champion["version"] and rescored[1] is not None:
+            on_this_data = rescored[1]
+            promoted, reason = _compare(value, on_this_data[metric], promote_if, metric, champion,
+                                        f" on this data ({champion['valid'][metric]:.4f} on its own)")
         else:
-            best = champion["valid"][metric]
-            promoted = value >= best if promote_if == "at_least" else value > best
-            reason = f"valid {metric} {value:.4f} {'>=' if promoted else '<'} champion v{champion['version']} {best:.4f}"
+            why = rescored[2] if rescored is not None and rescored[0] == champion["version"] else "not evaluated"
+            promoted, data_changed = True, True
+            reason = (f"the data changed since champion v{champion['version']}, which cannot be evaluated on it "
+                      f"({why}): the model of the current data is promoted")
         self.versions.append({**entry, "version": version, "registered_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                              "promoted": promoted})
+                              "promoted": promoted,
+                              **({"champion_on_this_data": {"version": champion["version"], "valid": on_this_data}}
+                                 if on_this_data else {})})
         if promoted:
             self.data["production"] = version
         write_json_atomic(self.path, self.data)
-        return Decision(version, promoted, champion, reason)
+        return Decision(version, promoted, champion, reason, on_this_data, data_changed)
+
+
+def _other_data(champion: dict[str, Any], entry: dict[str, Any]) -> bool:
+    return champion.get("data_sha256") != entry.get("data_sha256")
+
+
+def _compare(value: float, best: float, promote_if: str, metric: str, champion: dict[str, Any],
+             where: str) -> tuple[bool, str]:
+    promoted = value >= best if promote_if == "at_least" else value > best
+    return promoted, (f"valid {metric} {value:.4f} {'>=' if promoted else '<'} champion v{champion['version']} "
+                      f"{best:.4f}{where}")

@@ -28,7 +28,7 @@ import polars as pl
 import torch
 import yaml
 
-from diffcl.config import PipelineConfig, dump_config
+from diffcl.config import RESULT_NEUTRAL_TRAIN_FIELDS, PipelineConfig, dump_config
 from diffcl.data import InteractionData, PreparedDataError
 from diffcl.device import keep_freed_memory, resolve_device
 from diffcl.evaluator import Evaluator
@@ -53,6 +53,29 @@ class TrainError(RuntimeError):
 
 class DivergedError(TrainError):
     """The loss became non-finite: these settings do not train (a search prunes such a trial)."""
+
+
+class ResumeRefused(TrainError):
+    """An existing run folder cannot be continued (other training config or data, broken history):
+    the caller may start a fresh folder instead (the flow does)."""
+
+
+def training_identity(config: PipelineConfig | dict[str, Any]) -> dict[str, Any]:
+    """What defines a training run: dataset, model, train (less where it runs), graphs and eval.
+    Orchestration, fetch and publish settings are not part of it (data changes are checked by hash)."""
+    data = config.model_dump(mode="json") if isinstance(config, PipelineConfig) else config
+    train = {k: v for k, v in data["train"].items() if k not in RESULT_NEUTRAL_TRAIN_FIELDS}
+    return {"dataset": data["dataset"]["name"], "model": data["model"], "train": train,
+            "graphs": data["graphs"], "eval": data["eval"]}
+
+
+def epoch_line(row: dict[str, Any], metric: str, best: bool) -> str:
+    """One epoch as a log line: loss parts, the validation metric (on evaluation epochs), seconds."""
+    parts = " ".join(f"{k} {row[k]:.4f}" for k in row
+                     if k not in ("epoch", "train_seconds", "eval_seconds") and not k.startswith("valid_"))
+    valid = f" | {metric} {row[f'valid_{metric}']:.4f}" if f"valid_{metric}" in row else ""
+    return (f"epoch {row['epoch']:4d} | {parts}{valid}{' *' if best else ''} | "
+            f"{row['train_seconds']:.2f}s + {row.get('eval_seconds', 0.0):.2f}s")
 
 
 @dataclass
@@ -204,16 +227,14 @@ class Trainer:
         path = self.run_dir / "last.pt"
         if not path.exists():
             return False
-        config_path = self.run_dir / "config.yaml"
-        if not config_path.exists() or config_path.read_text(encoding="utf-8") != dump_config(self.config):
-            raise TrainError(f"{self.run_dir} was started with another config; use a new --run-id")
+        self._check_same_config()
         self._check_same_data()
         state = _load_checkpoint(path, self.device)
         history_path = self.run_dir / "history.json"
         history = json.loads(history_path.read_text()) if history_path.exists() else state.get("history", [])
         self.history = [row for row in history if row["epoch"] <= state["epoch"]]
         if len(self.history) != state["epoch"]:
-            raise TrainError(f"{history_path} holds {len(self.history)} of the {state['epoch']} epochs in {path}; "
+            raise ResumeRefused(f"{history_path} holds {len(self.history)} of the {state['epoch']} epochs in {path}; "
                              "the run cannot resume, use a new --run-id")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -221,13 +242,28 @@ class Trainer:
         self.best_epoch, self.bad_evals = state["best_epoch"], state["bad_evals"]
         self.sampler.rng.bit_generator.state = state["sampler_rng"]
         torch.set_rng_state(state["torch_rng"])
+        # The settings outside the training identity may differ (timeouts, overrides of other
+        # stages): config.yaml shows those of the latest attempt.
+        write_text_atomic(self.run_dir / "config.yaml", dump_config(self.config))
         log.info("resuming %s after epoch %d", self.run_id, self.epoch)
         return True
+
+    def _check_same_config(self) -> None:
+        config_path = self.run_dir / "config.yaml"
+        try:
+            started = training_identity(yaml.safe_load(config_path.read_text(encoding="utf-8")))
+        except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+            raise ResumeRefused(f"{config_path}: missing or unreadable; the run cannot resume, use a new --run-id") from None
+        current = training_identity(self.config)
+        changed = [section for section in current if started.get(section) != current[section]]
+        if changed:
+            raise ResumeRefused(f"{self.run_dir} was started with another config (its {', '.join(changed)} "
+                                "differ); use a new --run-id")
 
     def _check_same_data(self) -> None:
         recorded = recorded_data_hash(self.run_dir)
         if recorded and recorded != self.data.source_hash:
-            raise TrainError(data_changed_message(self.run_dir, recorded, self.data.source_hash))
+            raise ResumeRefused(data_changed_message(self.run_dir, recorded, self.data.source_hash))
 
     def _create_run_dir(self) -> None:
         """A new run gets a folder of its own; an explicit id of an existing folder resumes it."""
@@ -317,12 +353,7 @@ class Trainer:
         return self.finish()
 
     def _log_epoch(self, row: dict[str, Any]) -> None:
-        metric = f"valid_{self.config.train.metric}"
-        parts = " ".join(f"{k} {row[k]:.4f}" for k in row if k not in ("epoch", "train_seconds", "eval_seconds") and not k.startswith("valid_"))
-        valid = f" | {self.config.train.metric} {row[metric]:.4f}" if metric in row else ""
-        best = " *" if self.best_epoch == row["epoch"] else ""
-        log.info("epoch %4d | %s%s%s | %.2fs + %.2fs", row["epoch"], parts, valid, best,
-                 row["train_seconds"], row.get("eval_seconds", 0.0))
+        log.info("%s", epoch_line(row, self.config.train.metric, self.best_epoch == row["epoch"]))
 
     def finish(self) -> TrainResult:
         """Test at the best validation epoch (unless ``evaluate_test`` is off); write history,

@@ -38,7 +38,13 @@ RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 
 
 class FetchError(RuntimeError):
-    """A download that cannot succeed (or did not within its retries); names the URL."""
+    """A download that cannot succeed (or did not within its retries); names the URL.
+    ``transient``: the server or the network failed (connection, timeout, 5xx, 408, 429), so a
+    later attempt may succeed; False for answers that will not change (404, 403, ...)."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 class _Retryable(Exception):
@@ -143,7 +149,7 @@ def _fetch(url, dest, client, retries, backoff_s, max_backoff_s, check_remote, p
             last_error = f"{type(err).__name__}: {err}"
             continue
         return result
-    raise FetchError(f"could not fetch {url} after {retries + 1} attempts: {last_error}")
+    raise FetchError(f"could not fetch {url} after {retries + 1} attempts: {last_error}", transient=True)
 
 
 def _attempt(url: str, dest: Path, client: httpx.Client, current: Manifest | None, progress: bool) -> FetchResult:
@@ -208,6 +214,16 @@ def _attempt(url: str, dest: Path, client: httpx.Client, current: Manifest | Non
     manifest.write(manifest_path(dest))
     log.info("fetched %s (%d bytes)", url, manifest.size)
     return FetchResult(dest, manifest, downloaded=True)
+
+
+def verified_copy(url: str, dest: str | Path) -> Manifest | None:
+    """The manifest of the copy of ``url`` in ``dest`` when the file still matches it (size and
+    sha256): what a run may fall back on while the server is unreachable."""
+    dest = Path(dest)
+    manifest = Manifest.read(manifest_path(dest))
+    if manifest is None or manifest.url != url or not dest.is_file() or dest.stat().st_size != manifest.size:
+        return None
+    return manifest if sha256_file(dest) == manifest.sha256 else None
 
 
 def _read_validator(path: Path) -> str | None:

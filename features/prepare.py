@@ -15,6 +15,8 @@ Outputs under ``<workspace>/<dataset>/prepared/``:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ from diffcl.config import PipelineConfig, PrepareConfig
 from diffcl.data import table_hashes
 from diffcl.io import write_json_atomic, write_parquet_atomic
 from diffcl.workspace import DatasetDirs
-from features.fetch import Manifest, fetch, local_manifest
+from features.fetch import FetchError, Manifest, fetch, local_manifest, verified_copy
 from features.filtering import (
     SplitEnum,
     assign_split,
@@ -69,21 +71,49 @@ def acquire(config: PipelineConfig, progress: bool = True) -> dict[str, tuple[Pa
 def _acquire_one(source: SourceFile, dirs: DatasetDirs, config: PipelineConfig, progress: bool) -> tuple[Path, Manifest]:
     if source.is_remote:
         f = config.fetch
-        result = fetch(
-            source.location,
-            dirs.raw / source.filename,
-            timeout_s=f.timeout_s,
-            retries=f.retries,
-            backoff_s=f.backoff_s,
-            max_backoff_s=f.max_backoff_s,
-            check_remote=f.check_remote,
-            progress=progress,
-        )
+        dest = dirs.raw / source.filename
+        try:
+            result = fetch(
+                source.location,
+                dest,
+                timeout_s=f.timeout_s,
+                retries=f.retries,
+                backoff_s=f.backoff_s,
+                max_backoff_s=f.max_backoff_s,
+                check_remote=f.check_remote,
+                progress=progress,
+            )
+        except FetchError as err:
+            return dest, _offline_fallback(source, dest, err, f.offline_ok)
         return result.path, result.manifest
     path = source.local_path()
     if not path.exists():
         raise DataError(f"dataset.{source.role}: file not found: {path}")
     return path, local_manifest(path, source.location)
+
+
+def _offline_fallback(source: SourceFile, dest: Path, err: FetchError, offline_ok: bool) -> Manifest:
+    """The verified copy in raw/ while its server is unreachable, if ``fetch.offline_ok`` allows it."""
+    copy = verified_copy(source.location, dest) if err.transient else None
+    if copy is None:
+        raise err
+    if not offline_ok:
+        raise FetchError(f"{err}; {dest} holds a verified copy (fetched {copy.fetched_at}): set fetch.offline_ok=true "
+                         "to go on with it", transient=True) from None
+    log.warning("%s: server unreachable (%s); going on with the verified copy %s fetched %s (fetch.offline_ok)",
+                source.role, err, dest, copy.fetched_at)
+    return copy
+
+
+def stats_content_hash(stats: dict[str, Any]) -> str:
+    """The sha256 of stats.json without source locations: what later stages are keyed on, so that
+    moving identical data to another path or URL reruns nothing."""
+    content = {**stats,
+               "inputs": {role: {k: v for k, v in m.items() if k != "url"} for role, m in stats.get("inputs", {}).items()},
+               "malformed": {Path(p).name: v for p, v in stats.get("malformed", {}).items()},
+               "precomputed_features": {k: Path(v).name for k, v in stats.get("precomputed_features", {}).items()}}
+    content.pop("seconds", None)
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def prepare(config: PipelineConfig, progress: bool = True,

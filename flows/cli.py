@@ -156,16 +156,18 @@ def graphs(config: ConfigArg, set_: SetOpt = None) -> None:
     console.print(table)
 
 
-def metrics_table(metrics: dict, ks: tuple[int, ...] = (10, 20)) -> Table:
-    """One row per metric, one column per split: reads well in any terminal width."""
+def metrics_table(metrics: dict) -> Table:
+    """One row per metric (every cut-off of ``eval.topk`` the run reports), one column per split:
+    reads well in any terminal width."""
+    from diffcl.metrics import metric_names
+
     table = Table(title=f"{metrics['model']} on {metrics['dataset']} (best epoch {metrics['best_epoch']} of {metrics['epochs']})")
     table.add_column("metric")
     table.add_column("valid", justify="right")
     table.add_column("test", justify="right")
-    for k in ks:
-        for name in ("recall", "ndcg", "precision", "map", "hit"):
-            key = f"{name}@{k}"
-            table.add_row(key, *(f"{metrics[split].get(key, float('nan')):.4f}" for split in ("valid", "test")))
+    ks = sorted({int(name.split("@")[1]) for name in metrics["valid"] if "@" in name})
+    for key in metric_names(ks):
+        table.add_row(key, *(f"{metrics[split].get(key, float('nan')):.4f}" for split in ("valid", "test")))
     table.caption = f"{metrics['epoch_seconds']:.2f} s per epoch, {metrics['eval_seconds']:.2f} s per full evaluation"
     return table
 
@@ -328,24 +330,32 @@ def recommend(
 
 @app.command()
 def run(
-    config: Annotated[Path, typer.Argument(help="YAML config file, or a preset: baby, sports, clothing")] = Path("configs/demo.yaml"),
+    config: Annotated[Path, typer.Argument(help="YAML config file, or a preset: baby, sports, clothing "
+                                           "(default: ./configs/demo.yaml, else the packaged demo config)")] = Path("configs/demo.yaml"),
     set_: SetOpt = None,
     overlay: OverlayOpt = None,
 ) -> None:
-    """Run the whole pipeline as a Prefect flow in this process (temporary local server, no setup)."""
+    """Run the whole pipeline as a Prefect flow in this process (temporary local server, no setup).
+    The demo writes its synthetic data under ./workspace/demo-source when it is missing."""
     import json
 
     from diffcl.registry import RegistryBusy
     from diffcl.trainer import TrainError
+    from flows.demo import ensure_demo_data, resolve_config
     from flows.pipeline import diffcl_flow
     from flows.reporting import feature_notes
 
+    config = Path(resolve_config(config))
     cfg = _load(config, set_, overlay)  # validate before starting Prefect
+    if ensure_demo_data(cfg):
+        console.print(f"demo data written to {cfg.dataset.reviews and Path(cfg.dataset.reviews).parent}")
     source = str(config.resolve()) if config.exists() else str(config)  # or a preset name
     try:
         summary = diffcl_flow(config=source, overrides=_overlay_sets(overlay) + list(set_ or []))
     except (TrainError, RegistryBusy) as err:  # e.g. another `diffcl run` trains the same run
         _fail(str(err))
+    if summary.get("skipped"):
+        _fail(summary["skipped"])
     metrics = json.loads((Path(summary["run_dir"]) / "metrics.json").read_text())
     metrics.update(valid=summary["valid"], test=summary["test"])  # from the evaluate stage
     console.print(metrics_table(metrics))
@@ -363,7 +373,8 @@ def serve(
     cron: Annotated[str | None, typer.Option(help="cron schedule (default: orchestration.cron, weekly)")] = None,
     timezone: Annotated[str | None, typer.Option(help="time zone of the schedule (default: orchestration.timezone)")] = None,
 ) -> None:
-    """Register and serve the deployment diffcl/full-pipeline on its schedule (needs a Prefect API)."""
+    """Register and serve the deployment diffcl/full-pipeline on its schedule (needs a Prefect API).
+    The --set overrides are the deployment's served_overrides: a run's overrides apply on top."""
     _load(config, set_)
     from prefect import serve as prefect_serve
 
@@ -376,22 +387,28 @@ def serve(
 @app.command()
 def models(config: Annotated[Path, typer.Argument(help="YAML config file")] = Path("configs/demo.yaml")) -> None:
     """List the registered models of a dataset; * marks the production model."""
+    from rich import box
+
     from diffcl.registry import Registry
     from diffcl.workspace import DatasetDirs
+    from flows.demo import resolve_config
 
-    cfg = _load(config, [])
+    cfg = _load(Path(resolve_config(config)), [])
     registry = Registry(DatasetDirs.of(cfg.workspace, cfg.dataset.name).root / "registry.json")
     if not registry.versions:
         console.print(f"no registered models for {cfg.dataset.name}")
         return
-    production = registry.data["production"]
-    table = Table(title=f"models of {cfg.dataset.name}")
-    for col in ("version", "model", "valid recall@20", "test recall@20", "test ndcg@20", "registered", "run"):
+    production, metric = registry.data["production"], cfg.publish.metric
+    # Fits 80 columns: the metric is named once in the title, the time to the minute.
+    table = Table(title=f"models of {cfg.dataset.name}: {metric} (* production)", box=box.SIMPLE_HEAD)
+    for col in ("version", "model", "valid", "test", "registered (UTC)"):
         table.add_column(col)
+    table.add_column("run folder", no_wrap=True)
     for v in registry.versions:
         mark = " *" if v["version"] == production else ""
-        table.add_row(f"v{v['version']}{mark}", v["model"], f"{v['valid']['recall@20']:.4f}", f"{v['test']['recall@20']:.4f}",
-                      f"{v['test']['ndcg@20']:.4f}", v["registered_at"], Path(v["run_dir"]).name)
+        table.add_row(f"v{v['version']}{mark}", v["model"], f"{v['valid'].get(metric, float('nan')):.4f}",
+                      f"{v['test'].get(metric, float('nan')):.4f}", v["registered_at"][:16].replace("T", " "),
+                      Path(v["run_dir"]).name)
     console.print(table)
 
 

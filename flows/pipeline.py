@@ -7,11 +7,17 @@ file paths with content hashes, never DataFrames or tensors. Every stage but fet
 persisted under the workspace, so a rerun with nothing changed runs no stage and a change reruns
 exactly what is downstream of it. Fetch always runs: it is the stage that asks the sources whether
 they changed.
+
+One run per workspace at a time (a lock in ``<workspace>/.pipeline.lock``): a second run waits up to
+``orchestration.lock_wait_s`` and is then skipped with a log line. The network stages retry only
+failures a later attempt may fix (:func:`transient_failure`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +27,7 @@ from prefect.context import TaskRunContext
 from prefect.transactions import get_transaction
 
 from diffcl.config import ENCODED_MODALITIES, PipelineConfig, dump_config, load_config
+from diffcl.locks import LockBusy, exclusive_lock
 from features.feature_stage import feature_modalities, shipped_features
 from flows.stages import Artifact, Ledger, artifact, base_key
 
@@ -51,6 +58,23 @@ def _finish(stage: str, config: dict[str, Any], inputs: dict[str, Artifact], out
     Ledger(config, stage).record(key, outputs)
     get_run_logger().info("%s: wrote %s", stage, ", ".join(outputs) or "nothing")
     return {"stage": stage, "key": key, "outputs": outputs, "info": info or {}}
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Failures that a later attempt may fix: the network or a server (connection errors, timeouts,
+    5xx, 408, 429). A missing file, a 404, a bad config or bad data fail at once."""
+    import httpx
+
+    from features.fetch import FetchError
+
+    if isinstance(exc, FetchError):
+        return exc.transient
+    return isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError))
+
+
+def transient_failure(task, task_run, state) -> bool:
+    """Prefect's ``retry_condition_fn`` of the network stages."""
+    return is_transient(state.result(raise_on_failure=False))
 
 
 def _stage(name: str):
@@ -138,16 +162,64 @@ def graphs_stage(config: dict[str, Any], inputs: dict[str, Artifact]) -> StageRe
     return _finish("graphs", config, inputs, outputs, {"graphs": report["graphs"]})
 
 
+class TrainingProgress:
+    """Each epoch as a line in the flow run's log, and a progress artifact updated on evaluation
+    epochs (at most once a second: each update is a call to the API)."""
+
+    def __init__(self, cfg: PipelineConfig, logger):
+        self.cfg, self.logger = cfg, logger
+        self.trainer = None
+        self.artifact_id = None
+        self.updated_at = 0.0
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        from diffcl.trainer import epoch_line
+
+        trainer, metric = self.trainer, self.cfg.train.metric
+        self.logger.info("train %s: %s", trainer.run_id, epoch_line(row, metric, trainer.best_epoch == row["epoch"]))
+        if f"valid_{metric}" in row and time.monotonic() - self.updated_at >= 1.0:
+            self.update(100.0 * row["epoch"] / self.cfg.train.epochs)
+
+    def update(self, percent: float) -> None:
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        from flows.reporting import artifact_key
+
+        t = self.trainer
+        note = (f"{t.run_id}: epoch {t.epoch} of at most {self.cfg.train.epochs}; best valid {self.cfg.train.metric} "
+                f"{t.best_value:.4f} at epoch {t.best_epoch}" if t.best_epoch else f"{t.run_id}: epoch {t.epoch}")
+        if self.artifact_id is None:
+            self.artifact_id = create_progress_artifact(percent, key=artifact_key(self.cfg, "training"), description=note)
+        else:
+            update_progress_artifact(self.artifact_id, percent, description=note)
+        self.updated_at = time.monotonic()
+
+
+def _fit_resuming(cfg: PipelineConfig, base_id: str, progress: TrainingProgress):
+    """Train into ``base_id`` (resuming it), or, when that folder cannot resume (other training
+    config or data, broken history), into the first of ``base_id-r1``, ``-r2``, ... that can."""
+    from diffcl.trainer import ResumeRefused, Trainer
+
+    attempt = 0
+    while True:
+        run_id = base_id if attempt == 0 else f"{base_id}-r{attempt}"
+        progress.trainer = Trainer(cfg, run_id=run_id, on_epoch=progress.epoch)
+        try:
+            return progress.trainer.fit()
+        except ResumeRefused as err:
+            attempt += 1
+            progress.logger.warning("train: %s; starting a fresh run folder %s-r%d instead", err, base_id, attempt)
+
+
 @_stage("train")
 def train_stage(config: dict[str, Any], inputs: dict[str, Artifact]) -> StageResult:
     """The run folder is named after the cache key, so a retry (or the next flow run after a
     failure) resumes from the last checkpoint instead of starting over."""
-    from diffcl.trainer import Trainer
-
     cfg = load_config(config)
     key = _current_key("train", config, inputs)
-    run_id = f"{cfg.model.name}-{key.rsplit('-', 2)[1][:12]}"
-    result = Trainer(cfg, run_id=run_id).fit()  # its epoch log reaches Prefect (extra loggers)
+    progress = TrainingProgress(cfg, get_run_logger())
+    result = _fit_resuming(cfg, f"{cfg.model.name}-{key.rsplit('-', 2)[1][:12]}", progress)
+    progress.update(100.0)
     run = result.run_dir
     outputs = {name: artifact(run / name) for name in ("best.pt", "metrics.json", "history.parquet", "curves.png")}
     return _finish("train", config, inputs, outputs, {"run_dir": str(run), "best_epoch": result.metrics["best_epoch"]})
@@ -170,8 +242,35 @@ def evaluate_stage(config: dict[str, Any], inputs: dict[str, Artifact], run_dir:
     return _finish("evaluate", config, inputs, {"evaluation": artifact(path)}, {"valid": valid, "test": test})
 
 
+def champion_rescorer(id_tables: dict[str, str]):
+    """The registry's ``rescore``: a champion's validation metrics on the current data, measured
+    only when its users and items are this data's (same id tables), with its own config and weights."""
+
+    def rescore(champion: dict[str, Any]) -> tuple[dict[str, float] | None, str]:
+        if champion.get("id_tables") != id_tables:
+            return None, "its users or items differ from this data's"
+        try:
+            return _evaluate_on_current_data(Path(champion["run_dir"])), ""
+        except Exception as err:  # any failure to rebuild it means: not comparable, by the documented rule
+            return None, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+
+    return rescore
+
+
+def _evaluate_on_current_data(run_dir: Path) -> dict[str, float]:
+    import torch
+    import yaml
+
+    from diffcl.trainer import Trainer
+
+    trainer = Trainer(load_config(yaml.safe_load((run_dir / "config.yaml").read_text())))  # creates no folder
+    trainer.model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True, map_location=trainer.device))
+    return trainer.evaluate("valid")
+
+
 @_stage("publish")
-def publish_stage(config: dict[str, Any], inputs: dict[str, Artifact], run_dir: str, data_hash: str) -> StageResult:
+def publish_stage(config: dict[str, Any], inputs: dict[str, Artifact], run_dir: str, data_hash: str,
+                  id_tables: dict[str, str] | None = None) -> StageResult:
     import json
     from dataclasses import asdict
 
@@ -183,9 +282,9 @@ def publish_stage(config: dict[str, Any], inputs: dict[str, Artifact], run_dir: 
     registry = Registry(DatasetDirs.of(cfg.workspace, cfg.dataset.name).root / "registry.json")
     entry = {
         "model": cfg.model.name, "run_dir": run_dir, "valid": evaluation["valid"], "test": evaluation["test"],
-        "config_sha256": base_key("train", config, {}), "data_sha256": data_hash,
+        "config_sha256": base_key("train", config, {}), "data_sha256": data_hash, "id_tables": id_tables or {},
     }
-    decision = registry.register(entry, cfg.publish.metric, cfg.publish.promote_if)
+    decision = registry.register(entry, cfg.publish.metric, cfg.publish.promote_if, champion_rescorer(id_tables or {}))
     get_run_logger().info("registered v%d: %s (%s)", decision.version,
                           "promoted to production" if decision.promoted else "kept as challenger", decision.reason)
     # The registry file changes with every later version: nothing here to verify on a cache hit.
@@ -204,7 +303,7 @@ def _with_options(cfg: PipelineConfig):
         if t is not fetch_stage:
             kwargs["result_storage"] = storage
         if network:
-            kwargs.update(retries=o.network_retries, retry_delay_seconds=delays)
+            kwargs.update(retries=o.network_retries, retry_delay_seconds=delays, retry_condition_fn=transient_failure)
         elif retries:
             kwargs.update(retries=retries, retry_delay_seconds=0)
         return t.with_options(**kwargs)
@@ -213,19 +312,41 @@ def _with_options(cfg: PipelineConfig):
 
 
 @flow(name="diffcl", log_prints=True, validate_parameters=True)
-def diffcl_flow(config: str = "configs/demo.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """The whole pipeline for one dataset config (a YAML path) with ``key=value`` overrides."""
+def diffcl_flow(config: str = "configs/demo.yaml", overrides: list[str] | None = None,
+                served_overrides: list[str] | None = None) -> dict[str, Any]:
+    """The whole pipeline for one dataset config (a YAML path) with ``key=value`` overrides: those
+    the deployment was served with first, then this run's (``overrides``), so a later one wins.
+    Without ``configs/demo.yaml`` in the working directory the packaged demo config is used."""
+    from flows.demo import ensure_demo_data, resolve_config
+
+    logger = get_run_logger()
+    cfg = load_config(resolve_config(config), [*(served_overrides or []), *(overrides or [])])  # validated first
+    if served_overrides or overrides:
+        logger.info("overrides: served %s, then this run's %s", served_overrides or [], overrides or [])
+    if ensure_demo_data(cfg):
+        logger.info("demo data written under %s", Path.cwd())
+    lock = Path(cfg.workspace) / ".pipeline.lock"
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(exclusive_lock(lock, timeout_s=cfg.orchestration.lock_wait_s))
+        except LockBusy as err:
+            message = (f"skipped: another pipeline run (pid {err.pid or 'unknown'}) works in {cfg.workspace} "
+                       f"(waited {cfg.orchestration.lock_wait_s:g} s, orchestration.lock_wait_s)")
+            logger.warning(message)
+            return {"dataset": cfg.dataset.name, "skipped": message}
+        return _run_stages(cfg, logger)
+
+
+def _run_stages(cfg: PipelineConfig, logger) -> dict[str, Any]:
     from flows.reporting import publish_artifacts
 
-    cfg = load_config(config, overrides or [])  # validated before any stage runs
     data = cfg.model_dump(mode="json")
-    logger = get_run_logger()
     logger.info("diffcl pipeline for %s in %s", cfg.dataset.name, cfg.workspace)
     opt = _with_options(cfg)
 
     fetched = opt(fetch_stage, network=True)(data)
     prepared = opt(prepare_stage)(data, fetched["outputs"], fetched["info"]["manifests"])
-    items = {"items": prepared["outputs"]["items"], "stats": prepared["outputs"]["stats"]}
+    items = {"items": prepared["outputs"]["items"], "stats": _stats_content(prepared)}
     images = opt(images_stage, network=True)(data, items)
     text = opt(text_features_stage)(data, {**items, **_feature_file_inputs(cfg, "text")})
     image = opt(image_features_stage)(data, {**items, **images["outputs"], **_feature_file_inputs(cfg, "image")})
@@ -240,8 +361,10 @@ def diffcl_flow(config: str = "configs/demo.yaml", overrides: list[str] | None =
         data, {"interactions": prepared["outputs"]["interactions"], **features, **graphs["outputs"]}
     )
     evaluated = opt(evaluate_stage)(data, {"best.pt": trained["outputs"]["best.pt"]}, trained["info"]["run_dir"])
+    tables = prepared["info"]["stats"].get("tables", {})
     published = opt(publish_stage)(data, evaluated["outputs"], trained["info"]["run_dir"],
-                                   prepared["outputs"]["interactions"]["sha256"])
+                                   prepared["outputs"]["interactions"]["sha256"],
+                                   {name: tables[name] for name in ("users.parquet", "items.parquet") if name in tables})
     summary = {
         "dataset": cfg.dataset.name,
         "run_dir": trained["info"]["run_dir"],
@@ -253,3 +376,10 @@ def diffcl_flow(config: str = "configs/demo.yaml", overrides: list[str] | None =
     }
     publish_artifacts(cfg, summary)
     return summary
+
+
+def _stats_content(prepared: StageResult) -> Artifact:
+    """stats.json as an input of the feature stages, keyed on its content without source locations."""
+    from features.prepare import stats_content_hash
+
+    return {"path": prepared["outputs"]["stats"]["path"], "sha256": stats_content_hash(prepared["info"]["stats"])}

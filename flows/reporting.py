@@ -1,34 +1,61 @@
-"""Prefect artifacts of a pipeline run: the metrics beside the previous production model's, the
-dataset statistics, and a link to the training curves."""
+"""Prefect artifacts of a pipeline run: the metrics beside the champion's (on its own data and on
+this run's), the dataset statistics, the training curves as a table (beside a link to the PNG),
+and the training progress. Keys name the workspace and the dataset, so that two workspaces keep
+two histories."""
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from diffcl.config import PipelineConfig
-
-METRICS = [f"{m}@{k}" for k in (10, 20) for m in ("recall", "ndcg", "precision", "map", "hit")]
-
-
-def _key(cfg: PipelineConfig, what: str) -> str:
-    # Artifact keys: lowercase letters, digits and dashes only.
-    name = "".join(c if c.isalnum() else "-" for c in cfg.dataset.name.lower())
-    return f"diffcl-{name}-{what}"
+from diffcl.metrics import metric_names
 
 
-def metrics_markdown(summary: dict[str, Any]) -> str:
+def _slug(text: str) -> str:
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]", "-", text.lower())).strip("-")
+
+
+def artifact_key(cfg: PipelineConfig, what: str) -> str:
+    """``diffcl-<dataset>-<workspace folder>-<6 hex of its path>-<what>``: Prefect's keys allow
+    lowercase letters, digits and dashes only; the hash tells apart workspaces of one name."""
+    workspace = Path(cfg.workspace).resolve()
+    digest = hashlib.sha256(str(workspace).encode()).hexdigest()[:6]
+    return f"diffcl-{_slug(cfg.dataset.name)}-{_slug(workspace.name) or 'ws'}-{digest}-{what}"
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+    return str(value)
+
+
+def metrics_markdown(summary: dict[str, Any], ks: list[int]) -> str:
     decision = summary["decision"]
     champion = decision.get("champion")
-    head = "| metric | valid | test |" + (f" previous production v{champion['version']} (test) |" if champion else "")
-    rule = "|---|---|---|" + ("---|" if champion else "")
+    rescored = decision.get("champion_on_this_data")
+    head, rule = "| metric | valid | test |", "|---|---|---|"
+    if champion:
+        head += f" champion v{champion['version']} valid (its data) |"
+        rule += "---|"
+    if rescored:
+        head += f" champion v{champion['version']} valid (this data) |"
+        rule += "---|"
     rows = [head, rule]
-    for name in METRICS:
-        row = f"| {name} | {summary['valid'][name]:.4f} | {summary['test'][name]:.4f} |"
+    for name in metric_names(ks):
+        row = f"| {name} | {_number(summary['valid'].get(name))} | {_number(summary['test'].get(name))} |"
         if champion:
-            row += f" {champion['test'].get(name, float('nan')):.4f} |"
+            row += f" {_number(champion['valid'].get(name))} |"
+        if rescored:
+            row += f" {_number(rescored.get(name))} |"
         rows.append(row)
     verdict = "promoted to production" if decision["promoted"] else "kept as challenger"
     return (f"# {summary['dataset']}: model v{decision['version']} {verdict}\n\n{decision['reason']}\n\n"
@@ -37,9 +64,18 @@ def metrics_markdown(summary: dict[str, Any]) -> str:
 
 def stats_markdown(stats: dict[str, Any]) -> str:
     keys = ["users", "items", "interactions", "train", "valid", "test", "density", "split", "kcore"]
-    rows = ["| statistic | value |", "|---|---|"]
-    rows += [f"| {k} | {stats[k]:,} |" if isinstance(stats.get(k), int) else f"| {k} | {stats.get(k)} |" for k in keys]
+    rows = ["| statistic | value |", "|---|---|"] + [f"| {k} | {_number(stats.get(k))} |" for k in keys]
     return f"# {stats.get('dataset')}: dataset\n\n" + "\n".join(rows) + "\n"
+
+
+def curve_rows(run_dir: Path, metric: str) -> list[dict[str, Any]]:
+    """The training curves as table rows: epoch, loss parts, the validation metric, seconds."""
+    import polars as pl
+
+    history = pl.read_parquet(run_dir / "history.parquet")
+    keep = [c for c in history.columns if not c.startswith("valid_") or c == f"valid_{metric}"]
+    return [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}
+            for row in history.select(keep).iter_rows(named=True)]
 
 
 def feature_notes(cfg: PipelineConfig) -> list[str]:
@@ -57,9 +93,11 @@ def feature_notes(cfg: PipelineConfig) -> list[str]:
 
 def publish_artifacts(cfg: PipelineConfig, summary: dict[str, Any]) -> None:
     notes = "\n\n".join(feature_notes(cfg))
-    create_markdown_artifact(metrics_markdown(summary) + (f"\n{notes}\n" if notes else ""), key=_key(cfg, "metrics"),
-                             description="test and validation metrics")
-    create_markdown_artifact(stats_markdown(summary["stats"]), key=_key(cfg, "dataset"), description="dataset statistics")
-    curves = Path(summary["run_dir"]) / "curves.png"
-    create_link_artifact(curves.resolve().as_uri(), link_text="training curves (PNG)", key=_key(cfg, "curves"),
-                         description="loss and validation metric per epoch")
+    create_markdown_artifact(metrics_markdown(summary, cfg.eval.topk) + (f"\n{notes}\n" if notes else ""),
+                             key=artifact_key(cfg, "metrics"), description="validation and test metrics beside the champion's")
+    create_markdown_artifact(stats_markdown(summary["stats"]), key=artifact_key(cfg, "dataset"), description="dataset statistics")
+    run_dir = Path(summary["run_dir"])
+    create_table_artifact(curve_rows(run_dir, cfg.train.metric), key=artifact_key(cfg, "curves"),
+                          description=f"loss and valid {cfg.train.metric} per epoch ({run_dir.name}/curves.png)")
+    create_link_artifact((run_dir / "curves.png").resolve().as_uri(), link_text="training curves (PNG, on the machine that ran)",
+                         key=artifact_key(cfg, "curves-png"), description="loss and validation metric per epoch")

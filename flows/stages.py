@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import diffcl
+from diffcl.config import DATASET_LOCATION_FIELDS, RESULT_NEUTRAL_TRAIN_FIELDS
 from diffcl.io import sha256_file, write_json_atomic
 
 # Bump a stage's number when its outputs change for the same inputs and config.
@@ -36,6 +37,13 @@ CONFIG_FIELDS = {
     "publish": ["publish"],
 }
 
+# Fields of a section left out of a stage's key: where the files are (their content is an input)
+# and where training runs (it does not change the result).
+EXCLUDED_FIELDS = {
+    "prepare": {"dataset": DATASET_LOCATION_FIELDS},
+    "train": {"train": RESULT_NEUTRAL_TRAIN_FIELDS},
+}
+
 Artifact = dict[str, str]  # {"path": ..., "sha256": ...}
 
 
@@ -43,11 +51,12 @@ def artifact(path: str | Path) -> Artifact:
     return {"path": str(path), "sha256": sha256_file(path)}
 
 
-def _select(config: dict[str, Any], dotted: str) -> Any:
+def _select(config: dict[str, Any], dotted: str, stage: str) -> Any:
     node: Any = config
     for part in dotted.split("."):
         node = node[part]
-    return node
+    excluded = EXCLUDED_FIELDS.get(stage, {}).get(dotted, ())
+    return {k: v for k, v in node.items() if k not in excluded} if excluded else node
 
 
 def base_key(stage: str, config: dict[str, Any], inputs: dict[str, Artifact], modality: str | None = None) -> str:
@@ -57,7 +66,7 @@ def base_key(stage: str, config: dict[str, Any], inputs: dict[str, Artifact], mo
         "version": STAGE_VERSIONS[stage],
         "package": diffcl.__version__,
         "dataset": config["dataset"]["name"],
-        "config": {field: _select(config, field) for field in CONFIG_FIELDS[stage]},
+        "config": {field: _select(config, field, stage) for field in CONFIG_FIELDS[stage]},
         "inputs": {name: a["sha256"] for name, a in sorted(inputs.items())},
         **({"modality": modality} if modality is not None else {}),
     }

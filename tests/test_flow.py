@@ -123,10 +123,22 @@ def test_full_flow_then_cached_rerun_then_changed_interactions(prefect_server, d
 
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="diffcl-demo-%")))
+    from diffcl.config import load_config
+    from flows.reporting import artifact_key
+
+    cfg = load_config(config)
     by_key = {a.key: a for a in found}
-    assert {"diffcl-demo-metrics", "diffcl-demo-dataset", "diffcl-demo-curves"} <= set(by_key)
-    assert "recall@20" in by_key["diffcl-demo-metrics"].data and "UNTRAINED" in by_key["diffcl-demo-metrics"].data
-    assert "curves.png" in by_key["diffcl-demo-curves"].data
+    keys = {what: artifact_key(cfg, what) for what in ("metrics", "dataset", "curves", "curves-png", "training")}
+    assert set(keys.values()) <= set(by_key), sorted(by_key)
+    assert all(k.startswith("diffcl-demo-ws-") for k in keys.values())  # dataset and workspace
+    metrics = by_key[keys["metrics"]].data
+    assert "UNTRAINED" in metrics
+    assert all(f"| {m}@{k} |" in metrics for k in cfg.eval.topk for m in ("recall", "ndcg"))  # from eval.topk
+    assert "| density | 0." in by_key[keys["dataset"]].data and "e-" not in by_key[keys["dataset"]].data
+    curves = json.loads(by_key[keys["curves"]].data)  # the curve values, visible in the UI
+    assert [row["epoch"] for row in curves] == [1, 2, 3, 4] and "valid_recall@20" in curves[0]
+    assert "curves.png" in by_key[keys["curves-png"]].data
+    assert by_key[keys["training"]].type == "progress" and by_key[keys["training"]].data == 100.0
     images = server.hits.copy()
 
     # Nothing changed: fetch asks the server (304), every other stage is a cache hit.
@@ -152,6 +164,13 @@ def test_full_flow_then_cached_rerun_then_changed_interactions(prefect_server, d
     assert counter.encoded_texts == 0
     assert changed["stats"]["interactions"] > summary["stats"]["interactions"]
     assert changed["decision"]["version"] == 2
+    # The champion (v1) is evaluated on v2's data before the decision, and both numbers are shown.
+    decision = changed["decision"]
+    assert decision["champion_on_this_data"] is not None and not decision["data_changed"]
+    assert "on this data" in decision["reason"]
+    with get_client(sync_client=True) as client:
+        latest = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[keys["metrics"]])))
+    assert "champion v1 valid (this data)" in latest[0].data and "champion v1 valid (its data)" in latest[0].data
 
 
 def test_deleted_output_reruns_its_stage(prefect_server, demo_over_http, counter):
@@ -225,6 +244,135 @@ def test_deployment_is_registered_with_its_schedule(prefect_server, demo_over_ht
     deployment.apply()
     with get_client(sync_client=True) as client:
         registered = client.read_deployment_by_name("diffcl/full-pipeline")
-    assert registered.parameters == {"config": str(config.resolve()), "overrides": ["train.epochs=2"]}
+    assert registered.parameters == {"config": str(config.resolve()), "served_overrides": ["train.epochs=2"], "overrides": []}
+    assert registered.global_concurrency_limit.limit == 1  # one run at a time
     schedule = registered.schedules[0].schedule
     assert schedule.cron == "0 4 * * 1" and schedule.timezone == "Europe/Berlin"
+
+
+def _flow_logs(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # send the queued log lines before reading them back
+    with get_client(sync_client=True) as client:
+        return [log.message for log in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
+
+
+def test_resume_across_orchestration_changes_and_fresh_folder_when_it_cannot(prefect_server, demo_over_http, monkeypatch):
+    """Issue 13.1: a failed training resumes although settings outside the training changed; a
+    folder that cannot resume makes the next run start a fresh one (with a log line), not fail."""
+    import yaml
+
+    import diffcl.trainer
+    from flows.pipeline import diffcl_flow
+
+    config, _, _ = demo_over_http
+    original = diffcl.trainer.Trainer.train_epoch
+    epochs_run = []
+
+    def dying_epoch(self):
+        if self.epoch == 3:
+            raise RuntimeError("killed during epoch 3")
+        epochs_run.append(self.epoch)
+        return original(self)
+
+    def working_epoch(self):
+        epochs_run.append(self.epoch)
+        return original(self)
+
+    monkeypatch.setattr(diffcl.trainer.Trainer, "train_epoch", dying_epoch)
+    assert diffcl_flow(config=str(config), overrides=["orchestration.stage_timeout_s=600"], return_state=True).is_failed()
+    monkeypatch.setattr(diffcl.trainer.Trainer, "train_epoch", working_epoch)
+    epochs_run.clear()
+    summary = diffcl_flow(config=str(config), overrides=["train.threads=1"])  # timeout dropped, threads changed
+    assert epochs_run == [3, 4]  # resumed, not refused
+    resolved = yaml.safe_load((config.parent / summary["run_dir"] / "config.yaml").read_text())
+    assert resolved["orchestration"]["stage_timeout_s"] == 6 * 3600 and resolved["train"]["threads"] == 1
+
+    monkeypatch.setattr(diffcl.trainer.Trainer, "train_epoch", dying_epoch)
+    assert diffcl_flow(config=str(config), overrides=["train.lr=0.02"], return_state=True).is_failed()
+    runs = sorted((config.parent / "ws/demo/runs").iterdir(), key=lambda p: p.stat().st_mtime)
+    (runs[-1] / "history.json").write_text("[]")  # a history that no longer matches last.pt
+    monkeypatch.setattr(diffcl.trainer.Trainer, "train_epoch", working_epoch)
+    epochs_run.clear()
+    state = diffcl_flow(config=str(config), overrides=["train.lr=0.02"], return_state=True)
+    assert state.is_completed()
+    assert state.result()["run_dir"] == f"{runs[-1]}-r1" and epochs_run == [1, 2, 3, 4]
+    assert any("starting a fresh run folder" in line and "holds 0 of the 2 epochs" in line
+               for line in _flow_logs(state.state_details.flow_run_id))
+
+
+def test_served_and_run_overrides_add_up_progress_is_visible_and_offline_copy(prefect_server, demo_over_http, counter):
+    """Issue 13.2, 6, 3 and 10: a run's overrides apply on top of the served ones (in config.yaml);
+    epoch lines reach the flow run's logs; an unreachable server with a verified copy in raw/
+    fails by default and goes on with fetch.offline_ok; moving identical data reruns nothing."""
+    import yaml
+    from prefect.client.orchestration import get_client
+
+    from flows.deploy import build_deployment
+    from flows.pipeline import diffcl_flow
+
+    config, paths, server = demo_over_http
+    build_deployment(config, ["train.epochs=3"]).apply()
+    with get_client(sync_client=True) as client:
+        served = client.read_deployment_by_name("diffcl/full-pipeline").parameters
+    parameters = {**served, "overrides": ["train.lr=0.02"]}  # what `--param overrides=[...]` makes of them
+    state = diffcl_flow(**parameters, return_state=True)
+    summary = state.result()
+    resolved = yaml.safe_load((config.parent / summary["run_dir"] / "config.yaml").read_text())
+    assert resolved["train"]["epochs"] == 3 and resolved["train"]["lr"] == 0.02
+    logs = _flow_logs(state.state_details.flow_run_id)
+    epoch_lines = [line for line in logs if " | recall@20 " in line and line.startswith("train ")]
+    assert len(epoch_lines) == 3 and "bpr" in epoch_lines[0] and "s + " in epoch_lines[0], logs
+
+    # The server stays down: a verified copy of every source is in raw/.
+    for route in ("/Demo_5.json.gz", "/meta_Demo.json.gz"):
+        server.routes[route].fail_first = 10**6
+    failed = diffcl_flow(**parameters, return_state=True)
+    assert failed.is_failed()
+    assert "holds a verified copy" in str(failed.result(raise_on_failure=False)) and "fetch.offline_ok=true" in str(failed.result(raise_on_failure=False))
+    counter.reset()
+    offline = diffcl_flow(**{**parameters, "overrides": ["train.lr=0.02", "fetch.offline_ok=true"]})
+    assert counter.calls == {} and offline["test"] == summary["test"]
+
+    # The same files read in place from file:// URLs: no stage runs again (keys are on content).
+    text = config.read_text()
+    text = text.replace(server.url("/Demo_5.json.gz"), paths["reviews"].resolve().as_uri())
+    config.write_text(text.replace(server.url("/meta_Demo.json.gz"), paths["meta"].resolve().as_uri()))
+    counter.reset()
+    moved = diffcl_flow(**parameters)
+    assert counter.calls == {} and moved["test"] == summary["test"]
+
+
+def test_second_run_of_a_workspace_is_skipped(prefect_server, demo_over_http, counter):
+    """Issue 13.7: one run per workspace at a time; the second is skipped with a log line."""
+    from diffcl.locks import exclusive_lock
+    from flows.pipeline import diffcl_flow
+
+    config, _, server = demo_over_http
+    with exclusive_lock(config.parent / "ws" / ".pipeline.lock"):
+        state = diffcl_flow(config=str(config), return_state=True)
+    assert state.is_completed() and state.result()["skipped"].startswith("skipped: another pipeline run")
+    assert counter.calls == {} and not server.hits
+    assert any("skipped: another pipeline run" in line for line in _flow_logs(state.state_details.flow_run_id))
+
+
+def test_errors_that_cannot_recover_are_not_retried(prefect_server, demo_over_http, monkeypatch):
+    """Issue 13.3: a missing local file or a 404 fails at once (one attempt), a 503 is retried."""
+    import features.prepare
+    from flows.pipeline import diffcl_flow
+    from tests.test_flow import Counter
+
+    config, paths, server = demo_over_http
+    calls = Counter(monkeypatch)
+    calls.wrap(features.prepare, "acquire")
+    missing = config.parent / "missing.yaml"
+    missing.write_text(config.read_text().replace(server.url("/Demo_5.json.gz"), str(config.parent / "none.json.gz")))
+    assert diffcl_flow(config=str(missing), return_state=True).is_failed()
+    assert calls.calls == {"acquire": 1}
+    server.routes["/Demo_5.json.gz"].status = 404
+    calls.reset()
+    assert diffcl_flow(config=str(config), return_state=True).is_failed()
+    assert calls.calls == {"acquire": 1} and server.hits["/Demo_5.json.gz"] == 1

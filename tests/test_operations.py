@@ -1,0 +1,136 @@
+"""Operating the deployment without a Prefect server: the work-pool definition and its worker
+check, the packaged demo config, `diffcl models` in 80 columns, the champion rule, cache keys
+(issue 13; the flow-level checks are in test_flow.py, on its one test server)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pool_deployment_has_its_own_name_and_the_served_parameters():
+    from flows.deploy import CONCURRENCY_LIMIT, DEPLOYMENT, POOL_DEPLOYMENT
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    (deployment,) = spec["deployments"]
+    assert deployment["name"] == POOL_DEPLOYMENT != DEPLOYMENT
+    assert set(deployment["parameters"]) == {"config", "served_overrides", "overrides"}
+    assert deployment["concurrency_limit"] == CONCURRENCY_LIMIT
+    assert (ROOT / deployment["entrypoint"].split(":")[0]).is_file()
+
+
+def test_worker_pull_step_names_what_to_set(monkeypatch, tmp_path):
+    from prefect.utilities.importtools import import_object
+
+    from flows.worker import WorkerSetupError
+
+    ((name, inputs),) = yaml.safe_load((ROOT / "prefect.yaml").read_text())["pull"][0].items()
+    step = import_object(name)  # as the worker resolves it
+    monkeypatch.delenv("DIFFCL_HOME", raising=False)
+    with pytest.raises(WorkerSetupError, match="DIFFCL_HOME is not set on this worker: export DIFFCL_HOME="):
+        step(**inputs)
+    monkeypatch.setenv("DIFFCL_HOME", str(tmp_path))
+    with pytest.raises(WorkerSetupError, match="no flows/pipeline.py there"):
+        step(**inputs)
+    monkeypatch.setenv("DIFFCL_HOME", str(ROOT))
+    monkeypatch.chdir(tmp_path)
+    assert step(**inputs) == {"directory": str(ROOT)} and Path.cwd() == ROOT
+
+
+def test_demo_runs_from_any_folder(monkeypatch, tmp_path):
+    """Issue 13.11: the packaged demo config (identical to configs/demo.yaml) and its data under ./workspace."""
+    import features.synthetic
+    from diffcl.config import load_config
+    from flows.demo import DEMO_CONFIG, ensure_demo_data, packaged_demo_config, resolve_config
+
+    assert packaged_demo_config().read_text() == (ROOT / "configs/demo.yaml").read_text()
+    monkeypatch.chdir(tmp_path)
+    config = resolve_config(DEMO_CONFIG)
+    assert config == str(packaged_demo_config())
+    cfg = load_config(config)
+    assert cfg.workspace == tmp_path / "workspace"
+    small = features.synthetic.DemoSpec(users=120, items=60, groups=3)  # the default, smaller
+    real = features.synthetic.generate
+    monkeypatch.setattr(features.synthetic, "generate", lambda out: real(out, small))
+    assert ensure_demo_data(cfg) and Path(cfg.dataset.reviews).is_file()
+    assert not ensure_demo_data(cfg)  # present: written once
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs/demo.yaml").write_text("x")
+    assert resolve_config(DEMO_CONFIG) == DEMO_CONFIG  # a checkout's own config wins
+
+
+def test_models_table_fits_80_columns(tmp_path):
+    from flows.cli import app
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"workspace: {tmp_path / 'ws'}\ndataset: {{name: demo, source: amazon2018, reviews: r.json.gz}}\n")
+    metrics = {"recall@20": 0.12345678, "ndcg@20": 0.1}
+    versions = [{"version": v, "model": "diffcl", "valid": metrics, "test": metrics, "promoted": True,
+                 "registered_at": "2025-01-06T03:00:12+00:00", "run_dir": f"/x/runs/diffcl-20250106-030012-ab1{v}"}
+                for v in (1, 2, 12)]
+    registry = tmp_path / "ws/demo/registry.json"
+    registry.parent.mkdir(parents=True)
+    registry.write_text(json.dumps({"production": 12, "versions": versions}))
+    result = CliRunner().invoke(app, ["models", str(config)], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80, result.output
+    assert "diffcl-20250106-030012-ab112" in result.output and "v12 *" in result.output and "0.1235" in result.output
+
+
+def test_champion_on_other_data_is_rescored_or_the_documented_rule_applies(tmp_path):
+    from diffcl.registry import Registry
+
+    def entry(value, data):
+        return {"model": "m", "run_dir": "r", "valid": {"recall@20": value}, "test": {"recall@20": value}, "data_sha256": data}
+
+    registry = Registry(tmp_path / "registry.json")
+    registry.register(entry(0.30, "a"), "recall@20")
+    kept = registry.register(entry(0.25, "b"), "recall@20", rescore=lambda champion: ({"recall@20": 0.28}, ""))
+    assert not kept.promoted and kept.champion_on_this_data == {"recall@20": 0.28} and "on this data" in kept.reason
+    changed = registry.register(entry(0.10, "c"), "recall@20", rescore=lambda champion: (None, "its users or items differ"))
+    assert changed.promoted and changed.data_changed and "its users or items differ" in changed.reason
+    same = registry.register(entry(0.05, "c"), "recall@20", rescore=lambda champion: pytest.fail("same data: no rescore"))
+    assert not same.promoted
+
+
+def test_cache_keys_ignore_locations_and_where_training_runs():
+    from diffcl.config import load_config
+    from diffcl.trainer import training_identity
+    from flows.stages import base_key
+
+    def data(**dataset):
+        return load_config({"dataset": {"name": "d", "source": "amazon2018", **dataset}}).model_dump(mode="json")
+
+    here, there = data(reviews="/a/r.json.gz"), data(reviews="file:///b/r.json.gz")
+    inputs = {"reviews": {"path": "/a/r.json.gz", "sha256": "0" * 64}}
+    assert base_key("prepare", here, inputs) == base_key("prepare", there, {"reviews": {"path": "/b", "sha256": "0" * 64}})
+    moved = {**here, "train": {**here["train"], "threads": 1, "device": "cpu"}, "orchestration": {**here["orchestration"], "stage_timeout_s": 5}}
+    assert base_key("train", here, {}) == base_key("train", moved, {})
+    assert training_identity(here) == training_identity(moved)
+    assert base_key("train", here, {}) != base_key("train", {**here, "train": {**here["train"], "lr": 0.5}}, {})
+
+
+def test_artifact_keys_name_workspace_and_dataset(tmp_path):
+    import re
+
+    from diffcl.config import load_config
+    from flows.reporting import artifact_key
+
+    def key(workspace):
+        return artifact_key(load_config({"workspace": str(workspace), "dataset": {"name": "Baby_2014", "source": "amazon2014", "preset": "baby"}}), "metrics")
+
+    a, b = key(tmp_path / "one" / "workspace"), key(tmp_path / "two" / "workspace")
+    assert a != b and a.startswith("diffcl-baby-2014-workspace-") and all(re.fullmatch(r"[a-z0-9-]+", k) for k in (a, b))
+
+
+def test_report_metric_names_follow_eval_topk():
+    from diffcl.metrics import metric_names
+
+    assert metric_names([5, 50]) == ["recall@5", "ndcg@5", "precision@5", "map@5", "hit@5",
+                                     "recall@50", "ndcg@50", "precision@50", "map@50", "hit@50"]
+    for path in ("flows/cli.py", "flows/reporting.py", "flows/pipeline.py"):
+        assert "recall@10" not in (ROOT / path).read_text() and "recall@20" not in (ROOT / path).read_text(), path
