@@ -1,11 +1,12 @@
 """DiffCL and FREEDOM against the baselines; prints the tables of the multimodal issue.
 
-    .venv/bin/python benchmarks/multimodal.py --part accuracy   # Scientific, real MiniLM text, 3 seeds
-    .venv/bin/python benchmarks/multimodal.py --part ablations  # spec section 10 on Scientific, 1 seed
+    .venv/bin/python benchmarks/multimodal.py --part accuracy --dataset tiktok      # real visual + acoustic, 3 seeds
+    .venv/bin/python benchmarks/multimodal.py --part accuracy --dataset scientific  # real MiniLM text, 3 seeds
+    .venv/bin/python benchmarks/multimodal.py --part ablations --dataset tiktok     # spec section 10, 3 seeds
     .venv/bin/python benchmarks/multimodal.py --part timing     # Baby, stand-in 4096/384-d features
     .venv/bin/python benchmarks/multimodal.py --part demo       # synthetic demo data with planted structure
-    .venv/bin/python benchmarks/multimodal.py                   # all four
 
+``--overlay MODEL=FILE`` trains MODEL (a row name) at tuned settings (a `diffcl tune` overlay).
 Model selection is on validation only; test metrics are taken at the best validation epoch.
 """
 
@@ -34,12 +35,15 @@ ROOT = Path(__file__).resolve().parents[1]
 console = Console(width=200)
 METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 
+DATASETS = {
+    "scientific": ("configs/scientific.yaml", "Scientific (real MiniLM text, no images)"),
+    "tiktok": ("configs/tiktok.yaml", "TikTok (real 128-d visual and acoustic features, published split)"),
+}
 MODELS = {
     "MF-BPR": ["model.name=mf"],
     "LightGCN": ["model.name=lightgcn"],
     "FREEDOM": ["model.name=freedom"],
     "DiffCL": ["model.name=diffcl"],
-    "DiffCL w/o diffusion": ["model.name=diffcl", "model.diffcl.diffusion.enabled=false"],
 }
 ABLATIONS = {
     "DiffCL (full)": [],
@@ -48,14 +52,18 @@ ABLATIONS = {
     "w/o alignment": ["model.diffcl.alignment=false"],
     "w/o item-item graph": ["model.diffcl.item_graph=false"],
     "w/o ID branch": ["model.diffcl.id_branch=false"],
-    "text only": ["model.diffcl.modalities=[text]"],
-    "visual only": ["model.diffcl.modalities=[image]"],
     "ID only": ["model.diffcl.modalities=[]"],
 }
 
 
-def run(config_path: str | Path, overrides: list[str]) -> dict:
-    trainer = Trainer(load_config(config_path, overrides))
+def ablations_for(modalities: list[str]) -> dict[str, list[str]]:
+    """Section 10's ablations plus each of the dataset's modalities alone."""
+    alone = {f"{m} only": [f"model.diffcl.modalities=[{m}]"] for m in modalities} if len(modalities) > 1 else {}
+    return {**ABLATIONS, **alone}
+
+
+def run(config_path: str | Path, overrides: list[str], overlays: list[Path] | None = None) -> dict:
+    trainer = Trainer(load_config(config_path, overrides, overlays=overlays or []))
     start = time.perf_counter()
     metrics = trainer.fit().metrics
     metrics["wall"] = time.perf_counter() - start
@@ -63,50 +71,58 @@ def run(config_path: str | Path, overrides: list[str]) -> dict:
     return metrics
 
 
-def _scientific(workspace: str) -> Path | None:
-    config = ROOT / "configs" / "scientific.yaml"
+def _prepared(dataset: str, workspace: str) -> Path | None:
+    """The dataset's config after its data and features are prepared in ``workspace``; None when
+    its files under ../shared/data are absent."""
+    config = ROOT / DATASETS[dataset][0]
     cfg = load_config(config, [f"workspace={workspace}"])
-    if not Path(cfg.dataset.interactions).exists():
-        console.print("skipped: ../shared/data/amazon-scientific is absent")
+    source = cfg.dataset.path or cfg.dataset.interactions
+    if not Path(source).exists():
+        console.print(f"skipped: {source} is absent")
         return None
     prepare(cfg, progress=False)
     run_features(cfg, progress=False)
     return config
 
 
-def part_accuracy(workspace: str, seeds: list[int], extra: list[str], models: list[str] | None = None) -> None:
-    config = _scientific(workspace)
-    if config is None:
-        return
-    table = Table(title=f"Scientific (real MiniLM text, visual off): test metrics, mean ± sd over seeds {seeds}")
-    for col in ("model", *METRICS, "best epochs", "s/epoch"):
+def _mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
+
+
+def _seed_table(title: str, first: str, rows: dict[str, list[str]], config: Path, workspace: str, seeds: list[int],
+                extra: list[str], overlays: dict[str, Path]) -> None:
+    """One row per variant: test metrics at the best validation epoch, mean ± sd over ``seeds``."""
+    table = Table(title=f"{title}: test at the best valid epoch, mean ± sd over seeds {seeds}")
+    for col in (first, *METRICS, "valid R@20", "best epochs", "s/run"):
         table.add_column(col, justify="right")
-    for name, overrides in MODELS.items():
-        if models and name not in models:
-            continue
-        runs = [run(config, [f"workspace={workspace}", f"train.seed={s}", *overrides, *extra]) for s in seeds]
-        cells = []
-        for metric in METRICS:
-            values = [r["test"][metric] for r in runs]
-            sd = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.4f} ± {sd:.4f}")
-        table.add_row(name, *cells, ",".join(str(r["best_epoch"]) for r in runs),
-                      f"{statistics.mean(r['epoch_seconds'] for r in runs):.2f}")
+    for name, overrides in rows.items():
+        runs = [run(config, [f"workspace={workspace}", f"train.seed={s}", *overrides, *extra],
+                    [overlays[name]] if name in overlays else None) for s in seeds]
+        tuned = " (tuned)" if name in overlays else ""
+        table.add_row(name + tuned, *(_mean_sd([r["test"][k] for r in runs]) for k in METRICS),
+                      _mean_sd([r["valid"]["recall@20"] for r in runs]),
+                      ",".join(str(r["best_epoch"]) for r in runs), f"{statistics.mean(r['wall'] for r in runs):.0f}")
         console.print(table)
 
 
-def part_ablations(workspace: str, extra: list[str]) -> None:
-    config = _scientific(workspace)
+def part_accuracy(dataset: str, workspace: str, seeds: list[int], extra: list[str], models: list[str] | None,
+                  overlays: dict[str, Path]) -> None:
+    config = _prepared(dataset, workspace)
+    if config is not None:
+        rows = {name: o for name, o in MODELS.items() if not models or name in models}
+        _seed_table(DATASETS[dataset][1], "model", rows, config, workspace, seeds, extra, overlays)
+
+
+def part_ablations(dataset: str, workspace: str, seeds: list[int], extra: list[str], overlays: dict[str, Path]) -> None:
+    config = _prepared(dataset, workspace)
     if config is None:
         return
-    table = Table(title="DiffCL ablations (spec section 10), Scientific, seed 2024")
-    for col in ("variant", *METRICS, "valid R@20", "best epoch", "s/epoch", "branches"):
-        table.add_column(col, justify="right")
-    for name, overrides in ABLATIONS.items():
-        m = run(config, [f"workspace={workspace}", "model.name=diffcl", *overrides, *extra])
-        table.add_row(name, *(f"{m['test'][k]:.4f}" for k in METRICS), f"{m['valid']['recall@20']:.4f}",
-                      str(m["best_epoch"]), f"{m['epoch_seconds']:.2f}", m["describe"])
-    console.print(table)
+    modalities = load_config(config, [f"workspace={workspace}"]).model.diffcl.modalities
+    rows = {name: ["model.name=diffcl", *o] for name, o in ablations_for(modalities).items()}
+    # The ablations run at DiffCL's tuned settings when there are any.
+    tuned = {name: overlays["DiffCL"] for name in rows} if "DiffCL" in overlays else {}
+    _seed_table(f"DiffCL ablations, {DATASETS[dataset][1]}", "variant", rows, config, workspace, seeds, extra, tuned)
 
 
 def part_timing(workspace: str, epochs: int, extra: list[str]) -> None:
@@ -216,21 +232,28 @@ def part_demo(workspace: str, extra: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["accuracy", "ablations", "timing", "demo"], action="append")
+    parser.add_argument("--dataset", choices=list(DATASETS), action="append", help="accuracy / ablations (default: both)")
+    parser.add_argument("--overlay", action="append", default=[], metavar="MODEL=FILE",
+                        help="train a model row at the settings of a `diffcl tune` overlay")
     parser.add_argument("--seeds", type=int, nargs="+", default=[2024, 2025, 2026])
     parser.add_argument("--timing-epochs", type=int, default=4)
     parser.add_argument("--workspace", default=None, help="default: a temporary folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), help="accuracy part: only these models")
     args = parser.parse_args()
+    overlays = {name: Path(path) for name, _, path in (item.partition("=") for item in args.overlay)}
+    datasets = args.dataset or list(DATASETS)
     logging.basicConfig(level=logging.WARNING)
     parts = args.part or ["accuracy", "ablations", "timing", "demo"]
     with tempfile.TemporaryDirectory() as tmp:
         workspace = args.workspace or tmp
         for part in parts:
             if part == "accuracy":
-                part_accuracy(workspace, args.seeds, args.overrides, args.models)
+                for dataset in datasets:
+                    part_accuracy(dataset, workspace, args.seeds, args.overrides, args.models, overlays)
             elif part == "ablations":
-                part_ablations(workspace, args.overrides)
+                for dataset in datasets:
+                    part_ablations(dataset, workspace, args.seeds, args.overrides, overlays)
             elif part == "timing":
                 part_timing(workspace, args.timing_epochs, args.overrides)
             else:
