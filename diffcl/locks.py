@@ -22,7 +22,12 @@ class LockBusy(RuntimeError):
 
     def __init__(self, path: Path, pid: int | None):
         self.path, self.pid = path, pid
-        super().__init__(f"{path} is locked by another process (pid {pid if pid is not None else 'unknown'})")
+        super().__init__(f"{path} is locked by another process ({self.holder})")
+
+    @property
+    def holder(self) -> str:
+        """``pid N`` or ``pid unknown``: the one way every message names the holder."""
+        return f"pid {self.pid if self.pid is not None else 'unknown'}"
 
 
 def _holder_pid(path: Path) -> int | None:

@@ -71,7 +71,7 @@ class Registry:
                 self.data = self._read()  # what other processes registered since this one read it
                 return self._register(entry, metric, promote_if, rescored)
         except LockBusy as err:
-            raise RegistryBusy(f"{self.path} is being updated by another process (pid {err.pid}) "
+            raise RegistryBusy(f"{self.path} is being updated by another process ({err.holder}) "
                                f"for more than {LOCK_TIMEOUT_S:.0f} s; try again") from None
 
     def _register(self, entry: dict[str, Any], metric: str, promote_if: str,

@@ -314,7 +314,7 @@ class Trainer:
             with exclusive_lock(self.run_dir / ".lock"):
                 return self._fit_locked()
         except LockBusy as err:
-            raise TrainError(f"run {self.run_id} is being trained by another process (pid {err.pid or 'unknown'}); "
+            raise TrainError(f"run {self.run_id} is being trained by another process ({err.holder}); "
                              "wait for it, or start a new run without --run-id") from None
 
     def _fit_locked(self) -> TrainResult:

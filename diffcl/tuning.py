@@ -253,7 +253,7 @@ def tune(config: PipelineConfig, budget: SearchBudget, study: str | None = None)
                                 timeout=budget.timeout_s, callbacks=[_log_trial], gc_after_trial=False)
             return summarize(handle, storage, overlay_path, config, space)
     except LockBusy as err:
-        raise TuneError(f"study {study!r} is being searched by another process (pid {err.pid or 'unknown'})") from None
+        raise TuneError(f"study {study!r} is being searched by another process ({err.holder})") from None
 
 
 # ------------------------------------------------------------------------------------ outputs

@@ -330,7 +330,7 @@ def diffcl_flow(config: str = "configs/demo.yaml", overrides: list[str] | None =
         try:
             held.enter_context(exclusive_lock(lock, timeout_s=cfg.orchestration.lock_wait_s))
         except LockBusy as err:
-            message = (f"skipped: another pipeline run (pid {err.pid or 'unknown'}) works in {cfg.workspace} "
+            message = (f"skipped: another pipeline run ({err.holder}) works in {cfg.workspace} "
                        f"(waited {cfg.orchestration.lock_wait_s:g} s, orchestration.lock_wait_s)")
             logger.warning(message)
             return {"dataset": cfg.dataset.name, "skipped": message}
