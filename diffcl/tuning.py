@@ -39,7 +39,7 @@ from diffcl.config import (
 from diffcl.io import write_text_atomic
 from diffcl.locks import LockBusy, exclusive_lock
 from diffcl.trainer import DivergedError, Trainer
-from diffcl.workspace import RUN_ID_PATTERN, DatasetDirs
+from diffcl.workspace import DatasetDirs, RunIdError, check_run_id
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,8 @@ def study_paths(config: PipelineConfig, study: str) -> tuple[Path, Path]:
     return folder / f"{study}.db", folder / f"{study}-best.yaml"
 
 
-def trial_run_id(study: str, number: int) -> str:
+def trial_run_id(study: str, number: int | str) -> str:
+    """The run folder of trial ``number`` (``"*"``: the pattern of all of the study's)."""
     return f"tune-{study}-{number}"
 
 
@@ -166,7 +167,7 @@ def _objective(base: PipelineConfig, space: SearchSpace, study: str, budget: Sea
         trainer = Trainer(config, run_id, on_epoch=lambda row: report_epoch(trial, row, metric), evaluate_test=False)
         if trainer.run_dir.exists():  # trial numbers only grow: this folder is from a study since removed
             raise TuneError(f"{trainer.run_dir} already exists (from an earlier study {study!r} whose database "
-                            f"was removed?); remove the {trial_run_id(study, 0)[:-1]}* run folders or use another --study")
+                            f"was removed?); remove the {trial_run_id(study, '*')} run folders or use another --study")
         start = time.perf_counter()
         try:
             metrics = trainer.fit().metrics
@@ -235,10 +236,13 @@ def tune(config: PipelineConfig, budget: SearchBudget, study: str | None = None)
     """Run (or resume) the search until the study holds ``budget.trials`` finished trials."""
     if budget.trials < 1:
         raise TuneError(f"--trials must be at least 1 (got {budget.trials})")
+    if budget.max_epochs is not None and budget.max_epochs < 1:
+        raise TuneError(f"--max-epochs must be at least 1 (got {budget.max_epochs})")
     study = study or config.model.name
-    if not RUN_ID_PATTERN.fullmatch(study):  # it names files and run folders
-        raise TuneError(f"invalid study name {study!r}: use 1-128 letters, digits, '.', '_' or '-', "
-                        "starting with a letter or digit")
+    try:
+        check_run_id(study, "study name")  # it names files and run folders
+    except RunIdError as err:
+        raise TuneError(str(err)) from None
     space = search_space(config.model.name)
     storage, overlay_path = study_paths(config, study)
     storage.parent.mkdir(parents=True, exist_ok=True)

@@ -16,10 +16,11 @@ class RunIdError(ValueError):
     pass
 
 
-def check_run_id(run_id: str) -> str:
-    """``run_id`` itself, or RunIdError: ids are folder names, never paths out of ``runs/``."""
+def check_run_id(run_id: str, what: str = "run id") -> str:
+    """``run_id`` itself, or RunIdError: ids are folder names, never paths out of ``runs/``.
+    ``what`` names the value in the message (a study name follows the same rule)."""
     if not RUN_ID_PATTERN.fullmatch(run_id):
-        raise RunIdError(f"invalid run id {run_id!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        raise RunIdError(f"invalid {what} {run_id!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
     return run_id
 
 

@@ -240,8 +240,6 @@ def tune(
     from diffcl.tuning import SearchBudget, TuneError, budget_line
     from diffcl.tuning import tune as run_tune
 
-    if max_epochs is not None and max_epochs < 1:
-        _fail(f"--max-epochs must be at least 1 (got {max_epochs})")
     cfg = _load(config, set_, overlay)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # diffcl.tuning logs each trial; errors end the command
     if logging.getLogger().level > logging.DEBUG:

@@ -138,3 +138,7 @@ def test_cli_tune_prints_trials_and_the_overlay_as_set(demo_workspace, tmp_path)
         assert text in result.output, text
     bad = CliRunner().invoke(app, [*args[:3], "0"])
     assert bad.exit_code == 2 and "--trials must be at least 1" in bad.output
+    bad = CliRunner().invoke(app, [*args, "--max-epochs", "0"])
+    assert bad.exit_code == 2 and "--max-epochs must be at least 1" in bad.output
+    bad = CliRunner().invoke(app, [*args, "--study", "../x"])
+    assert bad.exit_code == 2 and "invalid study name '../x'" in bad.output
