@@ -31,7 +31,6 @@ from diffcl.config import (
     LogUniform,
     PipelineConfig,
     SearchSpace,
-    Uniform,
     load_config,
     overlay_overrides,
     search_space,
@@ -113,8 +112,6 @@ def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
     for key, spec in space.items():
         if isinstance(spec, LogUniform):
             params[key] = trial.suggest_float(key, spec.low, spec.high, log=True)
-        elif isinstance(spec, Uniform):
-            params[key] = trial.suggest_float(key, spec.low, spec.high)
         elif isinstance(spec, IntRange):
             params[key] = trial.suggest_int(key, spec.low, spec.high)
         elif isinstance(spec, Choice):

@@ -60,6 +60,3 @@ class DatasetDirs:
     @property
     def runs(self) -> Path:
         return self.root / "runs"
-
-    def run(self, run_id: str) -> Path:
-        return self.runs / check_run_id(run_id)
