@@ -411,9 +411,10 @@ def data_changed_message(run_dir: Path, recorded: str, current: str) -> str:
             "Train a new run on the current data: `diffcl train CONFIG`")
 
 
-def load_run(run_dir: Path) -> tuple[PipelineConfig, Trainer]:
+def load_run(run_dir: Path, same_data: bool = True) -> tuple[PipelineConfig, Trainer]:
     """A trainer for a finished (or interrupted) run, with its best weights loaded. Refused with a
-    clear error when the prepared data has changed since the run was trained."""
+    clear error when the prepared data has changed since the run was trained, unless ``same_data``
+    is off (a champion rescored on new data with the same users and items)."""
     from diffcl.config import ConfigError, load_config
 
     run_dir = Path(run_dir)
@@ -429,7 +430,7 @@ def load_run(run_dir: Path) -> tuple[PipelineConfig, Trainer]:
         raise TrainError(f"{config_path}: {err}") from None
     interactions = DatasetDirs.of(config.workspace, config.dataset.name).prepared / "interactions.parquet"
     recorded = recorded_data_hash(run_dir)
-    if recorded and interactions.exists() and (current := sha256_file(interactions)) != recorded:
+    if same_data and recorded and interactions.exists() and (current := sha256_file(interactions)) != recorded:
         raise TrainError(data_changed_message(run_dir, recorded, current))
     trainer = Trainer(config)  # a generated id creates nothing; the run is the folder given
     trainer.run_id, trainer.run_dir = run_dir.name, run_dir

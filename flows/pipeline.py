@@ -258,13 +258,9 @@ def champion_rescorer(id_tables: dict[str, str]):
 
 
 def _evaluate_on_current_data(run_dir: Path) -> dict[str, float]:
-    import torch
-    import yaml
+    from diffcl.trainer import load_run
 
-    from diffcl.trainer import Trainer
-
-    trainer = Trainer(load_config(yaml.safe_load((run_dir / "config.yaml").read_text())))  # creates no folder
-    trainer.model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True, map_location=trainer.device))
+    _, trainer = load_run(run_dir, same_data=False)
     return trainer.evaluate("valid")
 
 

@@ -207,6 +207,8 @@ def test_evaluate_and_recommend_after_reprepare_say_to_retrain(reprepared_run, t
     run_dir, config = reprepared_run
     with pytest.raises(TrainError, match="prepared data changed since this run was trained"):
         load_run(run_dir)
+    with pytest.raises(TrainError, match="does not fit the current data"):  # as a champion rescored on it
+        load_run(run_dir, same_data=False)
     for args in (["evaluate", str(run_dir)], ["recommend", str(run_dir), "--user", "0"]):
         result = runner.invoke(app, args)
         assert result.exit_code == 2, result.output
