@@ -344,12 +344,13 @@ def run(
     from flows.reporting import feature_notes
 
     config = Path(resolve_config(config))
-    cfg = _load(config, set_, overlay)  # validate before starting Prefect
-    if ensure_demo_data(cfg):
-        console.print(f"demo data written to {cfg.dataset.reviews and Path(cfg.dataset.reviews).parent}")
+    overrides = _overlay_sets(overlay) + list(set_ or [])  # the flow takes a config and overrides
+    cfg = _load(config, overrides)  # validated before starting Prefect: what the flow will run
+    if written := ensure_demo_data(cfg):
+        console.print(f"demo data written to {written}")
     source = str(config.resolve()) if config.exists() else str(config)  # or a preset name
     try:
-        summary = diffcl_flow(config=source, overrides=_overlay_sets(overlay) + list(set_ or []))
+        summary = diffcl_flow(config=source, overrides=overrides)
     except (TrainError, RegistryBusy) as err:  # e.g. another `diffcl run` trains the same run
         _fail(str(err))
     if summary.get("skipped"):
@@ -373,6 +374,9 @@ def serve(
 ) -> None:
     """Register and serve the deployment diffcl/full-pipeline on its schedule (needs a Prefect API).
     The --set overrides are the deployment's served_overrides: a run's overrides apply on top."""
+    from flows.demo import resolve_config
+
+    config = Path(resolve_config(config))
     _load(config, set_)
     from prefect import serve as prefect_serve
 

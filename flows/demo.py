@@ -27,15 +27,15 @@ def resolve_config(config: str | Path) -> str:
     return str(config)
 
 
-def ensure_demo_data(cfg: PipelineConfig) -> bool:
+def ensure_demo_data(cfg: PipelineConfig) -> Path | None:
     """Write the synthetic demo dataset when the config reads it from ./workspace/demo-source and it
-    is missing there; True when it was written."""
+    is missing there; the folder when it was written, else None."""
     from features.synthetic import generate
 
     source = DEMO_SOURCE.resolve()
     wanted = [Path(p) for p in (cfg.dataset.reviews, cfg.dataset.meta) if p]
     if not wanted or any(p.parent != source for p in wanted) or all(p.exists() for p in wanted):
-        return False
+        return None
     paths = generate(source)
     log.info("demo data written to %s (%s, %s)", source, paths["reviews"].name, paths["meta"].name)
-    return True
+    return source

@@ -319,8 +319,8 @@ def diffcl_flow(config: str = "configs/demo.yaml", overrides: list[str] | None =
     cfg = load_config(resolve_config(config), [*(served_overrides or []), *(overrides or [])])  # validated first
     if served_overrides or overrides:
         logger.info("overrides: served %s, then this run's %s", served_overrides or [], overrides or [])
-    if ensure_demo_data(cfg):
-        logger.info("demo data written under %s", Path.cwd())
+    if written := ensure_demo_data(cfg):
+        logger.info("demo data written to %s", written)
     lock = Path(cfg.workspace) / ".pipeline.lock"
     with contextlib.ExitStack() as held:
         try:

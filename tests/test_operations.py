@@ -63,6 +63,20 @@ def test_demo_runs_from_any_folder(monkeypatch, tmp_path):
     assert resolve_config(DEMO_CONFIG) == DEMO_CONFIG  # a checkout's own config wins
 
 
+def test_serve_without_a_config_serves_the_packaged_demo_from_any_folder(monkeypatch, tmp_path):
+    import prefect
+
+    from flows.cli import app
+    from flows.demo import packaged_demo_config
+
+    served = []
+    monkeypatch.setattr(prefect, "serve", lambda *deployments: served.extend(deployments))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["serve"])
+    assert result.exit_code == 0, result.output
+    assert served[0].parameters["config"] == str(packaged_demo_config())
+
+
 def test_models_table_fits_80_columns(tmp_path):
     from flows.cli import app
 
