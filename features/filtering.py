@@ -8,8 +8,6 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from features.records import DataError
-
 SPLITS = ("train", "valid", "test")
 SplitEnum = pl.Enum(list(SPLITS))
 
@@ -79,12 +77,3 @@ def users_without_train(frame: pl.DataFrame) -> pl.Series:
     per_user = frame.group_by("user").agg((pl.col("split") == "train").any().alias("has_train"))
     return per_user.filter(~pl.col("has_train")).get_column("user").sort()
 
-
-def check_split(frame: pl.DataFrame, origin: str) -> None:
-    """Every user needs training items, or it cannot be represented by the model."""
-    lacking = users_without_train(frame)
-    if lacking.len():
-        raise DataError(
-            f"{origin}: the split leaves {lacking.len()} user(s) without training interactions "
-            f"(e.g. user {lacking[0]}); raise prepare.kcore (3 or more) or fix the split"
-        )

@@ -30,14 +30,7 @@ from diffcl.data import table_hashes
 from diffcl.io import write_json_atomic, write_parquet_atomic
 from diffcl.workspace import DatasetDirs
 from features.fetch import FetchError, Manifest, fetch, local_manifest, verified_copy
-from features.filtering import (
-    SplitEnum,
-    assign_split,
-    check_split,
-    deduplicate,
-    kcore,
-    users_without_train,
-)
+from features.filtering import SplitEnum, assign_split, deduplicate, kcore, users_without_train
 from features.readers import RawData, read_dataset
 from features.records import DataError
 from features.sources import SourceFile, source_files
@@ -167,7 +160,7 @@ def prepare(config: PipelineConfig, progress: bool = True,
         "valid": per_split.get("valid", 0),
         "test": per_split.get("test", 0),
         "density": interactions.height / (n_users * n_items),
-        "split": _split_kind(raw, prep.split),
+        "split": tables.split,
         "kcore": tables.kcore,
         "cold_start_users": tables.cold_start_users,
         "cold_start_interactions": tables.cold_start_interactions,
@@ -213,7 +206,8 @@ class Tables:
     interactions: pl.DataFrame
     users: pl.DataFrame
     items: pl.DataFrame
-    kcore: int
+    split: str  # shipped | random | chronological: the split actually used
+    kcore: int  # the k-core actually applied (prepare.kcore, or its auto value)
     cold_start_users: int = 0  # users dropped for want of a training interaction
     cold_start_interactions: int = 0  # their valid / test interactions, dropped with them
 
@@ -254,13 +248,12 @@ def _build_tables(raw: RawData, config: PipelineConfig) -> Tables:
     else:
         frame = assign_split(frame, ratios=prep.ratios, seed=prep.seed)
     before = frame.height
-    frame, users, cold = _drop_cold_start_users(frame, users)
-    check_split(frame, origin)
+    frame, users, cold = _drop_cold_start_users(frame, users)  # every user left has a training item
 
     keep = ["user", "item", "split"] + [c for c in ("rating", "timestamp", "position") if c in frame.columns]
     interactions = frame.select(keep).sort("user", "item")
     items = _item_table(items_ids, raw.items)
-    return Tables(interactions, users.select("user", "user_id"), items, k, cold, before - frame.height)
+    return Tables(interactions, users.select("user", "user_id"), items, kind, k, cold, before - frame.height)
 
 
 def _with_catalogue(frame: pl.DataFrame, catalogue: pl.DataFrame | None) -> pl.DataFrame:

@@ -2,8 +2,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from features.filtering import assign_split, check_split, deduplicate, kcore
-from features.records import DataError
+from features.filtering import assign_split, deduplicate, kcore, users_without_train
 
 
 def brute_kcore(pairs: set[tuple[int, int]], k: int) -> set[tuple[int, int]]:
@@ -88,7 +87,6 @@ def test_chronological_split_takes_latest_for_test():
         assert rows.get_column("split").to_list()[: n - 2] == ["train"] * (n - 2)
 
 
-def test_users_without_training_items_are_an_error():
+def test_users_without_training_items_are_found():
     out = assign_split(_frame([2, 10]), ratios=(0.8, 0.1, 0.1), seed=0)
-    with pytest.raises(DataError, match="without training interactions"):
-        check_split(out, "toy")
+    assert users_without_train(out).to_list() == [0]  # prepare drops them (test_modalities)
