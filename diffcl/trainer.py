@@ -235,7 +235,7 @@ class Trainer:
         self.history = [row for row in history if row["epoch"] <= state["epoch"]]
         if len(self.history) != state["epoch"]:
             raise ResumeRefused(f"{history_path} holds {len(self.history)} of the {state['epoch']} epochs in {path}; "
-                             "the run cannot resume, use a new --run-id")
+                                "the run cannot resume, use a new --run-id")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.best_value = state["epoch"], state["best_value"]

@@ -200,15 +200,15 @@ def _fit_resuming(cfg: PipelineConfig, base_id: str, progress: TrainingProgress)
     config or data, broken history), into the first of ``base_id-r1``, ``-r2``, ... that can."""
     from diffcl.trainer import ResumeRefused, Trainer
 
-    attempt = 0
+    run_id, attempt = base_id, 0
     while True:
-        run_id = base_id if attempt == 0 else f"{base_id}-r{attempt}"
         progress.trainer = Trainer(cfg, run_id=run_id, on_epoch=progress.epoch)
         try:
             return progress.trainer.fit()
         except ResumeRefused as err:
             attempt += 1
-            progress.logger.warning("train: %s; starting a fresh run folder %s-r%d instead", err, base_id, attempt)
+            run_id = f"{base_id}-r{attempt}"
+            progress.logger.warning("train: %s; starting a fresh run folder %s instead", err, run_id)
 
 
 @_stage("train")

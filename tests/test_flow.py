@@ -208,6 +208,19 @@ def test_network_stage_fails_twice_then_succeeds(prefect_server, demo_over_http)
     assert summary["test"]["recall@20"] > 0
 
 
+def _recording_epoch(original, epochs_run: list[int], die_at: int | None = None):
+    """A Trainer.train_epoch that records each epoch it runs (``self.epoch`` before it) and, with
+    ``die_at``, fails at that epoch as a killed stage would."""
+
+    def train_epoch(self):
+        if self.epoch == die_at:
+            raise RuntimeError(f"killed during epoch {die_at}")
+        epochs_run.append(self.epoch)
+        return original(self)
+
+    return train_epoch
+
+
 def test_killed_stage_resumes_on_next_run(prefect_server, demo_over_http, counter, monkeypatch):
     import diffcl.trainer
     from flows.pipeline import diffcl_flow
@@ -215,19 +228,12 @@ def test_killed_stage_resumes_on_next_run(prefect_server, demo_over_http, counte
     config, _, _ = demo_over_http
     original = diffcl.trainer.Trainer.train_epoch
     epochs_run = []
-
-    def dying_epoch(self):
-        if self.epoch == 3:
-            raise RuntimeError("killed during epoch 3")
-        epochs_run.append(self.epoch)
-        return original(self)
-
-    monkeypatch.setattr(diffcl.trainer.Trainer, "train_epoch", dying_epoch)
+    monkeypatch.setattr(diffcl.trainer.Trainer, "train_epoch", _recording_epoch(original, epochs_run, die_at=3))
     state = diffcl_flow(config=str(config), return_state=True)
     assert state.is_failed()
     assert epochs_run == [1, 2]  # the retry resumed after epoch 2 and died again at epoch 3
 
-    monkeypatch.setattr(diffcl.trainer.Trainer, "train_epoch", lambda self: (epochs_run.append(self.epoch), original(self))[1])
+    monkeypatch.setattr(diffcl.trainer.Trainer, "train_epoch", _recording_epoch(original, epochs_run))
     counter.reset()
     summary = diffcl_flow(config=str(config))
     assert epochs_run == [1, 2, 3, 4]  # resumed at epoch 3, not from scratch
@@ -272,17 +278,8 @@ def test_resume_across_orchestration_changes_and_fresh_folder_when_it_cannot(pre
     config, _, _ = demo_over_http
     original = diffcl.trainer.Trainer.train_epoch
     epochs_run = []
-
-    def dying_epoch(self):
-        if self.epoch == 3:
-            raise RuntimeError("killed during epoch 3")
-        epochs_run.append(self.epoch)
-        return original(self)
-
-    def working_epoch(self):
-        epochs_run.append(self.epoch)
-        return original(self)
-
+    dying_epoch = _recording_epoch(original, epochs_run, die_at=3)
+    working_epoch = _recording_epoch(original, epochs_run)
     monkeypatch.setattr(diffcl.trainer.Trainer, "train_epoch", dying_epoch)
     assert diffcl_flow(config=str(config), overrides=["orchestration.stage_timeout_s=600"], return_state=True).is_failed()
     monkeypatch.setattr(diffcl.trainer.Trainer, "train_epoch", working_epoch)
