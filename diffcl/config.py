@@ -301,14 +301,6 @@ class LogUniform:
 
 
 @dataclass(frozen=True)
-class Uniform:
-    """A float drawn uniformly from [low, high]."""
-
-    low: float
-    high: float
-
-
-@dataclass(frozen=True)
 class IntRange:
     """An integer in [low, high]."""
 
@@ -323,7 +315,7 @@ class Choice:
     options: tuple[Any, ...]
 
 
-SearchParam = LogUniform | Uniform | IntRange | Choice
+SearchParam = LogUniform | IntRange | Choice
 SearchSpace = dict[str, SearchParam]
 
 SHARED_SEARCH_SPACE: SearchSpace = {
@@ -478,8 +470,10 @@ def search_space(model_name: str) -> SearchSpace:
     return {**SHARED_SEARCH_SPACE, **own}
 
 
-# Train settings that choose where the work runs, not what is trained: neither the train stage's
-# cache key nor a run's resume check includes them.
+# The config sections that define a training run, read by the train stage's cache key and by a
+# run's resume check (diffcl.trainer.training_identity), less the train settings that choose where
+# the work runs, not what is trained.
+TRAINING_SECTIONS = ("model", "train", "graphs", "eval")
 RESULT_NEUTRAL_TRAIN_FIELDS = ("device", "threads")
 
 

@@ -28,7 +28,12 @@ import polars as pl
 import torch
 import yaml
 
-from diffcl.config import RESULT_NEUTRAL_TRAIN_FIELDS, PipelineConfig, dump_config
+from diffcl.config import (
+    RESULT_NEUTRAL_TRAIN_FIELDS,
+    TRAINING_SECTIONS,
+    PipelineConfig,
+    dump_config,
+)
 from diffcl.data import InteractionData, PreparedDataError
 from diffcl.device import keep_freed_memory, resolve_device
 from diffcl.evaluator import Evaluator
@@ -61,12 +66,13 @@ class ResumeRefused(TrainError):
 
 
 def training_identity(config: PipelineConfig | dict[str, Any]) -> dict[str, Any]:
-    """What defines a training run: dataset, model, train (less where it runs), graphs and eval.
-    Orchestration, fetch and publish settings are not part of it (data changes are checked by hash)."""
+    """What defines a training run: the dataset's name and TRAINING_SECTIONS (model, train less
+    where it runs, graphs, eval). Orchestration, fetch and publish settings are not part of it
+    (data changes are checked by hash)."""
     data = config.model_dump(mode="json") if isinstance(config, PipelineConfig) else config
-    train = {k: v for k, v in data["train"].items() if k not in RESULT_NEUTRAL_TRAIN_FIELDS}
-    return {"dataset": data["dataset"]["name"], "model": data["model"], "train": train,
-            "graphs": data["graphs"], "eval": data["eval"]}
+    sections = {section: data[section] for section in TRAINING_SECTIONS}
+    sections["train"] = {k: v for k, v in sections["train"].items() if k not in RESULT_NEUTRAL_TRAIN_FIELDS}
+    return {"dataset": data["dataset"]["name"], **sections}
 
 
 def epoch_line(row: dict[str, Any], metric: str, best: bool) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import diffcl
-from diffcl.config import DATASET_LOCATION_FIELDS, RESULT_NEUTRAL_TRAIN_FIELDS
+from diffcl.config import DATASET_LOCATION_FIELDS, RESULT_NEUTRAL_TRAIN_FIELDS, TRAINING_SECTIONS
 from diffcl.io import sha256_file, write_json_atomic
 
 # Bump a stage's number when its outputs change for the same inputs and config.
@@ -32,7 +32,7 @@ CONFIG_FIELDS = {
     "image_features": ["features.image", "features.precomputed", "features.files"],
     "features": ["features.precomputed", "features.files"],  # any other modality, imported from a file
     "graphs": ["graphs"],
-    "train": ["model", "train", "graphs", "eval"],
+    "train": list(TRAINING_SECTIONS),  # what a run's resume check compares too
     "evaluate": ["eval"],
     "publish": ["publish"],
 }
