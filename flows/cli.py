@@ -117,7 +117,8 @@ def prepare(config: ConfigArg, set_: SetOpt = None) -> None:
 
 @app.command()
 def features(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Embed item text (SBERT) and images (CLIP) into features/*.parquet, incrementally."""
+    """Every modality's features into features/<name>.parquet: imported from features.files or a
+    shipped <name>_feat.npy, else text (SBERT) and images (CLIP) embedded incrementally."""
     from features.feature_stage import FeatureError, run_features
 
     cfg = _load(config, set_)
