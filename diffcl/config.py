@@ -344,8 +344,10 @@ class DiffusionSettings(_Strict):
 
     enabled: bool = Field(True, description="false: views are Gaussian perturbations of the same strength (w/o diffusion)")
     target: Literal["fused", "per_modality"] = Field("fused", description="what is diffused: the fused rows, or each modality's")
-    views: Literal["two_samples", "clean_vs_diffused", "cross_modal"] = Field(
-        "two_samples", description="the two contrastive views (cross_modal needs target per_modality and two modalities)"
+    views: Literal["two_samples", "clean_vs_diffused", "cross_modal", "id_anchor"] = Field(
+        "two_samples", description="the two contrastive views: two diffusion samples of the same rows, clean vs "
+        "diffused, one modality's view vs another's (cross_modal), or each modality's view vs the clean ID "
+        "rows (id_anchor); the last two need target per_modality"
     )
     steps: int = Field(5, ge=1, description="T, diffusion steps")
     noise_scale: float = Field(0.1, gt=0, description="s: scales the noise levels (sets the final noise level)")
@@ -409,8 +411,13 @@ class DiffCLConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_views(self) -> DiffCLConfig:
-        if self.diffusion.views == "cross_modal" and (self.diffusion.target != "per_modality" or len(self.modalities) < 2):
-            raise ValueError("diffusion.views cross_modal needs diffusion.target per_modality and both modalities")
+        views = self.diffusion.views
+        if views in ("cross_modal", "id_anchor") and self.diffusion.target != "per_modality":
+            raise ValueError(f"diffusion.views {views} needs diffusion.target per_modality")
+        if views == "cross_modal" and len(self.modalities) < 2:
+            raise ValueError("diffusion.views cross_modal needs at least two modalities")
+        if views == "id_anchor" and not self.id_branch:
+            raise ValueError("diffusion.views id_anchor needs the ID branch (id_branch: true)")
         if self.diffusion.start_step is not None and self.diffusion.start_step > self.diffusion.steps:
             raise ValueError("diffusion.start_step cannot exceed diffusion.steps")
         return self

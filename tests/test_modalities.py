@@ -205,3 +205,69 @@ def test_freedom_trains_with_one_two_three_modalities(wanted):
     with torch.no_grad():
         users, items = model.embeddings()
     assert users.shape == (30, 8) and items.shape == (20, 8)
+
+
+DIFFCL_VIEWS = [
+    {"target": "fused", "views": "two_samples"},
+    {"target": "per_modality", "views": "cross_modal"},
+    {"target": "per_modality", "views": "id_anchor"},
+]
+
+
+@pytest.mark.parametrize("views", DIFFCL_VIEWS, ids=lambda v: v["views"])
+@pytest.mark.parametrize("wanted", [["audio"], ["image", "text"], ["text", "audio", "image"]])
+def test_diffcl_trains_with_one_two_three_modalities(wanted, views):
+    from diffcl.models.diffcl import DiffCL
+
+    if views["views"] == "cross_modal" and len(wanted) < 2:
+        pytest.skip("cross-modal views need two modalities")
+    torch.manual_seed(0)
+    ctx = _context({"image": 7, "text": 5, "audio": 3})
+    settings = {"modalities": wanted, "diffusion": views, "cl_nodes": None, "id_in_score": True,
+                "normalize_inputs": "modalities", "combine": "mean"}
+    model = DiffCL(ctx, ModelConfig(name="diffcl", embedding_dim=8, diffcl=settings))
+    assert model.modalities == wanted and model.branches == [*wanted, "id"]
+    batch = Batch(torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6, 7, 8]))
+    parts = model.loss(batch)
+    assert all(torch.isfinite(v) for v in parts.values()) and parts["cl"].item() > 0
+    parts["loss"].backward()
+    for m in wanted:
+        grad = model.projections[m][0].weight.grad
+        assert grad is not None and grad.abs().sum() > 0, m
+        assert model.user_tables[m].grad.abs().sum() > 0, m
+    assert model.item_id.grad.abs().sum() > 0 and model.user_tables["id"].grad.abs().sum() > 0
+    with torch.no_grad():
+        z = model.encode(model.branches)
+        users, items = model.embeddings()
+    # Concatenation in the wanted order, the ID branch added to every block.
+    assert users.shape == (30, 8 * len(wanted)) and items.shape == (20, 8 * len(wanted))
+    expected = torch.cat([z[m][1] + z["id"][1] for m in wanted], dim=1)
+    torch.testing.assert_close(items, expected)
+
+
+def test_id_anchored_views_contrast_each_modality_with_the_id_rows():
+    from diffcl.models.diffcl import DiffCL
+
+    torch.manual_seed(0)
+    ctx = _context({"image": 7, "text": 5})
+    settings = {"modalities": ["image", "text"], "alignment": False, "cl_nodes": None,
+                "diffusion": {"target": "per_modality", "views": "id_anchor"}}
+    model = DiffCL(ctx, ModelConfig(name="diffcl", embedding_dim=8, diffcl=settings))
+    # The ID branch is not scored here, yet its users are read by the contrast: computed in training.
+    assert not model.id_items_only and model.branches_in_use(training=True) == ["image", "text", "id"]
+    assert model.branches_in_use(training=False) == ["image", "text"]
+    batch = Batch(torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6, 7, 8]))
+    parts = model.loss(batch)
+    (parts["cl"]).backward()
+    # The contrastive loss alone reaches the ID tables (the anchors) and each modality's projection.
+    assert model.user_tables["id"].grad.abs().sum() > 0 and model.item_id.grad.abs().sum() > 0
+    assert all(model.projections[m][0].weight.grad.abs().sum() > 0 for m in ("image", "text"))
+
+
+def test_view_settings_are_checked():
+    with pytest.raises(ValueError, match="id_anchor needs diffusion.target per_modality"):
+        ModelConfig(diffcl={"diffusion": {"views": "id_anchor"}})
+    with pytest.raises(ValueError, match="id_anchor needs the ID branch"):
+        ModelConfig(diffcl={"id_branch": False, "diffusion": {"target": "per_modality", "views": "id_anchor"}})
+    with pytest.raises(ValueError, match="cross_modal needs at least two modalities"):
+        ModelConfig(diffcl={"modalities": ["image"], "diffusion": {"target": "per_modality", "views": "cross_modal"}})

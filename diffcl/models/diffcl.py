@@ -17,6 +17,7 @@ MLPs run in bfloat16 where the hardware has it natively (``precision``).
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
@@ -53,7 +54,9 @@ class DiffCL(Recommender):
         self.id_in_score = s.id_in_score or not self.modalities
         self.adjacency = ctx.adjacency
         # Without id_in_score nothing reads the ID branch's user rows: it propagates item rows only.
-        self.id_items_only = self.use_id and not self.id_in_score
+        # ID-anchored views read the ID branch's users too.
+        self.id_anchors_views = s.contrastive and s.diffusion.views == "id_anchor"
+        self.id_items_only = self.use_id and not self.id_in_score and not self.id_anchors_views
         self.adjacency_blocks = ctx.adjacency_blocks if self.id_items_only else None
         self.dense_dtype = dense_dtype(s.precision, ctx.device)
         self.aligns = s.alignment and s.align_weight > 0
@@ -103,7 +106,7 @@ class DiffCL(Recommender):
     def branches_in_use(self, training: bool) -> list[str]:
         """The branches a forward pass needs: by default the ID branch reaches the score only through
         the alignment loss, so evaluation (and training without alignment) skips it."""
-        if not self.use_id or self.id_in_score or (training and self.aligns):
+        if not self.use_id or self.id_in_score or (training and (self.aligns or self.id_anchors_views)):
             return self.branches
         return self.modalities
 
@@ -185,11 +188,22 @@ class DiffCL(Recommender):
         # Each target's rows gathered and stacked once: its views and its denoiser loss share them.
         stacked = _stack_by_target(pairs)
         if s.diffusion.views == "cross_modal":
-            image, text = self.modalities[:2]
-            for side, idx in ((0, users), (1, items)):
-                a = self._view(image, z[image][side][idx])
-                b = self._view(text, z[text][side][idx])
-                l_cl = l_cl + self._contrast(a, b, self._view(text, z[text][side]) if all_nodes else None, idx)
+            # Every pair of modalities, users and items: one generated view of each against the other.
+            pairs_of_modalities = list(itertools.combinations(self.modalities, 2))
+            for first, second in pairs_of_modalities:
+                for side, idx in ((0, users), (1, items)):
+                    a = self._view(first, z[first][side][idx])
+                    b = self._view(second, z[second][side][idx])
+                    l_cl = l_cl + self._contrast(a, b, self._view(second, z[second][side]) if all_nodes else None, idx)
+            l_cl = l_cl / len(pairs_of_modalities)
+        elif s.diffusion.views == "id_anchor":
+            # One generated view of each modality's rows, contrasted with the clean ID rows of the same
+            # nodes: the stable ID representation anchors what each modality's view must keep.
+            for m, (_, rows, sizes) in stacked.items():
+                for side, idx, view in zip((0, 1), (users, items), self._view(m, rows).split(sizes), strict=True):
+                    candidates = self._view(m, z[m][side]) if all_nodes else None
+                    l_cl = l_cl + self._contrast(z["id"][side][idx], view, candidates, idx)
+            l_cl = l_cl / len(stacked)
         else:
             views: list = [None] * len(pairs)
             for target, (members, rows, sizes) in stacked.items():
