@@ -114,12 +114,14 @@ def part_accuracy(dataset: str, workspace: str, seeds: list[int], extra: list[st
         _seed_table(DATASETS[dataset][1], "model", rows, config, workspace, seeds, extra, overlays)
 
 
-def part_ablations(dataset: str, workspace: str, seeds: list[int], extra: list[str], overlays: dict[str, Path]) -> None:
+def part_ablations(dataset: str, workspace: str, seeds: list[int], extra: list[str], overlays: dict[str, Path],
+                   variants: list[str] | None = None) -> None:
     config = _prepared(dataset, workspace)
     if config is None:
         return
     modalities = load_config(config, [f"workspace={workspace}"]).model.diffcl.modalities
-    rows = {name: ["model.name=diffcl", *o] for name, o in ablations_for(modalities).items()}
+    rows = {name: ["model.name=diffcl", *o] for name, o in ablations_for(modalities).items()
+            if not variants or name in variants}
     # The ablations run at DiffCL's tuned settings when there are any.
     tuned = {name: overlays["DiffCL"] for name in rows} if "DiffCL" in overlays else {}
     _seed_table(f"DiffCL ablations, {DATASETS[dataset][1]}", "variant", rows, config, workspace, seeds, extra, tuned)
@@ -240,6 +242,7 @@ def main() -> None:
     parser.add_argument("--workspace", default=None, help="default: a temporary folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), help="accuracy part: only these models")
+    parser.add_argument("--variants", nargs="+", help="ablations part: only these rows (names as printed)")
     args = parser.parse_args()
     overlays = {name: Path(path) for name, _, path in (item.partition("=") for item in args.overlay)}
     datasets = args.dataset or list(DATASETS)
@@ -253,7 +256,7 @@ def main() -> None:
                     part_accuracy(dataset, workspace, args.seeds, args.overrides, args.models, overlays)
             elif part == "ablations":
                 for dataset in datasets:
-                    part_ablations(dataset, workspace, args.seeds, args.overrides, overlays)
+                    part_ablations(dataset, workspace, args.seeds, args.overrides, overlays, args.variants)
             elif part == "timing":
                 part_timing(workspace, args.timing_epochs, args.overrides)
             else:

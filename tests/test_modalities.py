@@ -250,7 +250,7 @@ def test_id_anchored_views_contrast_each_modality_with_the_id_rows():
 
     torch.manual_seed(0)
     ctx = _context({"image": 7, "text": 5})
-    settings = {"modalities": ["image", "text"], "alignment": False, "cl_nodes": None,
+    settings = {"modalities": ["image", "text"], "alignment": False, "cl_nodes": None, "id_in_score": False,
                 "diffusion": {"target": "per_modality", "views": "id_anchor"}}
     model = DiffCL(ctx, ModelConfig(name="diffcl", embedding_dim=8, diffcl=settings))
     # The ID branch is not scored here, yet its users are read by the contrast: computed in training.

@@ -111,10 +111,13 @@ def test_loss_parts_shapes_and_gradient_reaches_encoder(demo_multimodal):
     for name in ("projections.image.0.weight", "projections.text.0.weight", "user_tables.image"):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
-    assert model.item_id.grad is None  # the ID branch guides through alignment, not the fused views
-    model.zero_grad()
-    model.loss(_batch(trainer))["align"].backward()
-    assert model.item_id.grad is not None and model.item_id.grad.abs().sum() > 0
+    assert model.item_id.grad.abs().sum() > 0  # the ID branch is in the score, so in the fused views
+    guide_only = _model(demo_multimodal, "model.diffcl.id_in_score=false").model
+    guide_only.loss(_batch(trainer))["cl"].backward()
+    assert guide_only.item_id.grad is None  # scored without it, the ID branch guides through alignment only
+    guide_only.zero_grad()
+    guide_only.loss(_batch(trainer))["align"].backward()
+    assert guide_only.item_id.grad is not None and guide_only.item_id.grad.abs().sum() > 0
     users, items = model.embeddings()
     assert users.shape == (trainer.data.n_users, 128) and items.shape == (trainer.data.n_items, 128)
 
@@ -137,8 +140,14 @@ def test_switches_change_what_they_name(demo_multimodal):
     torch.testing.assert_close(no_graph.embeddings()[0], u0)  # users untouched by the item graph
     assert not torch.allclose(no_graph.embeddings()[1], i0)
 
-    id_score = _model(demo_multimodal, "model.diffcl.id_in_score=true").model
-    assert not torch.allclose(id_score.embeddings()[0], u0)
+    id_guides = _model(demo_multimodal, "model.diffcl.id_in_score=false").model
+    assert not torch.allclose(id_guides.embeddings()[0], u0)
+
+    for mode in ("all", "none"):
+        other = _model(demo_multimodal, f"model.diffcl.normalize_inputs={mode}").model
+        assert not torch.allclose(other.embeddings()[1], i0), mode
+    layer_sum = _model(demo_multimodal, "model.diffcl.combine=sum").model
+    assert not torch.allclose(layer_sum.embeddings()[1], i0)
 
     no_id = _model(demo_multimodal, "model.diffcl.id_branch=false").model
     assert no_id.branches == ["image", "text"] and not hasattr(no_id, "item_id")
@@ -169,12 +178,13 @@ def test_switches_change_what_they_name(demo_multimodal):
 
 
 def test_id_branch_is_computed_only_where_something_reads_it(demo_multimodal):
-    model = _model(demo_multimodal).model
+    guide_only = ["model.diffcl.id_in_score=false"]
+    model = _model(demo_multimodal, *guide_only).model
     assert model.branches_in_use(training=True) == ["image", "text", "id"]  # the alignment loss reads it
     assert model.branches_in_use(training=False) == ["image", "text"]  # the score does not
-    no_align = _model(demo_multimodal, "model.diffcl.alignment=false").model
+    no_align = _model(demo_multimodal, *guide_only, "model.diffcl.alignment=false").model
     assert no_align.branches_in_use(training=True) == ["image", "text"]
-    in_score = _model(demo_multimodal, "model.diffcl.id_in_score=true").model
+    in_score = _model(demo_multimodal).model
     assert in_score.branches_in_use(training=False) == ["image", "text", "id"]
 
 

@@ -51,7 +51,7 @@ class DiffCL(Recommender):
         self.modalities = ctx.modalities(s.modalities)
         self.use_id = s.id_branch or not self.modalities
         self.branches = [*self.modalities, *(["id"] if self.use_id else [])]
-        self.id_in_score = s.id_in_score or not self.modalities
+        self.id_in_score = self.use_id and (s.id_in_score or not self.modalities)  # w/o ID: nothing to add
         self.adjacency = ctx.adjacency
         # Without id_in_score nothing reads the ID branch's user rows: it propagates item rows only.
         # ID-anchored views read the ID branch's users too.
