@@ -275,6 +275,10 @@ class GraphsConfig(_Strict):
     chunk_items: int = Field(
         4096, ge=1, description="rows of the item-item similarity computed at once (bounds memory)"
     )
+    ann_above: int | None = Field(
+        None, ge=1, description="catalogues of more items than this get an approximate kNN graph (FAISS HNSW, "
+        "the 'scale' extra) instead of the exact O(items²) one; none: always exact"
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -37,15 +37,18 @@ def load_graph(path: Path) -> sp.csr_matrix:
 
 
 def modality_knn(dirs: DatasetDirs, modality: str, features: np.ndarray, features_path: Path, k: int,
-                 chunk: int) -> tuple[sp.csr_matrix, bool]:
+                 chunk: int, ann_above: int | None = None) -> tuple[sp.csr_matrix, bool]:
     """The kNN graph of one modality: loaded when ``graphs/knn_<modality>.npz`` was built from the
-    same feature file with the same k, else built and saved. Returns (graph, built)."""
+    same feature file with the same k (and backend), else built and saved. Returns (graph, built)."""
     path = dirs.graphs / f"knn_{modality}.npz"
     provenance = {"kind": f"{modality} cosine kNN", "k": k, "features_sha256": sha256_file(features_path)}
+    approximate = ann_above is not None and len(features) > ann_above
+    if approximate:  # only then: exact graphs saved before this key existed stay current
+        provenance["backend"] = "faiss-hnsw"
     meta = path.with_suffix(".json")
     if path.exists() and meta.exists() and json.loads(meta.read_text()) == provenance:
         return load_graph(path), False
-    graph = knn_graph(features, k, chunk)
+    graph = knn_graph(features, k, chunk, ann_above=ann_above)
     save_graph(path, graph, provenance)
     return graph, True
 
@@ -71,7 +74,8 @@ def build_graphs(config: PipelineConfig) -> dict[str, Any]:
     for modality, path in features.items():
         start = time.perf_counter()
         matrix, _ = read_item_features(path, data.n_items)
-        knn[modality], _ = modality_knn(dirs, modality, matrix, path, gc.knn_k, gc.chunk_items)
+        knn[modality], _ = modality_knn(dirs, modality, matrix, path, gc.knn_k, gc.chunk_items,
+                                              gc.ann_above)
         report["graphs"][f"knn_{modality}"] = {"items": data.n_items, "edges": knn[modality].nnz,
                                                "seconds": round(time.perf_counter() - start, 3)}
     if not features:

@@ -13,6 +13,14 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from diffcl.ann import (
+    exact_neighbours,
+    faiss_knn_graph,
+    neighbour_count,
+    neighbour_graph,
+    normalized_rows,
+)
+
 
 def normalized_adjacency(train: sp.csr_matrix) -> sp.csr_matrix:
     """Â = D^-1/2 [[0, R], [Rᵀ, 0]] D^-1/2 over N = U + I nodes, without self-loops.
@@ -284,34 +292,26 @@ def propagate_rows(adj: torch.Tensor, ego: torch.Tensor, index: torch.Tensor, la
 
 
 def knn_graph(
-    features: np.ndarray | torch.Tensor, k: int = 10, chunk: int = 4096, include_self: bool = True
+    features: np.ndarray | torch.Tensor, k: int = 10, chunk: int = 4096, include_self: bool = True,
+    ann_above: int | None = None,
 ) -> sp.csr_matrix:
     """Cosine kNN graph over item features, binary edges, normalised as FREEDOM does
     (value d_i^-1/2 d_j^-1/2 with d the out-degree, i.e. 1/k on every edge).
 
-    Built in row chunks with ``torch.topk``: memory is O(chunk x I + I x k), never I x I.
+    Exact, in row chunks with ``torch.topk``: memory is O(chunk x I + I x k), never I x I.
+    Above ``ann_above`` items (``graphs.ann_above``) the approximate FAISS backend of
+    :mod:`diffcl.ann` builds it instead, in the same format.
     ``include_self`` keeps the item among its own neighbours (the top-k of a full similarity row,
     as FREEDOM and LATTICE build it).
     """
-    x = torch.tensor(np.asarray(features, dtype=np.float32))  # a copy: inputs may be read-only views
-    n = x.shape[0]
-    k_eff = min(k, n if include_self else n - 1)
+    n = len(features)
+    if ann_above is not None and n > ann_above:
+        return faiss_knn_graph(features, k, include_self)
+    k_eff = neighbour_count(n, k, include_self)
     if k_eff <= 0:
         return sp.csr_matrix((n, n), dtype=np.float32)
-    x = torch.nn.functional.normalize(x, dim=1)
-    cols = torch.empty((n, k_eff), dtype=torch.int64)
-    with torch.no_grad():
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            sim = x[start:stop] @ x.T
-            if not include_self:
-                sim[torch.arange(stop - start), torch.arange(start, stop)] = -torch.inf
-            cols[start:stop] = torch.topk(sim, k_eff, dim=1).indices
-    rows = np.repeat(np.arange(n), k_eff)
-    value = np.float32(1.0 / k_eff)
-    graph = sp.csr_matrix((np.full(n * k_eff, value, dtype=np.float32), (rows, cols.numpy().ravel())), shape=(n, n))
-    graph.sort_indices()
-    return graph
+    x = normalized_rows(features)
+    return neighbour_graph(exact_neighbours(x, np.arange(n), k_eff, include_self, chunk), n)
 
 
 def fusion_weights(modalities: list[str], configured: Mapping[str, float]) -> dict[str, float]:

@@ -136,7 +136,7 @@ def build_context(config: PipelineConfig, dirs: DatasetDirs, data: InteractionDa
                 log.warning("%s features: %s", modality, meta.get("note", "untrained encoder"))
             ctx.features[modality] = matrix
             ctx.knn_graphs[modality], built = modality_knn(dirs, modality, matrix, path, config.graphs.knn_k,
-                                                           config.graphs.chunk_items)
+                                                           config.graphs.chunk_items, config.graphs.ann_above)
             log.info("%s features %s; kNN graph %s", modality, matrix.shape, "built" if built else "loaded")
     except FeatureFileError as err:
         raise TrainError(str(err)) from None
