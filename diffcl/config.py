@@ -257,6 +257,11 @@ class FeaturesConfig(_Strict):
         "or Parquet with columns item_id (the dataset's item ids) and embedding (list of floats)",
     )
 
+    shard_items: int | None = Field(
+        None, ge=1, description="encode the text of this many items per shard, each shard an independent "
+        "task that orchestration.task_runner may run on another worker; none: one task for all items"
+    )
+
     def enabled(self, modality: str) -> bool:
         """False only for an encoded modality switched off (``features.<text|image>.enabled: false``)."""
         return getattr(self, modality).enabled if modality in ENCODED_MODALITIES else True
@@ -536,6 +541,14 @@ class OrchestrationConfig(_Strict):
     lock_wait_s: float = Field(
         0.0, ge=0, description="how long a flow run waits for another run of the same workspace to "
         "finish before it is skipped (one run per workspace at a time)"
+    )
+    task_runner: Literal["local", "dask"] = Field(
+        "local", description="what runs the feature shards (features.shard_items): local: threads of the "
+        "flow's process; dask: prefect-dask's DaskTaskRunner, on orchestration.dask_address or a local cluster"
+    )
+    dask_address: str | None = Field(
+        None, description="scheduler of an existing Dask cluster (tcp://host:8786); none: a local cluster. "
+        "Workers elsewhere need the workspace on a path or fsspec URL they all reach"
     )
 
 

@@ -50,19 +50,56 @@ class EmbeddingCache:
             self._index[key] = start + i
         self._write()
 
+    @property
+    def parts_dir(self) -> Path:
+        """Where shards encoded elsewhere leave their vectors (:func:`write_part`) for :meth:`merge_parts`:
+        next to this cache file, so that a part can only be merged into the encoder's own cache."""
+        return self.path.with_suffix(".parts")
+
+    def merge_parts(self) -> int:
+        """Add the vectors of every shard part, in part-name (item range) order so that the cache
+        comes out the same whichever worker finished first; a key already cached keeps its vector.
+        The parts are removed once merged. Returns the number of vectors added."""
+        parts = sorted(self.parts_dir.glob("*.parquet")) if self.parts_dir.is_dir() else []
+        added = 0
+        for part in parts:
+            frame = pl.read_parquet(part)
+            keys = frame.get_column("key").to_list()
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}  # first row of each key
+            fresh = [i for k, i in first.items() if k not in self._index]
+            fresh.sort()
+            if fresh:
+                self.add([keys[i] for i in fresh], frame.get_column("embedding").to_numpy()[fresh])
+                added += len(fresh)
+        for part in parts:
+            part.unlink()
+        return added
+
     def lookup(self, keys: list[str]) -> np.ndarray:
         rows = np.fromiter((self._index[k] for k in keys), dtype=np.int64, count=len(keys))
         return self._matrix[rows]
 
     def _write(self) -> None:
-        keys = sorted(self._index, key=self._index.get)
-        d = self._matrix.shape[1]
-        table = pa.table({
-            "key": pa.array(keys),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(self._matrix.ravel(), type=pa.float32()), d),
-        })
-        with atomic_path(self.path) as tmp:
-            pq.write_table(table, tmp)
+        _write_vectors(self.path, sorted(self._index, key=self._index.get), self._matrix)
+
+
+def _write_vectors(path: Path, keys: list[str], matrix: np.ndarray) -> None:
+    d = matrix.shape[1]
+    table = pa.table({
+        "key": pa.array(keys),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(matrix).ravel(), type=pa.float32()), d),
+    })
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def write_part(cache: EmbeddingCache, name: str, keys: list[str], vectors: np.ndarray) -> Path:
+    """One shard's freshly encoded vectors as ``<cache>.parts/<name>.parquet``: shards never write the
+    cache itself (concurrent writers would lose each other's rows); :meth:`EmbeddingCache.merge_parts` does."""
+    path = cache.parts_dir / f"{name}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_vectors(path, keys, np.asarray(vectors, dtype=np.float32))
+    return path
 
 
 def weights_hash(path: Path, memo_file: Path) -> str:

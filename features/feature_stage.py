@@ -183,13 +183,54 @@ def _previous_images(frame: pl.DataFrame | None) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ text
+def _text_encoder(tc: TextFeaturesConfig, dirs: DatasetDirs):
+    from features.text_features import resolve_text_model
+
+    return resolve_text_model(tc.model, dirs.features / "cache" / "weights.json")
+
+
+def _text_cache(tc: TextFeaturesConfig, dirs: DatasetDirs, spec) -> EmbeddingCache:
+    """The per-item text cache of an encoder: one definition for the whole-catalogue run and the shards."""
+    return EmbeddingCache(dirs.features / "cache", "text", content_key(f"{spec.identity}:{tc.normalize}"))
+
+
+def item_shards(n_items: int, shard_items: int | None) -> list[tuple[int, int]]:
+    """[start, stop) item ranges of at most ``shard_items`` (``features.shard_items``); none: one range."""
+    size = shard_items or max(n_items, 1)
+    return [(start, min(start + size, n_items)) for start in range(0, n_items, size)]
+
+
+def text_shards(config: PipelineConfig) -> list[tuple[int, int]]:
+    """The item ranges of the text shards; none when text is not encoded here (off or imported)."""
+    dirs, items, shipped = _inputs(config)
+    if not config.features.text.enabled or feature_source(config, "text", shipped) is not None:
+        return []
+    return item_shards(items.height, config.features.shard_items)
+
+
+def encode_text_shard(config: PipelineConfig, start: int, stop: int) -> int:
+    """Encode the uncached texts of items [start, stop) into a part next to the text cache, merged
+    (deterministically) by the text features run. Independent of every other shard, so any worker
+    that reaches the workspace can run it. Returns the number of texts encoded."""
+    from features.embedding_cache import write_part
+    from features.text_features import assemble_texts, encode_texts, load_text_encoder
+
+    tc = config.features.text
+    dirs, items, _ = _inputs(config)
+    texts = assemble_texts(items.slice(start, stop - start), tc.fields, tc.max_chars)
+    spec = _text_encoder(tc, dirs)
+    cache = _text_cache(tc, dirs, spec)
+    by_key = {content_key(t): t for t in texts}
+    todo = cache.missing(list(by_key))
+    if todo:
+        model = load_text_encoder(spec, tc.device)
+        write_part(cache, f"{start:012d}-{stop:012d}", todo,
+                   encode_texts(model, [by_key[k] for k in todo], tc.batch_size, tc.normalize, progress=False))
+    return len(todo)
+
+
 def _run_text(tc: TextFeaturesConfig, items: pl.DataFrame, dirs: DatasetDirs, progress: bool) -> ModalityReport:
-    from features.text_features import (
-        assemble_texts,
-        encode_texts,
-        load_text_encoder,
-        resolve_text_model,
-    )
+    from features.text_features import assemble_texts, encode_texts, load_text_encoder
 
     start = time.perf_counter()
     out = dirs.features / "text.parquet"
@@ -197,7 +238,7 @@ def _run_text(tc: TextFeaturesConfig, items: pl.DataFrame, dirs: DatasetDirs, pr
     if not any(texts):
         out.unlink(missing_ok=True)
         return ModalityReport("text", "skipped", note="no item has text")
-    spec = resolve_text_model(tc.model, dirs.features / "cache" / "weights.json")
+    spec = _text_encoder(tc, dirs)
     keys = [content_key(t) for t in texts]
     recipe = {"fields": tc.fields, "max_chars": tc.max_chars, "fallback": "prepared text", "separator": ". "}
     state = content_key(json.dumps([STAGE_VERSION, spec.identity, recipe, tc.normalize, keys]))
@@ -207,7 +248,8 @@ def _run_text(tc: TextFeaturesConfig, items: pl.DataFrame, dirs: DatasetDirs, pr
         report.seconds = time.perf_counter() - start
         return report
 
-    cache = EmbeddingCache(dirs.features / "cache", "text", content_key(f"{spec.identity}:{tc.normalize}"))
+    cache = _text_cache(tc, dirs, spec)
+    sharded = cache.merge_parts()  # vectors the shards (encode_text_shard) encoded, if they ran
     todo = cache.missing(keys)
     encode_seconds = 0.0
     if todo:
@@ -222,7 +264,8 @@ def _run_text(tc: TextFeaturesConfig, items: pl.DataFrame, dirs: DatasetDirs, pr
         "weights_sha256": spec.weights_sha256, "recipe": recipe, "normalized": tc.normalize,
         "items_without_text": report.missing, "versions": _versions("sentence-transformers", "transformers"),
     })
-    report.status, report.embedded, report.reused = "written", len(todo), len(texts) - len(todo)
+    report.status, report.embedded = "written", len(todo) + sharded
+    report.reused = len(texts) - report.embedded
     report.encode_seconds, report.seconds = encode_seconds, time.perf_counter() - start
     return report
 

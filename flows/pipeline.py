@@ -344,6 +344,10 @@ def _run_stages(cfg: PipelineConfig, logger) -> dict[str, Any]:
     prepared = opt(prepare_stage)(data, fetched["outputs"], fetched["info"]["manifests"])
     items = {"items": prepared["outputs"]["items"], "stats": _stats_content(prepared)}
     images = opt(images_stage, network=True)(data, items)
+    if cfg.features.shard_items:
+        from flows.scaleout import encode_text_shards
+
+        logger.info("text shards encoded %d item text(s)", encode_text_shards(cfg))
     text = opt(text_features_stage)(data, {**items, **_feature_file_inputs(cfg, "text")})
     image = opt(image_features_stage)(data, {**items, **images["outputs"], **_feature_file_inputs(cfg, "image")})
     features = {**text["outputs"], **image["outputs"]}
