@@ -295,7 +295,7 @@ class Trainer:
         steps = 0
         for users, pos, neg in self.sampler.epoch():
             batch = Batch(users.to(self.device), pos.to(self.device), neg.to(self.device))
-            parts = self.model.loss(batch)
+            parts = self._loss(batch)
             self.optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             self.optimizer.step()
@@ -307,6 +307,9 @@ class Trainer:
             parts = ", ".join(f"{key} {value:.4g}" for key, value in means.items())
             raise DivergedError(f"non-finite loss at epoch {self.epoch} ({parts}); check the features / lower train.lr")
         return means
+
+    def _loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return self.model.loss(batch)  # DistributedTrainer: through DDP, which averages the gradients
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
@@ -396,7 +399,10 @@ class Trainer:
 
 
 def train(config: PipelineConfig, run_id: str | None = None) -> TrainResult:
-    return Trainer(config, run_id).fit()
+    """One training run; data-parallel over the processes when launched by torchrun (WORLD_SIZE > 1)."""
+    from diffcl.distributed import DistributedTrainer, world_size
+
+    return (DistributedTrainer if world_size() > 1 else Trainer)(config, run_id).fit()
 
 
 def recorded_data_hash(run_dir: Path) -> str | None:
