@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diffcl.config import MODALITY_NAME
-from diffcl.io import atomic_path
+from diffcl.io import open_input, open_output
 
 if TYPE_CHECKING:
     from diffcl.config import PipelineConfig
@@ -69,14 +69,14 @@ def write_features(path: str | Path, matrix: np.ndarray, metadata: dict[str, Any
     table = pa.table(columns)
     meta = {"dim": d, "items": n, **(metadata or {})}
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta, default=str).encode()})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    with open_output(path) as handle:  # a local path or an fsspec URL (a shared workspace)
+        pq.write_table(table, handle)
 
 
 def read_features(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     """(items x d float32 matrix in item-id order, provenance metadata)."""
-    path = Path(path)
-    frame = pl.read_parquet(path, columns=["item", "embedding"])
+    with open_input(path) as handle:
+        frame = pl.read_parquet(handle, columns=["item", "embedding"])
     items = frame.get_column("item").to_numpy()
     if not np.array_equal(items, np.arange(len(items))):
         frame = frame.sort("item")
@@ -98,7 +98,8 @@ def read_item_features(path: Path, n_items: int) -> tuple[np.ndarray, dict[str, 
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    meta = pq.read_schema(path).metadata or {}
+    with open_input(path) as handle:
+        meta = pq.read_schema(handle).metadata or {}
     return json.loads(meta.get(METADATA_KEY, b"{}"))
 
 

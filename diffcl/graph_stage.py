@@ -20,20 +20,23 @@ from diffcl.config import PipelineConfig
 from diffcl.data import InteractionData
 from diffcl.feature_store import available_features, model_feature_files, read_item_features
 from diffcl.graphs import fuse_item_graphs, fusion_weights, knn_graph, normalized_adjacency
-from diffcl.io import atomic_path, sha256_file, write_json_atomic
+from diffcl.io import open_input, open_output, sha256_file, sidecar
 from diffcl.workspace import DatasetDirs
 
 log = logging.getLogger(__name__)
 
 
-def save_graph(path: Path, matrix: sp.spmatrix, provenance: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+def save_graph(path: str | Path, matrix: sp.spmatrix, provenance: dict[str, Any]) -> None:
+    """The graph and its JSON sidecar, at a local path or an fsspec URL (a shared workspace)."""
+    with open_output(path) as handle:
         sp.save_npz(handle, sp.csr_matrix(matrix))
-    write_json_atomic(path.with_suffix(".json"), provenance)
+    with open_output(sidecar(path, ".json")) as handle:
+        handle.write((json.dumps(provenance, indent=2, default=str) + "\n").encode())
 
 
-def load_graph(path: Path) -> sp.csr_matrix:
-    return sp.load_npz(path).tocsr()
+def load_graph(path: str | Path) -> sp.csr_matrix:
+    with open_input(path) as handle:
+        return sp.load_npz(handle).tocsr()
 
 
 def modality_knn(dirs: DatasetDirs, modality: str, features: np.ndarray, features_path: Path, k: int,

@@ -37,6 +37,45 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def is_fsspec_url(target: str | Path) -> bool:
+    """A ``protocol://`` location (s3://, gs://, memory://, file://...): read and written with fsspec,
+    so that workers on other machines share it. Path objects are always local."""
+    return isinstance(target, str) and "://" in target
+
+
+@contextlib.contextmanager
+def open_output(target: str | Path) -> Iterator[Any]:
+    """A binary handle that becomes ``target`` when closed: a local path through :func:`atomic_path`;
+    an fsspec URL through fsspec, whose object stores show a whole object or none of it."""
+    if not is_fsspec_url(target):
+        with atomic_path(target) as tmp, open(tmp, "wb") as handle:
+            yield handle
+        return
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(target)
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    with fs.open(path, "wb") as handle:
+        yield handle
+
+
+def open_input(source: str | Path) -> Any:
+    """A binary handle on a local path or an fsspec URL."""
+    if not is_fsspec_url(source):
+        return open(source, "rb")
+    import fsspec
+
+    return fsspec.open(source, "rb").open()
+
+
+def sidecar(target: str | Path, suffix: str) -> str | Path:
+    """``target`` with another suffix, for a path or a URL alike."""
+    if not is_fsspec_url(target):
+        return Path(target).with_suffix(suffix)
+    stem, dot, old_suffix = target.rpartition(".")
+    return f"{stem}{suffix}" if dot and "/" not in old_suffix else f"{target}{suffix}"
+
+
 def write_text_atomic(target: str | Path, text: str) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
