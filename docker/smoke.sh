@@ -89,16 +89,26 @@ fi
 POSTGRES_IMAGE=${POSTGRES_IMAGE:-docker.io/library/postgres:16-alpine}
 
 # ---------------------------------------------------------------- 2. the image
-# The host's local torch wheels (pip's find-links), when there are any: podman mounts the folder
-# into the build, and torch is pinned to that wheel so that PyPI's CUDA build is never fetched.
-FIND_LINKS=$(pip config list 2>/dev/null | sed -nE "s/^global\.find-links='([^' ]+).*/\1/p" | head -1 || true)
-if [ "$ENGINE" = podman ] && [ -n "$FIND_LINKS" ] && [ -d "$FIND_LINKS" ]; then
-  wheel=$(ls "$FIND_LINKS"/torch-*+cpu-cp311-*.whl 2>/dev/null | sort -V | tail -1 || true)
-  if [ -n "$wheel" ]; then
-    version=$(basename "$wheel" | cut -d- -f2)
-    BUILD_ARGS+=(--volume "$FIND_LINKS:$FIND_LINKS:ro" --build-arg "PIP_FIND_LINKS=$FIND_LINKS"
-                 --build-arg "TORCH_INDEX_URL=https://pypi.org/simple" --build-arg "TORCH_SPEC=torch==$version")
-    echo "torch from $wheel"
+# The host's local wheels (pip's find-links and file:// indexes), when there are any: podman mounts
+# them into the build. A CPU torch needs its CPU torchvision from PyTorch's own index: where that
+# index is unreachable, the PyPI (CUDA) torch and torchvision of the local index are used instead,
+# as the host's own venv does (a much larger image).
+if [ "$ENGINE" = podman ] && [ -z "${SMOKE_NO_LOCAL_WHEELS:-}" ]; then
+  FIND_LINKS=$(pip config list 2>/dev/null | sed -nE "s/^global\.find-links='([^' ]+).*/\1/p" | head -1 || true)
+  INDEXES=$(pip config list 2>/dev/null | sed -nE "s/^global\.extra-index-url='([^']+)'/\1/p" | head -1 || true)
+  [ -d "${FIND_LINKS:-/nonexistent}" ] && BUILD_ARGS+=(--volume "$FIND_LINKS:$FIND_LINKS:ro")
+  for dir in ${INDEXES//file:\/\//}; do   # an index's pages link to ../../files: mount its parent
+    [ -d "$dir" ] && BUILD_ARGS+=(--volume "$(dirname "$dir"):$(dirname "$dir"):ro")
+  done
+  [ -d "${FIND_LINKS:-/nonexistent}" ] && BUILD_ARGS+=(--build-arg "PIP_FIND_LINKS=$FIND_LINKS")
+  torch_index=""
+  for url in $INDEXES; do [ -d "${url#file://}/torchvision" ] && torch_index=$url; done
+  if [ -n "$torch_index" ] && ! timeout 20 python3 -c "import urllib.request; urllib.request.urlopen('https://download.pytorch.org/whl/cpu/torch/', timeout=15)" 2>/dev/null; then
+    version=$(grep -oE 'torch-[0-9.]+-cp311' "${torch_index#file://}/torch/index.html" | sort -V | tail -1 | cut -d- -f2)
+    others=$(for u in $INDEXES; do if [ "$u" != "$torch_index" ]; then printf "%s " "$u"; fi; done)
+    BUILD_ARGS+=(--build-arg "TORCH_INDEX_URL=$torch_index" --build-arg "TORCH_SPEC=torch==$version"
+                 --build-arg "TORCH_VARIANT=pypi-cuda" --build-arg "PIP_EXTRA_INDEX_URL=${others}https://pypi.org/simple")
+    echo "PyTorch's CPU index unreachable: torch $version (PyPI's CUDA build) and torchvision from $torch_index"
   fi
 fi
 step "build $IMAGE"
