@@ -8,7 +8,7 @@
 #      deployment diffcl/full-pipeline-pool run through the server to Completed, twice (the second
 #      run's cache hits counted), and the flow runs read back from PostgreSQL
 # Usage: docker/smoke.sh   (from anywhere; run as root for the debootstrap path)
-# Environment: ENGINE=podman|docker, BASE_IMAGE=<image> (skip step 1), SMOKE_EPOCHS=30 (train.epochs
+# Environment: ENGINE=podman|docker, BASE_IMAGE=<image> (skip step 1), SMOKE_EPOCHS=5 (train.epochs
 # for the smoke runs; empty for the config's own), SMOKE_KEEP=1 (leave the stack up),
 # SMOKE_WORK=/tmp/diffcl-smoke (rootfs, env file, logs), DEBIAN_MIRROR=<url>.
 # Heavy steps run under `nice -n 19`.
@@ -19,7 +19,7 @@ cd "$ROOT"
 WORK=${SMOKE_WORK:-/tmp/diffcl-smoke}
 mkdir -p "$WORK"
 IMAGE=${DIFFCL_IMAGE:-localhost/diffcl:smoke}
-EPOCHS=${SMOKE_EPOCHS-30}
+EPOCHS=${SMOKE_EPOCHS-5}
 NICE="nice -n 19"
 T0=$(date +%s)
 declare -a TIMINGS=()
@@ -221,31 +221,29 @@ PARAMS='{}'
 run_deployment() {
   $ENGINE exec "$WORKER" prefect deployment run diffcl/full-pipeline-pool --params "$PARAMS" --watch \
     --watch-timeout 1500 > "$WORK/deployment-$1.log" 2>&1 || { tail -30 "$WORK/deployment-$1.log"; $ENGINE logs --tail 60 "$WORKER"; exit 1; }
-  grep -E "UUID|Flow run finished|state" "$WORK/deployment-$1.log" | tail -3
+  grep -E "Flow run finished" "$WORK/deployment-$1.log" | tail -1
+  count_states "$(grep -oE 'UUID: [0-9a-f-]+' "$WORK/deployment-$1.log" | head -1 | cut -d' ' -f2)"
 }
-count_states() {  # the last flow run's task states, read from the server
-  $ENGINE exec -i "$WORKER" python - <<'EOF'
-import asyncio, collections
+count_states() {  # a flow run's task states, read back from the server
+  $ENGINE exec -i -e "FLOW_RUN_ID=$1" "$WORKER" python - <<'EOF'
+import asyncio, collections, os
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.client.schemas.sorting import FlowRunSort
 async def main():
     async with get_client() as client:
-        run = (await client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1))[0]
+        run = await client.read_flow_run(os.environ["FLOW_RUN_ID"])
         tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
         states = collections.Counter(t.state.name for t in tasks)
-        print(f"flow run {run.name}: {run.state.name}; task runs: {dict(states)}")
+        print(f"flow run {run.name}: {run.state.name} in {run.total_run_time}; task runs: {dict(states)}")
 asyncio.run(main())
 EOF
 }
 
 step "deployment run 1 through the server (cold)"
 run_deployment 1
-count_states
 done_step
 step "deployment run 2 (cache hits expected)"
 run_deployment 2
-count_states
 done_step
 
 echo; echo "=== the server's database (PostgreSQL):"
