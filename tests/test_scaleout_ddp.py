@@ -28,7 +28,14 @@ def _rank(rank: int, world: int, port: int, config, results) -> None:
         result = train(config, run_id="ddp")
         results.put((rank, {**result.metrics, "loss": result.history.get_column("loss").to_list()}))
     finally:
+        # Leave together: a rank tearing its process group down while the other still talks to it
+        # can abort the other in gloo's threads.
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    # About 1 run in 10 here, a rank still aborted in interpreter teardown after all of the above
+    # ("terminate called without an active exception", a C++ thread destroyed while joinable):
+    # the result is already sent, so leave without the teardown. Known gap, noted on issue 15.
+    os._exit(0)
 
 
 def test_ddp_two_gloo_processes_match_single_process(demo_workspace):
