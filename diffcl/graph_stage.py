@@ -77,8 +77,7 @@ def build_graphs(config: PipelineConfig) -> dict[str, Any]:
     for modality, path in features.items():
         start = time.perf_counter()
         matrix, _ = read_item_features(path, data.n_items)
-        knn[modality], _ = modality_knn(dirs, modality, matrix, path, gc.knn_k, gc.chunk_items,
-                                              gc.ann_above)
+        knn[modality], _ = modality_knn(dirs, modality, matrix, path, gc.knn_k, gc.chunk_items, gc.ann_above)
         report["graphs"][f"knn_{modality}"] = {"items": data.n_items, "edges": knn[modality].nnz,
                                                "seconds": round(time.perf_counter() - start, 3)}
     if not features:

@@ -348,8 +348,8 @@ def _import_file(modality: str, source: Path, items: pl.DataFrame, out: Path) ->
         raise FeatureError(f"{modality} features: file not found: {source}")
     parquet = source.suffix.lower() == ".parquet"
     keys = items.get_column("item_id" if parquet else "source_row").to_list()
-    state = content_key(json.dumps([STAGE_VERSION, source.suffix, str(source), source.stat().st_size,
-                                    source.stat().st_mtime_ns, keys]))
+    stat = source.stat()
+    state = content_key(json.dumps([STAGE_VERSION, source.suffix, str(source), stat.st_size, stat.st_mtime_ns, keys]))
     report = ModalityReport(modality, "unchanged", items=items.height, note=f"imported: {source.name}")
     if _unchanged(out, state):
         return report

@@ -76,4 +76,3 @@ def users_without_train(frame: pl.DataFrame) -> pl.Series:
     """The users (integer ``user`` column) none of whose interactions is in the train split."""
     per_user = frame.group_by("user").agg((pl.col("split") == "train").any().alias("has_train"))
     return per_user.filter(~pl.col("has_train")).get_column("user").sort()
-

@@ -95,7 +95,8 @@ def first_non_utf8_line(path: str | Path) -> tuple[int, int] | None:
 
 def describe_read_error(path: str | Path, err: Exception) -> str:
     """A table reader's error, with the line where it is a text-encoding one (polars names none)."""
-    if "utf-8" not in str(err).lower() and "utf8" not in str(err).lower():
+    message = str(err).lower()
+    if "utf-8" not in message and "utf8" not in message:
         return str(err)
     try:
         found = first_non_utf8_line(path)
