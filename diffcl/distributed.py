@@ -110,7 +110,7 @@ class DistributedTrainer(Trainer):
     def finish(self) -> TrainResult:
         if self.rank == 0:
             return _broadcast(super().finish())
-        for split in ("valid", "test") if self.evaluate_test else ("valid",):
+        for split in self.final_splits:
             self.evaluate(split)  # rank 0's final evaluations are collective
         return _broadcast(None)
 

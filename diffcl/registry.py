@@ -77,6 +77,8 @@ class Registry:
     def _register(self, entry: dict[str, Any], metric: str, promote_if: str,
                   rescored: tuple[int, dict[str, float] | None, str] | None) -> Decision:
         champion = self.production()
+        if rescored is not None and (champion is None or rescored[0] != champion["version"]):
+            rescored = None  # another process promoted a new champion meanwhile
         version = max((v["version"] for v in self.versions), default=0) + 1
         value = entry["valid"][metric]
         on_this_data, data_changed = None, False
@@ -84,12 +86,12 @@ class Registry:
             promoted, reason = True, "first model"
         elif not _other_data(champion, entry):
             promoted, reason = _compare(value, champion["valid"][metric], promote_if, metric, champion, "")
-        elif rescored is not None and rescored[0] == champion["version"] and rescored[1] is not None:
+        elif rescored is not None and rescored[1] is not None:
             on_this_data = rescored[1]
             promoted, reason = _compare(value, on_this_data[metric], promote_if, metric, champion,
                                         f" on this data ({champion['valid'][metric]:.4f} on its own)")
         else:
-            why = rescored[2] if rescored is not None and rescored[0] == champion["version"] else "not evaluated"
+            why = rescored[2] if rescored is not None else "not evaluated"
             promoted, data_changed = True, True
             reason = (f"the data changed since champion v{champion['version']}, which cannot be evaluated on it "
                       f"({why}): the model of the current data is promoted")

@@ -203,6 +203,11 @@ class Trainer:
         self.best_epoch = 0
         self.bad_evals = 0
 
+    @property
+    def final_splits(self) -> tuple[str, ...]:
+        """The splits :meth:`finish` evaluates."""
+        return ("valid", "test") if self.evaluate_test else ("valid",)
+
     # ---------------------------------------------------------------- checkpoints
     def _state(self) -> dict[str, Any]:
         """Everything to resume that ``torch.load(weights_only=True)`` reads back: tensors, ints,
@@ -373,7 +378,6 @@ class Trainer:
         start = time.perf_counter()
         valid = self.evaluate("valid")
         eval_seconds = time.perf_counter() - start
-        splits = ("valid", "test") if self.evaluate_test else ("valid",)
         test = {"test": self.evaluate("test")} if self.evaluate_test else {}
         history = pl.DataFrame(self.history)
         metrics = {
@@ -386,7 +390,7 @@ class Trainer:
             **test,
             "epoch_seconds": float(history.get_column("train_seconds").mean()),
             "eval_seconds": eval_seconds,
-            "eval_users": {split: self.evaluator.n_users(split) for split in splits},
+            "eval_users": {split: self.evaluator.n_users(split) for split in self.final_splits},
             "data_hash": self.data.source_hash,
             "device": str(self.device),
         }

@@ -241,8 +241,7 @@ def tune(config: PipelineConfig, budget: SearchBudget, study: str | None = None)
     except RunIdError as err:
         raise TuneError(str(err)) from None
     space = search_space(config.model.name)
-    storage, overlay_path = study_paths(config, study)
-    storage.parent.mkdir(parents=True, exist_ok=True)
+    storage, overlay_path = study_paths(config, study)  # the lock below creates their folder
     try:
         with exclusive_lock(storage.with_suffix(".lock")):
             handle = open_study(storage, study, config, budget)
