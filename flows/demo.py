@@ -30,12 +30,12 @@ def resolve_config(config: str | Path) -> str:
 def ensure_demo_data(cfg: PipelineConfig) -> Path | None:
     """Write the synthetic demo dataset when the config reads it from ./workspace/demo-source and it
     is missing there; the folder when it was written, else None."""
-    from features.synthetic import generate
-
     source = DEMO_SOURCE.resolve()
     wanted = [Path(p) for p in (cfg.dataset.reviews, cfg.dataset.meta) if p]
     if not wanted or any(p.parent != source for p in wanted) or all(p.exists() for p in wanted):
         return None
+    from features.synthetic import generate
+
     paths = generate(source)
     log.info("demo data written to %s (%s, %s)", source, paths["reviews"].name, paths["meta"].name)
     return source

@@ -276,11 +276,12 @@ def publish_stage(config: dict[str, Any], inputs: dict[str, Artifact], run_dir: 
     cfg = load_config(config)
     evaluation = json.loads(Path(inputs["evaluation"]["path"]).read_text())
     registry = Registry(DatasetDirs.of(cfg.workspace, cfg.dataset.name).root / "registry.json")
+    id_tables = id_tables or {}
     entry = {
         "model": cfg.model.name, "run_dir": run_dir, "valid": evaluation["valid"], "test": evaluation["test"],
-        "config_sha256": base_key("train", config, {}), "data_sha256": data_hash, "id_tables": id_tables or {},
+        "config_sha256": base_key("train", config, {}), "data_sha256": data_hash, "id_tables": id_tables,
     }
-    decision = registry.register(entry, cfg.publish.metric, cfg.publish.promote_if, champion_rescorer(id_tables or {}))
+    decision = registry.register(entry, cfg.publish.metric, cfg.publish.promote_if, champion_rescorer(id_tables))
     get_run_logger().info("registered v%d: %s (%s)", decision.version,
                           "promoted to production" if decision.promoted else "kept as challenger", decision.reason)
     # The registry file changes with every later version: nothing here to verify on a cache hit.
