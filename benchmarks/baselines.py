@@ -19,9 +19,9 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from diffcl.config import load_config
-from diffcl.trainer import train
-from features.prepare import prepare
+from diffcl.core.config import load_config
+from diffcl.training.trainer import train
+from pipeline.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = {  # model: (MMRec s/epoch, MMRec s/eval, MMRec test R@20 on this split, published R@20)

@@ -24,12 +24,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-import features.image_features as image_features
-import features.text_features as text_features
-from diffcl.config import load_config
-from features.feature_stage import download_images, modality_features
-from features.prepare import prepare
+import features.image_encoder as image_features
+import features.text_encoder as text_features
+from diffcl.core.config import load_config
 from features.synthetic import DemoSpec, generate
+from pipeline.embed import download_images, modality_features
+from pipeline.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 console = Console(width=160)

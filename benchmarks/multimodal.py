@@ -24,12 +24,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from diffcl.config import load_config
-from diffcl.feature_store import write_features
-from diffcl.trainer import Trainer
-from diffcl.workspace import DatasetDirs
-from features.feature_stage import run_features
-from features.prepare import prepare
+from diffcl.core.config import load_config
+from diffcl.core.feature_files import write_features
+from diffcl.core.workspace import DatasetDirs
+from diffcl.training.trainer import Trainer
+from pipeline.embed import run_features
+from pipeline.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 console = Console(width=200)

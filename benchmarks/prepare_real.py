@@ -12,8 +12,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from diffcl.config import load_config
-from features.prepare import prepare
+from diffcl.core.config import load_config
+from pipeline.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["baby.yaml", "scientific.yaml"]

@@ -35,8 +35,8 @@ K = 10
 def _feature_workspace(root: Path, n_items: int):
     import polars as pl
 
-    from diffcl.config import load_config
-    from diffcl.data import table_hashes
+    from diffcl.core.config import load_config
+    from diffcl.core.prepared import table_hashes
 
     prepared = root / "toy" / "prepared"
     prepared.mkdir(parents=True)
@@ -57,8 +57,8 @@ def _feature_workspace(root: Path, n_items: int):
 def bench_features(n_items: int, shard_items: int) -> None:
     import distributed
 
-    from features.feature_stage import run_features
     from flows.prefect_env import apply_offline_defaults
+    from pipeline.embed import run_features
 
     apply_offline_defaults()
     from flows.scaleout import encode_text_shards
@@ -125,7 +125,7 @@ def bench_knn(sizes: list[int], exact_max: int) -> None:
 def _ddp_rank(rank: int, world: int, port: int, config, queue) -> None:
     import torch
 
-    from diffcl.trainer import train
+    from diffcl.training.trainer import train
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -139,10 +139,10 @@ def _ddp_rank(rank: int, world: int, port: int, config, queue) -> None:
 def bench_ddp(epochs: int) -> None:
     import torch.multiprocessing as tmp_mp
 
-    from diffcl.config import load_config
-    from diffcl.trainer import train
-    from features.prepare import prepare
+    from diffcl.core.config import load_config
+    from diffcl.training.trainer import train
     from features.synthetic import DemoSpec, generate
+    from pipeline.prepare import prepare
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = generate(Path(tmp) / "source", DemoSpec())

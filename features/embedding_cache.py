@@ -17,7 +17,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from diffcl.io import atomic_path, write_json_atomic
+from diffcl.core.io import atomic_path, write_json_atomic
 
 
 def content_key(data: bytes | str) -> str:

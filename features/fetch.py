@@ -29,7 +29,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from diffcl.io import sha256_file, write_json_atomic
+from diffcl.core.io import sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from diffcl.config import DatasetConfig
-from diffcl.io import is_url
+from diffcl.core.config import DatasetConfig
+from diffcl.core.io import is_url
 
 # The 2014 dumps ("Image-based recommendations on styles and substitutes") behind the field's
 # Baby / Sports / Clothing benchmarks (MMRec, FREEDOM, LGMRec, DiffMM).

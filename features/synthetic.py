@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from diffcl.io import atomic_path, write_parquet_atomic
+from diffcl.core.io import atomic_path, write_parquet_atomic
 
 THEMES = [
     ("Feeding", ["bottle", "nipple", "bib", "formula", "spoon", "sippy"], (220, 60, 60)),

@@ -60,7 +60,7 @@ def _fail(message: str) -> None:
 
 
 def _load(config: Path, overrides: list[str] | None, overlays: list[Path] | None = None):
-    from diffcl.config import ConfigError, load_config
+    from diffcl.core.config import ConfigError, load_config
 
     try:
         return load_config(config, overrides or [], overlays or [])
@@ -70,7 +70,7 @@ def _load(config: Path, overrides: list[str] | None, overlays: list[Path] | None
 
 def _overlay_sets(overlays: list[Path] | None) -> list[str]:
     """The overlays as ``--set`` items, for the flow (which takes a config and overrides)."""
-    from diffcl.config import ConfigError, deep_merge, overlay_overrides, read_overlay
+    from diffcl.core.config import ConfigError, deep_merge, overlay_overrides, read_overlay
 
     merged: dict = {}
     try:
@@ -103,8 +103,8 @@ def stats_table(stats: dict) -> Table:
 def prepare(config: ConfigArg, set_: SetOpt = None) -> None:
     """Fetch, parse, filter and split a dataset into prepared Parquet tables."""
     from features.fetch import FetchError
-    from features.prepare import prepare as run_prepare
     from features.records import DataError
+    from pipeline.prepare import prepare as run_prepare
 
     cfg = _load(config, set_)
     try:
@@ -119,7 +119,7 @@ def prepare(config: ConfigArg, set_: SetOpt = None) -> None:
 def features(config: ConfigArg, set_: SetOpt = None) -> None:
     """Every modality's features into features/<name>.parquet: imported from features.files or a
     shipped <name>_feat.npy, else text (SBERT) and images (CLIP) embedded incrementally."""
-    from features.feature_stage import FeatureError, run_features
+    from pipeline.embed import FeatureError, run_features
 
     cfg = _load(config, set_)
     try:
@@ -142,7 +142,7 @@ def features(config: ConfigArg, set_: SetOpt = None) -> None:
 @app.command()
 def graphs(config: ConfigArg, set_: SetOpt = None) -> None:
     """Build the normalised user-item graph and the item-item kNN graphs of each modality."""
-    from diffcl.graph_stage import build_graphs
+    from pipeline.graphs import build_graphs
 
     cfg = _load(config, set_)
     try:
@@ -160,7 +160,7 @@ def graphs(config: ConfigArg, set_: SetOpt = None) -> None:
 def metrics_table(metrics: dict) -> Table:
     """One row per metric (every cut-off of ``eval.topk`` the run reports), one column per split:
     reads well in any terminal width."""
-    from diffcl.metrics import metric_names
+    from diffcl.core.metrics import metric_names
 
     table = Table(title=f"{metrics['model']} on {metrics['dataset']} (best epoch {metrics['best_epoch']} of {metrics['epochs']})")
     table.add_column("metric")
@@ -181,8 +181,8 @@ def train(
     overlay: OverlayOpt = None,
 ) -> None:
     """Train the configured model; test metrics are taken at the best validation epoch."""
-    from diffcl.trainer import TrainError
-    from diffcl.trainer import train as run_train
+    from diffcl.training.trainer import TrainError
+    from diffcl.training.trainer import train as run_train
 
     cfg = _load(config, set_, overlay)
     try:
@@ -236,15 +236,15 @@ def tune(
     the best trial becomes a config overlay. The test split is never evaluated."""
     import optuna
 
-    from diffcl.config import ConfigError, overlay_overrides
-    from diffcl.trainer import TrainError
-    from diffcl.tuning import SearchBudget, TuneError, budget_line
-    from diffcl.tuning import tune as run_tune
+    from diffcl.core.config import ConfigError, overlay_overrides
+    from diffcl.training.trainer import TrainError
+    from diffcl.training.tuning import SearchBudget, TuneError, budget_line
+    from diffcl.training.tuning import tune as run_tune
 
     cfg = _load(config, set_, overlay)
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # diffcl.tuning logs each trial; errors end the command
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # diffcl.training.tuning logs each trial; errors end the command
     if logging.getLogger().level > logging.DEBUG:
-        logging.getLogger("diffcl.trainer").setLevel(logging.WARNING)  # per-epoch lines with --verbose
+        logging.getLogger("diffcl.training.trainer").setLevel(logging.WARNING)  # per-epoch lines with --verbose
     try:
         result = run_tune(cfg, SearchBudget(trials, max_epochs, timeout), study)
     except (TuneError, TrainError, ConfigError) as err:
@@ -264,7 +264,7 @@ def evaluate(run_dir: Annotated[Path, typer.Argument(help="a run folder (runs/<r
     import json
     import time
 
-    from diffcl.trainer import TrainError, load_run
+    from diffcl.training.trainer import TrainError, load_run
 
     try:
         _, trainer = load_run(run_dir)
@@ -293,7 +293,7 @@ def recommend(
     import polars as pl
     import torch
 
-    from diffcl.trainer import TrainError, load_run
+    from diffcl.training.trainer import TrainError, load_run
 
     if k < 1:
         _fail(f"--k must be at least 1 (got {k})")
@@ -338,11 +338,11 @@ def run(
     The demo writes its synthetic data under ./workspace/demo-source when it is missing."""
     import json
 
-    from diffcl.registry import RegistryBusy
-    from diffcl.trainer import TrainError
-    from flows.demo import ensure_demo_data, resolve_config
-    from flows.pipeline import diffcl_flow
+    from diffcl.training.trainer import TrainError
+    from flows.flow import diffcl_flow
     from flows.reporting import feature_notes
+    from pipeline.demo import ensure_demo_data, resolve_config
+    from pipeline.publish import RegistryBusy
 
     config = Path(resolve_config(config))
     overrides = _overlay_sets(overlay) + list(set_ or [])  # the flow takes a config and overrides
@@ -375,7 +375,7 @@ def serve(
 ) -> None:
     """Register and serve the deployment diffcl/full-pipeline on its schedule (needs a Prefect API).
     The --set overrides are the deployment's served_overrides: a run's overrides apply on top."""
-    from flows.demo import resolve_config
+    from pipeline.demo import resolve_config
 
     config = Path(resolve_config(config))
     _load(config, set_)
@@ -392,9 +392,9 @@ def models(config: Annotated[Path, typer.Argument(help="YAML config file")] = Pa
     """List the registered models of a dataset; * marks the production model."""
     from rich import box
 
-    from diffcl.registry import Registry
-    from diffcl.workspace import DatasetDirs
-    from flows.demo import resolve_config
+    from diffcl.core.workspace import DatasetDirs
+    from pipeline.demo import resolve_config
+    from pipeline.publish import Registry
 
     cfg = _load(Path(resolve_config(config)), [])
     registry = Registry(DatasetDirs.of(cfg.workspace, cfg.dataset.name).root / "registry.json")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from prefect.schedules import Cron
 
-from diffcl.config import load_config
-from flows.pipeline import diffcl_flow
+from diffcl.core.config import load_config
+from flows.flow import diffcl_flow
 
 DEPLOYMENT = "full-pipeline"
 POOL_DEPLOYMENT = "full-pipeline-pool"  # the name in prefect.yaml

@@ -12,8 +12,8 @@ from typing import Any
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from diffcl.config import PipelineConfig
-from diffcl.metrics import metric_names
+from diffcl.core.config import PipelineConfig
+from diffcl.core.metrics import metric_names
 
 
 def _slug(text: str) -> str:
@@ -80,8 +80,8 @@ def curve_rows(run_dir: Path, metric: str) -> list[dict[str, Any]]:
 
 def feature_notes(cfg: PipelineConfig) -> list[str]:
     """What the report must say about the features used, e.g. an untrained image encoder."""
-    from diffcl.feature_store import available_features, read_metadata
-    from diffcl.workspace import DatasetDirs
+    from diffcl.core.feature_files import available_features, read_metadata
+    from diffcl.core.workspace import DatasetDirs
 
     notes = []
     for modality, path in available_features(DatasetDirs.of(cfg.workspace, cfg.dataset.name).features).items():

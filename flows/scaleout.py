@@ -1,6 +1,6 @@
 """Feature shards as independent Prefect tasks, run by the configured task runner: threads of the
 flow's process by default, or a Dask cluster (prefect-dask) when ``orchestration.task_runner`` is
-``dask``. The work itself is :func:`features.feature_stage.encode_text_shard`, which knows nothing
+``dask``. The work itself is :func:`pipeline.embed.encode_text_shard`, which knows nothing
 of Prefect; the text features stage merges the shards' parts afterwards.
 """
 
@@ -11,8 +11,8 @@ from typing import Any
 from prefect import flow, task, unmapped
 from prefect.cache_policies import NONE
 
-from diffcl.config import PipelineConfig, load_config
-from features.feature_stage import encode_text_shard, text_shards
+from diffcl.core.config import PipelineConfig, load_config
+from pipeline.embed import encode_text_shard, text_shards
 
 
 def task_runner(cfg: PipelineConfig):

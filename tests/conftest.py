@@ -40,9 +40,9 @@ __all__ = ["LocalServer", "shared_data"]
 @pytest.fixture(scope="session")
 def demo_workspace(tmp_path_factory):
     """The default demo dataset, prepared once: returns a function making configs on it."""
-    from diffcl.config import load_config
-    from features.prepare import prepare
+    from diffcl.core.config import load_config
     from features.synthetic import DemoSpec, generate
+    from pipeline.prepare import prepare
 
     root = tmp_path_factory.mktemp("demo-ws")
     paths = generate(root / "source", DemoSpec())
@@ -65,8 +65,8 @@ def demo_multimodal(demo_workspace):
     import numpy as np
     import polars as pl
 
-    from diffcl.feature_store import write_features
-    from diffcl.workspace import DatasetDirs
+    from diffcl.core.feature_files import write_features
+    from diffcl.core.workspace import DatasetDirs
 
     config = demo_workspace()
     dirs = DatasetDirs.of(config.workspace, config.dataset.name)

@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from diffcl.config import ConfigError, dump_config, load_config
-from features.prepare import effective_kcore
+from diffcl.core.config import ConfigError, dump_config, load_config
 from features.sources import source_files
+from pipeline.prepare import effective_kcore
 
 
 def _write(tmp_path, text):

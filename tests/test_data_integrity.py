@@ -12,19 +12,20 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from diffcl.config import ConfigError, load_config
-from diffcl.data import InteractionData, PreparedDataError
-from diffcl.feature_store import FeatureFileError, read_features, write_features
-from diffcl.graph_stage import build_graphs
-from diffcl.trainer import Trainer, TrainError
-from diffcl.workspace import DatasetDirs
-from features.feature_stage import modality_features
-from features.prepare import prepare
+from diffcl.core.config import ConfigError, load_config
+from diffcl.core.feature_files import FeatureFileError, read_features, write_features
+from diffcl.core.prepared import PreparedDataError
+from diffcl.core.workspace import DatasetDirs
+from diffcl.data import InteractionData
+from diffcl.training.trainer import Trainer, TrainError
 from features.readers.amazon import read_amazon
 from features.readers.mmrec import read_mmrec
 from features.readers.tables import read_table
 from features.records import DataError, ParseReport
 from flows.cli import app
+from pipeline.embed import modality_features
+from pipeline.graphs import build_graphs
+from pipeline.prepare import prepare
 
 runner = CliRunner()
 TRAIN = ["train.device=cpu", "train.threads=1", "train.epochs=2", "train.batch_size=512", "model.diffcl.cl_nodes=64"]
@@ -62,7 +63,7 @@ def test_prepare_killed_between_renames_leaves_a_set_every_reader_rejects(tmp_pa
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("features.prepare.write_json_atomic", killed)
+    monkeypatch.setattr("pipeline.prepare.write_json_atomic", killed)
     with pytest.raises(KeyboardInterrupt):
         prepare(_demo(tmp_path, demo_source, seed=7), progress=False)
     monkeypatch.undo()

@@ -10,10 +10,10 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from diffcl.config import load_config
-from diffcl.data import table_hashes
-from diffcl.feature_store import read_features, read_metadata
-from features.feature_stage import FeatureError, run_features
+from diffcl.core.config import load_config
+from diffcl.core.feature_files import read_features, read_metadata
+from diffcl.core.prepared import table_hashes
+from pipeline.embed import FeatureError, run_features
 from tests.httpserver import Route
 
 
@@ -76,7 +76,7 @@ def test_text_features_incremental(tmp_path, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("model loaded on a no-op rerun")
 
-    monkeypatch.setattr("features.text_features.load_text_encoder", no_model)
+    monkeypatch.setattr("features.text_encoder.load_text_encoder", no_model)
     (again, _) = run_features(config, progress=False)
     assert again.status == "unchanged" and again.embedded == 0
     monkeypatch.undo()
@@ -90,7 +90,7 @@ def test_text_features_incremental(tmp_path, monkeypatch):
 
 
 def test_text_falls_back_to_prepared_text_and_records_recipe(tmp_path):
-    from features.text_features import assemble_texts
+    from features.text_encoder import assemble_texts
 
     items = pl.DataFrame({"title": ["T", None], "brand": [None, None], "categories": [["A", "B"], None],
                           "description": ["D", None], "text": ["ignored", "Ready made. text."]})

@@ -50,25 +50,25 @@ class Counter:
 
 @pytest.fixture
 def counter(monkeypatch):
-    import diffcl.graph_stage
-    import diffcl.trainer
-    import features.feature_stage
-    import features.prepare
-    import features.text_features
+    import diffcl.training.trainer
+    import features.text_encoder
+    import pipeline.embed
+    import pipeline.graphs
+    import pipeline.prepare
 
     c = Counter(monkeypatch)
-    c.wrap(features.prepare, "prepare")
-    c.wrap(features.feature_stage, "download_images")
-    c.wrap(features.feature_stage, "modality_features")
-    c.wrap(diffcl.graph_stage, "build_graphs")
-    c.wrap(diffcl.trainer.Trainer, "fit")
-    original_encode = features.text_features.encode_texts
+    c.wrap(pipeline.prepare, "prepare")
+    c.wrap(pipeline.embed, "download_images")
+    c.wrap(pipeline.embed, "modality_features")
+    c.wrap(pipeline.graphs, "build_graphs")
+    c.wrap(diffcl.training.trainer.Trainer, "fit")
+    original_encode = features.text_encoder.encode_texts
 
     def encode(model, texts, *args, **kwargs):
         c.encoded_texts += len(texts)
         return original_encode(model, texts, *args, **kwargs)
 
-    monkeypatch.setattr(features.text_features, "encode_texts", encode)
+    monkeypatch.setattr(features.text_encoder, "encode_texts", encode)
     return c
 
 
@@ -103,7 +103,7 @@ STAGES = ["prepare", "download_images", "modality_features", "build_graphs", "fi
 
 
 def test_full_flow_then_cached_rerun_then_changed_interactions(prefect_server, demo_over_http, counter):
-    from flows.pipeline import diffcl_flow
+    from flows.flow import diffcl_flow
 
     config, paths, server = demo_over_http
     summary = diffcl_flow(config=str(config))
@@ -112,7 +112,7 @@ def test_full_flow_then_cached_rerun_then_changed_interactions(prefect_server, d
     assert all(counter.calls.get(s, 0) >= 1 for s in STAGES), counter.calls
     import polars as pl
 
-    from features.text_features import assemble_texts
+    from features.text_encoder import assemble_texts
 
     items = pl.read_parquet(config.parent / "ws/demo/prepared/items.parquet")
     distinct = len(set(assemble_texts(items, ["title", "brand", "categories", "description"], 2000)))
@@ -123,7 +123,7 @@ def test_full_flow_then_cached_rerun_then_changed_interactions(prefect_server, d
 
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="diffcl-demo-%")))
-    from diffcl.config import load_config
+    from diffcl.core.config import load_config
     from flows.reporting import artifact_key
 
     cfg = load_config(config)
@@ -175,7 +175,7 @@ def test_full_flow_then_cached_rerun_then_changed_interactions(prefect_server, d
 
 
 def test_deleted_output_reruns_its_stage(prefect_server, demo_over_http, counter):
-    from flows.pipeline import diffcl_flow
+    from flows.flow import diffcl_flow
 
     config, _, _ = demo_over_http
     diffcl_flow(config=str(config))
@@ -188,7 +188,7 @@ def test_deleted_output_reruns_its_stage(prefect_server, demo_over_http, counter
 
 
 def test_training_config_change_reruns_only_train_evaluate_publish(prefect_server, demo_over_http, counter):
-    from flows.pipeline import diffcl_flow
+    from flows.flow import diffcl_flow
 
     config, _, _ = demo_over_http
     diffcl_flow(config=str(config))
@@ -199,7 +199,7 @@ def test_training_config_change_reruns_only_train_evaluate_publish(prefect_serve
 
 
 def test_network_stage_fails_twice_then_succeeds(prefect_server, demo_over_http):
-    from flows.pipeline import diffcl_flow
+    from flows.flow import diffcl_flow
 
     config, paths, server = demo_over_http
     server.routes["/Demo_5.json.gz"] = Route(paths["reviews"].read_bytes(), fail_first=2)
@@ -222,18 +222,18 @@ def _recording_epoch(original, epochs_run: list[int], die_at: int | None = None)
 
 
 def test_killed_stage_resumes_on_next_run(prefect_server, demo_over_http, counter, monkeypatch):
-    import diffcl.trainer
-    from flows.pipeline import diffcl_flow
+    import diffcl.training.trainer
+    from flows.flow import diffcl_flow
 
     config, _, _ = demo_over_http
-    original = diffcl.trainer.Trainer.train_epoch
+    original = diffcl.training.trainer.Trainer.train_epoch
     epochs_run = []
-    monkeypatch.setattr(diffcl.trainer.Trainer, "train_epoch", _recording_epoch(original, epochs_run, die_at=3))
+    monkeypatch.setattr(diffcl.training.trainer.Trainer, "train_epoch", _recording_epoch(original, epochs_run, die_at=3))
     state = diffcl_flow(config=str(config), return_state=True)
     assert state.is_failed()
     assert epochs_run == [1, 2]  # the retry resumed after epoch 2 and died again at epoch 3
 
-    monkeypatch.setattr(diffcl.trainer.Trainer, "train_epoch", _recording_epoch(original, epochs_run))
+    monkeypatch.setattr(diffcl.training.trainer.Trainer, "train_epoch", _recording_epoch(original, epochs_run))
     counter.reset()
     summary = diffcl_flow(config=str(config))
     assert epochs_run == [1, 2, 3, 4]  # resumed at epoch 3, not from scratch
@@ -272,28 +272,28 @@ def test_resume_across_orchestration_changes_and_fresh_folder_when_it_cannot(pre
     folder that cannot resume makes the next run start a fresh one (with a log line), not fail."""
     import yaml
 
-    import diffcl.trainer
-    from flows.pipeline import diffcl_flow
+    import diffcl.training.trainer
+    from flows.flow import diffcl_flow
 
     config, _, _ = demo_over_http
-    original = diffcl.trainer.Trainer.train_epoch
+    original = diffcl.training.trainer.Trainer.train_epoch
     epochs_run = []
     dying_epoch = _recording_epoch(original, epochs_run, die_at=3)
     working_epoch = _recording_epoch(original, epochs_run)
-    monkeypatch.setattr(diffcl.trainer.Trainer, "train_epoch", dying_epoch)
+    monkeypatch.setattr(diffcl.training.trainer.Trainer, "train_epoch", dying_epoch)
     assert diffcl_flow(config=str(config), overrides=["orchestration.stage_timeout_s=600"], return_state=True).is_failed()
-    monkeypatch.setattr(diffcl.trainer.Trainer, "train_epoch", working_epoch)
+    monkeypatch.setattr(diffcl.training.trainer.Trainer, "train_epoch", working_epoch)
     epochs_run.clear()
     summary = diffcl_flow(config=str(config), overrides=["train.threads=1"])  # timeout dropped, threads changed
     assert epochs_run == [3, 4]  # resumed, not refused
     resolved = yaml.safe_load((config.parent / summary["run_dir"] / "config.yaml").read_text())
     assert resolved["orchestration"]["stage_timeout_s"] == 6 * 3600 and resolved["train"]["threads"] == 1
 
-    monkeypatch.setattr(diffcl.trainer.Trainer, "train_epoch", dying_epoch)
+    monkeypatch.setattr(diffcl.training.trainer.Trainer, "train_epoch", dying_epoch)
     assert diffcl_flow(config=str(config), overrides=["train.lr=0.02"], return_state=True).is_failed()
     runs = sorted((config.parent / "ws/demo/runs").iterdir(), key=lambda p: p.stat().st_mtime)
     (runs[-1] / "history.json").write_text("[]")  # a history that no longer matches last.pt
-    monkeypatch.setattr(diffcl.trainer.Trainer, "train_epoch", working_epoch)
+    monkeypatch.setattr(diffcl.training.trainer.Trainer, "train_epoch", working_epoch)
     epochs_run.clear()
     state = diffcl_flow(config=str(config), overrides=["train.lr=0.02"], return_state=True)
     assert state.is_completed()
@@ -310,7 +310,7 @@ def test_served_and_run_overrides_add_up_progress_is_visible_and_offline_copy(pr
     from prefect.client.orchestration import get_client
 
     from flows.deploy import build_deployment
-    from flows.pipeline import diffcl_flow
+    from flows.flow import diffcl_flow
 
     config, paths, server = demo_over_http
     build_deployment(config, ["train.epochs=3"]).apply()
@@ -346,8 +346,8 @@ def test_served_and_run_overrides_add_up_progress_is_visible_and_offline_copy(pr
 
 def test_second_run_of_a_workspace_is_skipped(prefect_server, demo_over_http, counter):
     """Issue 13.7: one run per workspace at a time; the second is skipped with a log line."""
-    from diffcl.locks import exclusive_lock
-    from flows.pipeline import diffcl_flow
+    from diffcl.core.locks import exclusive_lock
+    from flows.flow import diffcl_flow
 
     config, _, server = demo_over_http
     with exclusive_lock(config.parent / "ws" / ".pipeline.lock"):
@@ -359,13 +359,13 @@ def test_second_run_of_a_workspace_is_skipped(prefect_server, demo_over_http, co
 
 def test_errors_that_cannot_recover_are_not_retried(prefect_server, demo_over_http, monkeypatch):
     """Issue 13.3: a missing local file or a 404 fails at once (one attempt), a 503 is retried."""
-    import features.prepare
-    from flows.pipeline import diffcl_flow
+    import pipeline.prepare
+    from flows.flow import diffcl_flow
     from tests.test_flow import Counter
 
     config, paths, server = demo_over_http
     calls = Counter(monkeypatch)
-    calls.wrap(features.prepare, "acquire")
+    calls.wrap(pipeline.prepare, "acquire")
     missing = config.parent / "missing.yaml"
     missing.write_text(config.read_text().replace(server.url("/Demo_5.json.gz"), str(config.parent / "none.json.gz")))
     assert diffcl_flow(config=str(missing), return_state=True).is_failed()

@@ -3,9 +3,9 @@ import json
 import numpy as np
 import scipy.sparse as sp
 
-from diffcl.feature_store import read_features, read_metadata, write_features
-from diffcl.graph_stage import build_graphs, load_graph
-from diffcl.workspace import DatasetDirs
+from diffcl.core.feature_files import read_features, read_metadata, write_features
+from diffcl.core.workspace import DatasetDirs
+from pipeline.graphs import build_graphs, load_graph
 
 
 def test_feature_store_round_trip_is_exact(tmp_path):

@@ -195,7 +195,7 @@ def test_csr_uses_32_bit_indices_where_they_fit():
 def test_allocator_tuning_is_applied_once_and_harmless():
     import platform
 
-    from diffcl.device import keep_freed_memory
+    from diffcl.core.device import keep_freed_memory
 
     first = keep_freed_memory()
     assert keep_freed_memory() is first  # cached: applied once per process

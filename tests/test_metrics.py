@@ -8,7 +8,7 @@ import scipy.sparse as sp
 import torch
 
 from diffcl.data import InteractionData
-from diffcl.evaluator import Evaluator
+from diffcl.training.evaluator import Evaluator
 
 KS = [1, 5, 10, 20]
 

@@ -11,17 +11,17 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from diffcl.config import ConfigError, ModelConfig, load_config
+from diffcl.core.config import ConfigError, ModelConfig, load_config
+from diffcl.core.feature_files import available_features, read_features
+from diffcl.core.workspace import DatasetDirs
 from diffcl.data import InteractionData
-from diffcl.feature_store import available_features, read_features
-from diffcl.graph_stage import build_graphs, load_graph
 from diffcl.graphs import fuse_item_graphs, fusion_weights, knn_graph
 from diffcl.models.base import Batch, ModelContext
 from diffcl.models.freedom import Freedom
-from diffcl.trainer import Trainer
-from diffcl.workspace import DatasetDirs
-from features.feature_stage import run_features
-from features.prepare import prepare
+from diffcl.training.trainer import Trainer
+from pipeline.embed import run_features
+from pipeline.graphs import build_graphs, load_graph
+from pipeline.prepare import prepare
 
 N_USERS, N_ITEMS = 40, 24
 COLD_USERS = (37, 38, 39)  # valid / test interactions only: no training interaction

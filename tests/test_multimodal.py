@@ -6,7 +6,7 @@ import torch
 
 from diffcl.models.contrastive import distribution_alignment, info_nce
 from diffcl.models.diffusion import Diffusion, GaussianSchedule
-from diffcl.trainer import Trainer
+from diffcl.training.trainer import Trainer
 
 FAST = ["train.epochs=12", "train.batch_size=512", "train.lr=0.01", "train.patience=4", "train.threads=2"]
 
@@ -189,7 +189,7 @@ def test_id_branch_is_computed_only_where_something_reads_it(demo_multimodal):
 
 
 def test_precision_switch_bf16_close_to_fp32(demo_multimodal):
-    from diffcl.device import dense_dtype, native_bf16
+    from diffcl.core.device import dense_dtype, native_bf16
 
     cpu = torch.device("cpu")
     assert dense_dtype("fp32", cpu) is None and dense_dtype("bf16", cpu) is torch.bfloat16
@@ -213,7 +213,7 @@ def test_precision_switch_bf16_close_to_fp32(demo_multimodal):
 
 
 def test_cross_modal_needs_two_modalities(demo_multimodal):
-    from diffcl.config import ConfigError
+    from diffcl.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="cross_modal needs"):
         demo_multimodal("model.diffcl.diffusion.views=cross_modal")

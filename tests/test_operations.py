@@ -34,7 +34,7 @@ def test_worker_pull_step_names_what_to_set(monkeypatch, tmp_path):
     with pytest.raises(WorkerSetupError, match="DIFFCL_HOME is not set on this worker: export DIFFCL_HOME="):
         step(**inputs)
     monkeypatch.setenv("DIFFCL_HOME", str(tmp_path))
-    with pytest.raises(WorkerSetupError, match="no flows/pipeline.py there"):
+    with pytest.raises(WorkerSetupError, match="no flows/flow.py there"):
         step(**inputs)
     monkeypatch.setenv("DIFFCL_HOME", str(ROOT))
     monkeypatch.chdir(tmp_path)
@@ -44,8 +44,8 @@ def test_worker_pull_step_names_what_to_set(monkeypatch, tmp_path):
 def test_demo_runs_from_any_folder(monkeypatch, tmp_path):
     """Issue 13.11: the packaged demo config (identical to configs/demo.yaml) and its data under ./workspace."""
     import features.synthetic
-    from diffcl.config import load_config
-    from flows.demo import DEMO_CONFIG, ensure_demo_data, packaged_demo_config, resolve_config
+    from diffcl.core.config import load_config
+    from pipeline.demo import DEMO_CONFIG, ensure_demo_data, packaged_demo_config, resolve_config
 
     assert packaged_demo_config().read_text() == (ROOT / "configs/demo.yaml").read_text()
     monkeypatch.chdir(tmp_path)
@@ -67,7 +67,7 @@ def test_serve_without_a_config_serves_the_packaged_demo_from_any_folder(monkeyp
     import prefect
 
     from flows.cli import app
-    from flows.demo import packaged_demo_config
+    from pipeline.demo import packaged_demo_config
 
     served = []
     monkeypatch.setattr(prefect, "serve", lambda *deployments: served.extend(deployments))
@@ -96,7 +96,7 @@ def test_models_table_fits_80_columns(tmp_path):
 
 
 def test_champion_on_other_data_is_rescored_or_the_documented_rule_applies(tmp_path):
-    from diffcl.registry import Registry
+    from pipeline.publish import Registry
 
     def entry(value, data):
         return {"model": "m", "run_dir": "r", "valid": {"recall@20": value}, "test": {"recall@20": value}, "data_sha256": data}
@@ -112,9 +112,9 @@ def test_champion_on_other_data_is_rescored_or_the_documented_rule_applies(tmp_p
 
 
 def test_cache_keys_ignore_locations_and_where_training_runs():
-    from diffcl.config import load_config
-    from diffcl.trainer import training_identity
-    from flows.stages import base_key
+    from diffcl.core.config import load_config
+    from diffcl.training.trainer import training_identity
+    from flows.cache import base_key
 
     def data(**dataset):
         return load_config({"dataset": {"name": "d", "source": "amazon2018", **dataset}}).model_dump(mode="json")
@@ -131,7 +131,7 @@ def test_cache_keys_ignore_locations_and_where_training_runs():
 def test_artifact_keys_name_workspace_and_dataset(tmp_path):
     import re
 
-    from diffcl.config import load_config
+    from diffcl.core.config import load_config
     from flows.reporting import artifact_key
 
     def key(workspace):
@@ -142,9 +142,9 @@ def test_artifact_keys_name_workspace_and_dataset(tmp_path):
 
 
 def test_report_metric_names_follow_eval_topk():
-    from diffcl.metrics import metric_names
+    from diffcl.core.metrics import metric_names
 
     assert metric_names([5, 50]) == ["recall@5", "ndcg@5", "precision@5", "map@5", "hit@5",
                                      "recall@50", "ndcg@50", "precision@50", "map@50", "hit@50"]
-    for path in ("flows/cli.py", "flows/reporting.py", "flows/pipeline.py"):
+    for path in ("flows/cli.py", "flows/reporting.py", "flows/flow.py"):
         assert "recall@10" not in (ROOT / path).read_text() and "recall@20" not in (ROOT / path).read_text(), path

@@ -4,9 +4,9 @@ import os
 import polars as pl
 import pytest
 
-from diffcl.config import load_config
-from features.prepare import prepare
+from diffcl.core.config import load_config
 from features.records import DataError
+from pipeline.prepare import prepare
 from tests.httpserver import Route
 
 STATS_KEYS = {"users", "items", "interactions", "train", "valid", "test"}

@@ -7,7 +7,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from diffcl.config import Columns
+from diffcl.core.config import Columns
 from features.readers.amazon import read_amazon
 from features.readers.mmrec import read_mmrec
 from features.readers.tables import read_tables

@@ -3,9 +3,9 @@
 import polars as pl
 import pytest
 
-from diffcl.config import load_config
-from features.prepare import prepare
+from diffcl.core.config import load_config
 from features.readers.amazon import read_amazon
+from pipeline.prepare import prepare
 from tests.conftest import shared_data
 
 pytestmark = pytest.mark.realdata

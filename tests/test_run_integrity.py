@@ -19,10 +19,10 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from diffcl.locks import LockBusy, exclusive_lock
-from diffcl.registry import Registry, RegistryBusy
-from diffcl.trainer import Trainer, TrainError, load_run, train
+from diffcl.core.locks import LockBusy, exclusive_lock
+from diffcl.training.trainer import Trainer, TrainError, load_run, train
 from flows.cli import app
+from pipeline.publish import Registry, RegistryBusy
 
 runner = CliRunner()
 QUICK = ["model.name=mf", "train.epochs=2", "train.batch_size=512", "train.threads=2"]
@@ -126,7 +126,7 @@ def test_trainers_started_together_get_their_own_run_folders(demo_workspace):
 
 
 def test_a_generated_id_taken_meanwhile_is_never_shared(demo_workspace, monkeypatch):
-    import diffcl.trainer as trainer_module
+    import diffcl.training.trainer as trainer_module
 
     ids = iter(["mf-same", "mf-same", "mf-other"])
     monkeypatch.setattr(trainer_module, "new_run_id", lambda prefix: next(ids))
@@ -174,7 +174,7 @@ def test_concurrent_registrations_are_all_kept(tmp_path):
 
 
 def test_registry_reports_a_stuck_writer(tmp_path, monkeypatch):
-    import diffcl.registry as registry_module
+    import pipeline.publish as registry_module
 
     monkeypatch.setattr(registry_module, "LOCK_TIMEOUT_S", 0.1)
     path = tmp_path / "registry.json"
@@ -186,9 +186,9 @@ def test_registry_reports_a_stuck_writer(tmp_path, monkeypatch):
 @pytest.fixture
 def reprepared_run(tmp_path):
     """A run trained on one dataset, whose prepared data was then rebuilt from another."""
-    from diffcl.config import load_config
-    from features.prepare import prepare
+    from diffcl.core.config import load_config
     from features.synthetic import DemoSpec, generate
+    from pipeline.prepare import prepare
 
     def make(seed: int, items: int):
         paths = generate(tmp_path / f"source-{seed}", DemoSpec(users=120, items=items, groups=3, seed=seed))
@@ -214,7 +214,7 @@ def test_evaluate_and_recommend_after_reprepare_say_to_retrain(reprepared_run, t
         assert result.exit_code == 2, result.output
         assert "the prepared data changed since this run was trained" in result.output
         assert "diffcl train CONFIG" in result.output and "size mismatch" not in result.output
-    from diffcl.config import dump_config
+    from diffcl.core.config import dump_config
 
     path = _config_file(config, tmp_path / "c.yaml")
     (run_dir / "config.yaml").write_text(dump_config(config))  # the same config: only the data differs
@@ -264,7 +264,7 @@ def _real_png(size: int) -> bytes:
 
 @pytest.mark.parametrize("width, height", [(30000, 30000), (9000, 9000)])  # above / below Pillow's own limit
 def test_a_decompression_bomb_is_recorded_missing(tmp_path, width, height):
-    from features.images import DownloadSettings, fetch_images
+    from features.image_download import DownloadSettings, fetch_images
 
     bomb = _png_declaring(width, height)
     assert len(bomb) < 200
@@ -277,8 +277,8 @@ def test_a_decompression_bomb_is_recorded_missing(tmp_path, width, height):
 
 
 def test_pixel_cap_is_configurable_and_applies_to_cached_images(tmp_path):
-    from diffcl.config import ImageFeaturesConfig
-    from features.images import DownloadSettings, fetch_images
+    from diffcl.core.config import ImageFeaturesConfig
+    from features.image_download import DownloadSettings, fetch_images
 
     assert ImageFeaturesConfig().max_pixels == DownloadSettings().max_pixels == 40_000_000
     (tmp_path / "a.png").write_bytes(_real_png(100))
@@ -291,7 +291,7 @@ def test_pixel_cap_is_configurable_and_applies_to_cached_images(tmp_path):
 
 
 def test_encoder_refuses_to_decode_a_bomb_with_a_clear_error(tmp_path):
-    from features.image_features import _ImageFiles
+    from features.image_encoder import _ImageFiles
 
     (tmp_path / "bomb.img").write_bytes(_png_declaring(30000, 30000))
     (tmp_path / "big.img").write_bytes(_real_png(100))

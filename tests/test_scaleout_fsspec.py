@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from diffcl.feature_store import read_features, read_metadata, write_features
-from diffcl.graph_stage import load_graph, save_graph
+from diffcl.core.feature_files import read_features, read_metadata, write_features
+from diffcl.core.io import open_input, sidecar
 from diffcl.graphs import knn_graph
-from diffcl.io import open_input, sidecar
+from pipeline.graphs import load_graph, save_graph
 
 
 @pytest.fixture(params=["memory", "file"])

@@ -5,9 +5,9 @@ import polars as pl
 import pytest
 import torch
 
-from diffcl.config import ConfigError
-from diffcl.evaluator import Evaluator
-from diffcl.trainer import Trainer, TrainError, load_run, train
+from diffcl.core.config import ConfigError
+from diffcl.training.evaluator import Evaluator
+from diffcl.training.trainer import Trainer, TrainError, load_run, train
 
 FAST = ["train.epochs=30", "train.batch_size=512", "train.lr=0.01", "train.patience=5", "train.threads=2"]
 

@@ -6,10 +6,10 @@ import yaml
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
-from diffcl.config import dump_config, load_config, overlay_overrides, search_space
-from diffcl.evaluator import Evaluator
-from diffcl.trainer import DivergedError, Trainer
-from diffcl.tuning import SearchBudget, report_epoch, study_paths, suggest, tune
+from diffcl.core.config import dump_config, load_config, overlay_overrides, search_space
+from diffcl.training.evaluator import Evaluator
+from diffcl.training.trainer import DivergedError, Trainer
+from diffcl.training.tuning import SearchBudget, report_epoch, study_paths, suggest, tune
 from flows.cli import app
 
 FAST = ["model.name=mf", "train.batch_size=1024", "train.threads=2", "train.patience=2"]

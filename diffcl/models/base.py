@@ -18,7 +18,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from diffcl.config import DEFAULT_MODALITY_WEIGHTS, ModelConfig
+from diffcl.core.config import DEFAULT_MODALITY_WEIGHTS, ModelConfig
 from diffcl.data import InteractionData
 from diffcl.graphs import (
     FrozenGraph,

@@ -25,7 +25,7 @@ import logging
 import torch
 from torch import nn
 
-from diffcl.device import dense_autocast, dense_dtype
+from diffcl.core.device import dense_autocast, dense_dtype
 from diffcl.graphs import branch_propagate, branch_propagate_items
 from diffcl.models import register
 from diffcl.models.base import Batch, ModelContext, Recommender, bpr_loss, l2_reg

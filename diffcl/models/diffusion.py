@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from diffcl.device import dense_autocast
+from diffcl.core.device import dense_autocast
 
 
 class GaussianSchedule(nn.Module):

@@ -16,9 +16,9 @@ from typing import Any
 
 import polars as pl
 
+from features.item_text import clean, clean_list
 from features.readers.base import RawData
 from features.records import ParseReport, iter_records
-from features.text import clean, clean_list
 
 
 @dataclass(frozen=True)

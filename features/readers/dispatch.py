@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffcl.config import DatasetConfig
+from diffcl.core.config import DatasetConfig
 from features.readers.amazon import read_amazon
 from features.readers.base import RawData
 from features.readers.mmrec import read_mmrec

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import polars as pl
 
-from diffcl.config import check_modality_name
-from diffcl.feature_store import FeatureFileError, read_npy_matrix
+from diffcl.core.config import check_modality_name
+from diffcl.core.feature_files import FeatureFileError, read_npy_matrix
 from features.readers.base import RawData
 from features.records import DataError, describe_read_error
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import polars as pl
 
-from diffcl.config import Columns
+from diffcl.core.config import Columns
 from features.readers.base import RawData
 from features.records import DataError, describe_read_error
 

@@ -1,7 +1,7 @@
 """Full-ranking evaluation: every item scored for every user, in user batches.
 
 Training items are masked (and validation items when testing), the top max(K) items are taken
-with ``torch.topk``, and the metrics of :mod:`diffcl.metrics` are averaged over the users that have
+with ``torch.topk``, and the metrics of :mod:`diffcl.core.metrics` are averaged over the users that have
 relevant items in the split. The per-batch index tensors are built once and reused every epoch.
 """
 
@@ -13,8 +13,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from diffcl.core.metrics import topk_metrics
 from diffcl.data import InteractionData
-from diffcl.metrics import topk_metrics
 
 
 @dataclass

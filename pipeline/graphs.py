@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from diffcl.config import PipelineConfig
+from diffcl.core.config import PipelineConfig
+from diffcl.core.feature_files import available_features, model_feature_files, read_item_features
+from diffcl.core.io import open_input, open_output, sha256_file, sidecar
+from diffcl.core.workspace import DatasetDirs
 from diffcl.data import InteractionData
-from diffcl.feature_store import available_features, model_feature_files, read_item_features
 from diffcl.graphs import fuse_item_graphs, fusion_weights, knn_graph, normalized_adjacency
-from diffcl.io import open_input, open_output, sha256_file, sidecar
-from diffcl.workspace import DatasetDirs
 
 log = logging.getLogger(__name__)
 

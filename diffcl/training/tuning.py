@@ -1,5 +1,5 @@
 """Hyper-parameter search on the validation metric: Optuna's TPE sampler over the model's declared
-search space (:func:`diffcl.config.search_space`), median pruning of trials whose per-epoch
+search space (:func:`diffcl.core.config.search_space`), median pruning of trials whose per-epoch
 validation curve trails the others', every trial trained by the same :class:`Trainer`.
 
 The study lives in ``<workspace>/<dataset>/tuning/<study>.db`` (Optuna's SQLite storage), so a
@@ -25,7 +25,7 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from diffcl.config import (
+from diffcl.core.config import (
     Choice,
     IntRange,
     LogUniform,
@@ -35,10 +35,10 @@ from diffcl.config import (
     overlay_overrides,
     search_space,
 )
-from diffcl.io import write_text_atomic
-from diffcl.locks import LockBusy, exclusive_lock
-from diffcl.trainer import DivergedError, Trainer
-from diffcl.workspace import DatasetDirs, RunIdError, check_run_id
+from diffcl.core.io import write_text_atomic
+from diffcl.core.locks import LockBusy, exclusive_lock
+from diffcl.core.workspace import DatasetDirs, RunIdError, check_run_id
+from diffcl.training.trainer import DivergedError, Trainer
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from diffcl.io import write_json_atomic
-from diffcl.locks import LockBusy, exclusive_lock
+from diffcl.core.io import write_json_atomic
+from diffcl.core.locks import LockBusy, exclusive_lock
 
 LOCK_TIMEOUT_S = 60.0  # a registration takes milliseconds: waiting longer means a stuck process
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from features.embedding_cache import content_key, weights_hash
-from features.images import DownloadSettings, too_many_pixels
+from features.image_download import DownloadSettings, too_many_pixels
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import polars as pl
 
-from diffcl.io import atomic_path
+from diffcl.core.io import atomic_path
 
 
 def plot_history(history: pl.DataFrame, target: Path, metric: str, title: str = "") -> None:

@@ -1,6 +1,6 @@
 """``diffcl features``: the feature matrix of every modality of the prepared items.
 
-Writes ``features/<modality>.parquet`` (see :mod:`diffcl.feature_store`) for each modality: a file
+Writes ``features/<modality>.parquet`` (see :mod:`diffcl.core.feature_files`) for each modality: a file
 named in ``features.files``, a shipped MMRec ``<modality>_feat.npy``, or this package's text and image
 encoders; and ``features/image_sources.parquet`` (per item: URL, ok/missing, reason, content hash).
 Incremental: a rerun with nothing changed loads no model and writes nothing; new or changed items
@@ -21,22 +21,22 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from diffcl.config import (
+from diffcl.core.config import (
     ENCODED_MODALITIES,
     ImageFeaturesConfig,
     PipelineConfig,
     TextFeaturesConfig,
 )
-from diffcl.data import verify_prepared
-from diffcl.feature_store import (
+from diffcl.core.feature_files import (
     available_features,
     check_finite,
     read_metadata,
     read_npy_matrix,
     write_features,
 )
-from diffcl.io import write_parquet_atomic
-from diffcl.workspace import DatasetDirs
+from diffcl.core.io import write_parquet_atomic
+from diffcl.core.prepared import verify_prepared
+from diffcl.core.workspace import DatasetDirs
 from features.embedding_cache import EmbeddingCache, content_key
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def download_images(config: PipelineConfig, progress: bool = True) -> Path | Non
     ic = config.features.image
     if not ic.enabled or feature_source(config, "image", shipped) is not None:
         return None
-    from features.images import DownloadSettings, fetch_images
+    from features.image_download import DownloadSettings, fetch_images
 
     urls = items.get_column("image_url").to_list()
     path = dirs.features / "image_sources.parquet"
@@ -173,7 +173,7 @@ def download_images(config: PipelineConfig, progress: bool = True) -> Path | Non
 
 def _previous_images(frame: pl.DataFrame | None) -> dict[str, Any]:
     """The earlier run's downloaded images by URL (its ``image_sources.parquet``)."""
-    from features.images import ImageResult
+    from features.image_download import ImageResult
 
     fields = ("url", "status", "reason", "path", "sha256", "size", "mtime_ns")
     if frame is None or not set(fields) <= set(frame.columns):
@@ -184,7 +184,7 @@ def _previous_images(frame: pl.DataFrame | None) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ text
 def _text_encoder(tc: TextFeaturesConfig, dirs: DatasetDirs):
-    from features.text_features import resolve_text_model
+    from features.text_encoder import resolve_text_model
 
     return resolve_text_model(tc.model, dirs.features / "cache" / "weights.json")
 
@@ -213,7 +213,7 @@ def encode_text_shard(config: PipelineConfig, start: int, stop: int) -> int:
     (deterministically) by the text features run. Independent of every other shard, so any worker
     that reaches the workspace can run it. Returns the number of texts encoded."""
     from features.embedding_cache import write_part
-    from features.text_features import assemble_texts, encode_texts, load_text_encoder
+    from features.text_encoder import assemble_texts, encode_texts, load_text_encoder
 
     tc = config.features.text
     dirs, items, _ = _inputs(config)
@@ -230,7 +230,7 @@ def encode_text_shard(config: PipelineConfig, start: int, stop: int) -> int:
 
 
 def _run_text(tc: TextFeaturesConfig, items: pl.DataFrame, dirs: DatasetDirs, progress: bool) -> ModalityReport:
-    from features.text_features import assemble_texts, encode_texts, load_text_encoder
+    from features.text_encoder import assemble_texts, encode_texts, load_text_encoder
 
     start = time.perf_counter()
     out = dirs.features / "text.parquet"
@@ -272,8 +272,8 @@ def _run_text(tc: TextFeaturesConfig, items: pl.DataFrame, dirs: DatasetDirs, pr
 
 # ----------------------------------------------------------------------------------------- image
 def _run_image(ic: ImageFeaturesConfig, items: pl.DataFrame, dirs: DatasetDirs, progress: bool) -> ModalityReport:
-    from features.image_features import UNTRAINED_NOTE, encode_images, load_clip, resolve_clip
-    from features.images import ImageResult
+    from features.image_download import ImageResult
+    from features.image_encoder import UNTRAINED_NOTE, encode_images, load_clip, resolve_clip
 
     start = time.perf_counter()
     out = dirs.features / "image.parquet"
@@ -314,7 +314,7 @@ def _run_image(ic: ImageFeaturesConfig, items: pl.DataFrame, dirs: DatasetDirs, 
     todo = cache.missing(present_keys)
     encode_seconds = 0.0
     if todo:
-        from diffcl.device import resolve_device
+        from diffcl.core.device import resolve_device
 
         device = str(resolve_device(ic.device))
         model, preprocess = load_clip(spec, device)

@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from diffcl.io import is_url
+from diffcl.core.io import is_url
 
 SourceKind = Literal["amazon2014", "amazon2018", "amazon2023", "mmrec", "tables"]
 PRESET_NAMES = ("baby", "sports", "clothing")
@@ -496,7 +496,7 @@ def search_space(model_name: str) -> SearchSpace:
 
 
 # The config sections that define a training run, read by the train stage's cache key and by a
-# run's resume check (diffcl.trainer.training_identity), less the train settings that choose where
+# run's resume check (diffcl.training.trainer.training_identity), less the train settings that choose where
 # the work runs, not what is trained.
 TRAINING_SECTIONS = ("model", "train", "graphs", "eval")
 RESULT_NEUTRAL_TRAIN_FIELDS = ("device", "threads")

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 
 from diffcl.models import Batch
-from diffcl.sampler import BPRSampler
-from diffcl.trainer import Trainer, TrainResult
+from diffcl.training.sampler import BPRSampler
+from diffcl.training.trainer import Trainer, TrainResult
 
 
 def world_size() -> int:

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from diffcl.device import resolve_device
+from diffcl.core.device import resolve_device
 from features.embedding_cache import content_key, weights_hash
-from features.text import assemble
+from features.item_text import assemble
 
 log = logging.getLogger(__name__)
 

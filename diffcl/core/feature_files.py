@@ -1,6 +1,6 @@
 """Item feature matrices on disk: ``features/<modality>.parquet`` with an ``item`` column and a
 fixed-size float32 ``embedding`` column, rows in item-id order, provenance in the Parquet metadata.
-A modality is any name (:data:`diffcl.config.MODALITY_NAME`): image, text, audio, ...
+A modality is any name (:data:`diffcl.core.config.MODALITY_NAME`): image, text, audio, ...
 
 The feature stage (``features/``) writes them; the graphs and the models read them back as a
 zero-copy numpy matrix, through :func:`read_item_features`, which checks that the rows match the
@@ -20,11 +20,11 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from diffcl.config import MODALITY_NAME
-from diffcl.io import open_input, open_output
+from diffcl.core.config import MODALITY_NAME
+from diffcl.core.io import open_input, open_output
 
 if TYPE_CHECKING:
-    from diffcl.config import PipelineConfig
+    from diffcl.core.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import diffcl
-from diffcl.config import DATASET_LOCATION_FIELDS, RESULT_NEUTRAL_TRAIN_FIELDS, TRAINING_SECTIONS
-from diffcl.io import sha256_file, write_json_atomic
+from diffcl.core.config import (
+    DATASET_LOCATION_FIELDS,
+    RESULT_NEUTRAL_TRAIN_FIELDS,
+    TRAINING_SECTIONS,
+)
+from diffcl.core.io import sha256_file, write_json_atomic
 
 # Bump a stage's number when its outputs change for the same inputs and config.
 STAGE_VERSIONS = {

@@ -28,26 +28,27 @@ import polars as pl
 import torch
 import yaml
 
-from diffcl.config import (
+from diffcl.core.config import (
     RESULT_NEUTRAL_TRAIN_FIELDS,
     TRAINING_SECTIONS,
     PipelineConfig,
     dump_config,
 )
-from diffcl.data import InteractionData, PreparedDataError
-from diffcl.device import keep_freed_memory, resolve_device
-from diffcl.evaluator import Evaluator
-from diffcl.io import (
+from diffcl.core.device import keep_freed_memory, resolve_device
+from diffcl.core.io import (
     atomic_path,
     sha256_file,
     write_json_atomic,
     write_parquet_atomic,
     write_text_atomic,
 )
-from diffcl.locks import LockBusy, exclusive_lock
+from diffcl.core.locks import LockBusy, exclusive_lock
+from diffcl.core.prepared import PreparedDataError
+from diffcl.core.workspace import DatasetDirs, RunIdError, check_run_id, new_run_id
+from diffcl.data import InteractionData
 from diffcl.models import Batch, ModelContext, Recommender, build_model
-from diffcl.sampler import BPRSampler
-from diffcl.workspace import DatasetDirs, RunIdError, check_run_id, new_run_id
+from diffcl.training.evaluator import Evaluator
+from diffcl.training.sampler import BPRSampler
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,8 @@ def load_data(config: PipelineConfig) -> tuple[DatasetDirs, InteractionData]:
 def build_context(config: PipelineConfig, dirs: DatasetDirs, data: InteractionData, device: torch.device) -> ModelContext:
     """The data, the features of the modalities the model reads (and their frozen kNN graphs):
     a missing or unusable feature file is a TrainError naming it (see :func:`model_feature_files`)."""
-    from diffcl.feature_store import FeatureFileError, model_feature_files, read_item_features
-    from diffcl.graph_stage import modality_knn
+    from diffcl.core.feature_files import FeatureFileError, model_feature_files, read_item_features
+    from pipeline.graphs import modality_knn
 
     ctx = ModelContext(data=data, device=device, modality_weights=config.graphs.modality_weights)
     try:
@@ -396,7 +397,7 @@ class Trainer:
         }
         write_parquet_atomic(history, self.run_dir / "history.parquet")
         write_json_atomic(self.run_dir / "metrics.json", metrics)
-        from diffcl.plots import plot_history
+        from diffcl.training.plots import plot_history
 
         plot_history(history, self.run_dir / "curves.png", self.config.train.metric, title=self.run_id)
         return TrainResult(self.run_dir, metrics, history)
@@ -404,7 +405,7 @@ class Trainer:
 
 def train(config: PipelineConfig, run_id: str | None = None) -> TrainResult:
     """One training run; data-parallel over the processes when launched by torchrun (WORLD_SIZE > 1)."""
-    from diffcl.distributed import DistributedTrainer, world_size
+    from diffcl.training.distributed import DistributedTrainer, world_size
 
     return (DistributedTrainer if world_size() > 1 else Trainer)(config, run_id).fit()
 
@@ -431,7 +432,7 @@ def load_run(run_dir: Path, same_data: bool = True) -> tuple[PipelineConfig, Tra
     """A trainer for a finished (or interrupted) run, with its best weights loaded. Refused with a
     clear error when the prepared data has changed since the run was trained, unless ``same_data``
     is off (a champion rescored on new data with the same users and items)."""
-    from diffcl.config import ConfigError, load_config
+    from diffcl.core.config import ConfigError, load_config
 
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"

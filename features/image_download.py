@@ -20,7 +20,7 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from diffcl.io import atomic_path
+from diffcl.core.io import atomic_path
 from features.embedding_cache import content_key
 
 log = logging.getLogger(__name__)

@@ -26,10 +26,10 @@ from prefect.cache_policies import NONE
 from prefect.context import TaskRunContext
 from prefect.transactions import get_transaction
 
-from diffcl.config import ENCODED_MODALITIES, PipelineConfig, dump_config, load_config
-from diffcl.locks import LockBusy, exclusive_lock
-from features.feature_stage import feature_modalities, shipped_features
-from flows.stages import Artifact, Ledger, artifact, base_key
+from diffcl.core.config import ENCODED_MODALITIES, PipelineConfig, dump_config, load_config
+from diffcl.core.locks import LockBusy, exclusive_lock
+from flows.cache import Artifact, Ledger, artifact, base_key
+from pipeline.embed import feature_modalities, shipped_features
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def fetch_stage(config: dict[str, Any]) -> StageResult:
     """Fetch remote sources (conditional requests) and hash local ones. Never cached."""
     from dataclasses import asdict
 
-    from features.prepare import acquire
+    from pipeline.prepare import acquire
 
     acquired = acquire(load_config(config), progress=False)
     outputs = {role: {"path": str(path), "sha256": m.sha256} for role, (path, m) in acquired.items()}
@@ -98,7 +98,7 @@ def fetch_stage(config: dict[str, Any]) -> StageResult:
 @_stage("prepare")
 def prepare_stage(config: dict[str, Any], inputs: dict[str, Artifact], manifests: dict[str, Any]) -> StageResult:
     from features.fetch import Manifest
-    from features.prepare import prepare
+    from pipeline.prepare import prepare
 
     cfg = load_config(config)
     acquired = {role: (Path(inputs[role]["path"]), Manifest(**manifests[role])) for role in manifests}
@@ -109,7 +109,7 @@ def prepare_stage(config: dict[str, Any], inputs: dict[str, Artifact], manifests
 
 @_stage("images")
 def images_stage(config: dict[str, Any], inputs: dict[str, Artifact]) -> StageResult:
-    from features.feature_stage import download_images
+    from pipeline.embed import download_images
 
     path = download_images(load_config(config), progress=False)
     return _finish("images", config, inputs, {"image_sources": artifact(path)} if path else {})
@@ -135,8 +135,8 @@ def _features_stage(stage: str, modality: str, config: dict[str, Any], inputs: d
                     keyed_by_modality: bool = False) -> StageResult:
     from dataclasses import asdict
 
-    from diffcl.workspace import DatasetDirs
-    from features.feature_stage import modality_features
+    from diffcl.core.workspace import DatasetDirs
+    from pipeline.embed import modality_features
 
     cfg = load_config(config)
     report = modality_features(cfg, modality, progress=False)
@@ -154,7 +154,7 @@ def _feature_file_inputs(cfg: PipelineConfig, modality: str) -> dict[str, Artifa
 
 @_stage("graphs")
 def graphs_stage(config: dict[str, Any], inputs: dict[str, Artifact]) -> StageResult:
-    from diffcl.graph_stage import build_graphs
+    from pipeline.graphs import build_graphs
 
     report = build_graphs(load_config(config))
     folder = Path(report["dir"])
@@ -173,7 +173,7 @@ class TrainingProgress:
         self.updated_at = 0.0
 
     def epoch(self, row: dict[str, Any]) -> None:
-        from diffcl.trainer import epoch_line
+        from diffcl.training.trainer import epoch_line
 
         trainer, metric = self.trainer, self.cfg.train.metric
         self.logger.info("train %s: %s", trainer.run_id, epoch_line(row, metric, trainer.best_epoch == row["epoch"]))
@@ -198,7 +198,7 @@ class TrainingProgress:
 def _fit_resuming(cfg: PipelineConfig, base_id: str, progress: TrainingProgress):
     """Train into ``base_id`` (resuming it), or, when that folder cannot resume (other training
     config or data, broken history), into the first of ``base_id-r1``, ``-r2``, ... that can."""
-    from diffcl.trainer import ResumeRefused, Trainer
+    from diffcl.training.trainer import ResumeRefused, Trainer
 
     run_id, attempt = base_id, 0
     while True:
@@ -229,8 +229,8 @@ def train_stage(config: dict[str, Any], inputs: dict[str, Artifact]) -> StageRes
 def evaluate_stage(config: dict[str, Any], inputs: dict[str, Artifact], run_dir: str) -> StageResult:
     import time
 
-    from diffcl.io import write_json_atomic
-    from diffcl.trainer import load_run
+    from diffcl.core.io import write_json_atomic
+    from diffcl.training.trainer import load_run
 
     _, trainer = load_run(Path(run_dir))
     start = time.perf_counter()
@@ -258,7 +258,7 @@ def champion_rescorer(id_tables: dict[str, str]):
 
 
 def _evaluate_on_current_data(run_dir: Path) -> dict[str, float]:
-    from diffcl.trainer import load_run
+    from diffcl.training.trainer import load_run
 
     _, trainer = load_run(run_dir, same_data=False)
     return trainer.evaluate("valid")
@@ -270,8 +270,8 @@ def publish_stage(config: dict[str, Any], inputs: dict[str, Artifact], run_dir: 
     import json
     from dataclasses import asdict
 
-    from diffcl.registry import Registry
-    from diffcl.workspace import DatasetDirs
+    from diffcl.core.workspace import DatasetDirs
+    from pipeline.publish import Registry
 
     cfg = load_config(config)
     evaluation = json.loads(Path(inputs["evaluation"]["path"]).read_text())
@@ -314,7 +314,7 @@ def diffcl_flow(config: str = "configs/demo.yaml", overrides: list[str] | None =
     """The whole pipeline for one dataset config (a YAML path) with ``key=value`` overrides: those
     the deployment was served with first, then this run's (``overrides``), so a later one wins.
     Without ``configs/demo.yaml`` in the working directory the packaged demo config is used."""
-    from flows.demo import ensure_demo_data, resolve_config
+    from pipeline.demo import ensure_demo_data, resolve_config
 
     logger = get_run_logger()
     cfg = load_config(resolve_config(config), [*(served_overrides or []), *(overrides or [])])  # validated first
@@ -381,6 +381,6 @@ def _run_stages(cfg: PipelineConfig, logger) -> dict[str, Any]:
 
 def _stats_content(prepared: StageResult) -> Artifact:
     """stats.json as an input of the feature stages, keyed on its content without source locations."""
-    from features.prepare import stats_content_hash
+    from pipeline.prepare import stats_content_hash
 
     return {"path": prepared["outputs"]["stats"]["path"], "sha256": stats_content_hash(prepared["info"]["stats"])}

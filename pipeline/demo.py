@@ -7,7 +7,7 @@ import logging
 from importlib.resources import files
 from pathlib import Path
 
-from diffcl.config import PipelineConfig
+from diffcl.core.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +16,7 @@ DEMO_SOURCE = Path("workspace/demo-source")  # where the demo config expects its
 
 
 def packaged_demo_config() -> Path:
-    return Path(str(files("flows") / "configs" / "demo.yaml"))
+    return Path(str(files("pipeline") / "configs" / "demo.yaml"))
 
 
 def resolve_config(config: str | Path) -> str:

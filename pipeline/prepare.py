@@ -25,16 +25,16 @@ from typing import Any
 
 import polars as pl
 
-from diffcl.config import PipelineConfig, PrepareConfig
-from diffcl.data import table_hashes
-from diffcl.io import write_json_atomic, write_parquet_atomic
-from diffcl.workspace import DatasetDirs
+from diffcl.core.config import PipelineConfig, PrepareConfig
+from diffcl.core.io import write_json_atomic, write_parquet_atomic
+from diffcl.core.prepared import table_hashes
+from diffcl.core.workspace import DatasetDirs
 from features.fetch import FetchError, Manifest, fetch, local_manifest, verified_copy
 from features.filtering import SplitEnum, assign_split, deduplicate, kcore, users_without_train
+from features.item_text import DEFAULT_RECIPE, assemble
 from features.readers import RawData, read_dataset
 from features.records import DataError
 from features.sources import SourceFile, source_files
-from features.text import DEFAULT_RECIPE, assemble
 
 log = logging.getLogger(__name__)
 
