@@ -1,7 +1,7 @@
 """Download a source file robustly and remember what was fetched.
 
-- retries with exponential backoff on network errors, 5xx, 408 and 429; other 4xx fail at once
-  with a message naming the URL;
+- retries transient failures under :class:`features.http.RetryPolicy` (network errors, 5xx, 408,
+  429 with ``Retry-After``); other 4xx fail at once with a message naming the URL;
 - an interrupted transfer resumes from the partial file (``Range`` with ``If-Range``) when the
   server supports it, and restarts cleanly when it does not;
 - the file appears under its final name only once complete (``.part`` file, then rename);
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,25 +29,13 @@ from rich.progress import (
 )
 
 from diffcl.core.io import sha256_file, write_json_atomic
+from features.http import FetchError, Retry, RetryPolicy, get, new_client
+
+__all__ = ["FetchError", "FetchResult", "Manifest", "fetch", "local_manifest", "manifest_path", "verified_copy"]
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 16
-RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
-
-
-class FetchError(RuntimeError):
-    """A download that cannot succeed (or did not within its retries); names the URL.
-    ``transient``: the server or the network failed (connection, timeout, 5xx, 408, 429), so a
-    later attempt may succeed; False for answers that will not change (404, 403, ...)."""
-
-    def __init__(self, message: str, transient: bool = False):
-        super().__init__(message)
-        self.transient = transient
-
-
-class _Retryable(Exception):
-    pass
 
 
 @dataclass
@@ -111,21 +98,21 @@ def fetch(
     progress: bool = True,
     client: httpx.Client | None = None,
 ) -> FetchResult:
-    """Fetch ``url`` into the file ``dest`` (see the module docstring for the guarantees)."""
+    """Fetch ``url`` into the file ``dest`` (see the module docstring for the guarantees); the
+    retry settings are ``fetch.*`` of the config. Raises :class:`FetchError`."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     own_client = client is None
-    client = client or httpx.Client(
-        timeout=httpx.Timeout(timeout_s), follow_redirects=True, headers={"User-Agent": "diffcl"}
-    )
+    client = client or new_client(timeout_s)
     try:
-        return _fetch(url, dest, client, retries, backoff_s, max_backoff_s, check_remote, progress)
+        return _fetch(url, dest, client, RetryPolicy(retries, backoff_s, max_backoff_s), check_remote, progress)
     finally:
         if own_client:
             client.close()
 
 
-def _fetch(url, dest, client, retries, backoff_s, max_backoff_s, check_remote, progress) -> FetchResult:
+def _fetch(url: str, dest: Path, client: httpx.Client, policy: RetryPolicy, check_remote: bool,
+           progress: bool) -> FetchResult:
     mpath = manifest_path(dest)
     old = Manifest.read(mpath)
     have_current = (
@@ -133,53 +120,34 @@ def _fetch(url, dest, client, retries, backoff_s, max_backoff_s, check_remote, p
     )
     if have_current and not check_remote:
         return FetchResult(dest, old, downloaded=False)
-
-    last_error: str = ""
-    for attempt in range(retries + 1):
-        if attempt:
-            delay = min(max_backoff_s, backoff_s * 2 ** (attempt - 1))
-            log.warning("retrying %s in %.1fs (attempt %d of %d): %s", url, delay, attempt + 1, retries + 1, last_error)
-            time.sleep(delay)
-        try:
-            result = _attempt(url, dest, client, old if have_current else None, progress)
-        except _Retryable as err:
-            last_error = str(err)
-            continue
-        except httpx.TransportError as err:  # connection refused / reset, timeouts, cut bodies
-            last_error = f"{type(err).__name__}: {err}"
-            continue
-        return result
-    raise FetchError(f"could not fetch {url} after {retries + 1} attempts: {last_error}", transient=True)
-
-
-def _attempt(url: str, dest: Path, client: httpx.Client, current: Manifest | None, progress: bool) -> FetchResult:
+    current = old if have_current else None
     part = dest.with_name(dest.name + ".part")
     part_meta = dest.with_name(dest.name + ".part.json")
-    headers: dict[str, str] = {}
-    if current is not None:
-        if current.etag:
-            headers["If-None-Match"] = current.etag
-        if current.last_modified:
-            headers["If-Modified-Since"] = current.last_modified
-    offset = part.stat().st_size if part.exists() else 0
-    validator = _read_validator(part_meta) if offset else None
-    if offset and validator:
-        # If-Range: the server sends the rest only if the file is still the one we began with.
-        headers["Range"] = f"bytes={offset}-"
-        headers["If-Range"] = validator
 
-    with client.stream("GET", url, headers=headers) as response:
-        status = response.status_code
-        if status == 304 and current is not None:
+    def headers() -> dict[str, str]:
+        """Asked again before each attempt: the .part file may have grown since the last one."""
+        headers: dict[str, str] = {}
+        if current is not None:
+            if current.etag:
+                headers["If-None-Match"] = current.etag
+            if current.last_modified:
+                headers["If-Modified-Since"] = current.last_modified
+        offset = part.stat().st_size if part.exists() else 0
+        validator = _read_validator(part_meta) if offset else None
+        if offset and validator:
+            # If-Range: the server sends the rest only if the file is still the one we began with.
+            headers["Range"] = f"bytes={offset}-"
+            headers["If-Range"] = validator
+        return headers
+
+    def receive(response: httpx.Response) -> FetchResult:
+        if response.status_code == 304 and current is not None:
             current.checked_at = _now()
-            current.write(manifest_path(dest))
+            current.write(mpath)
             log.info("%s unchanged on the server; keeping %s", url, dest)
             return FetchResult(dest, current, downloaded=False)
-        if status in RETRYABLE_STATUS:
-            raise _Retryable(f"HTTP {status} {response.reason_phrase}")
-        if status >= 400:
-            raise FetchError(f"could not fetch {url}: HTTP {status} {response.reason_phrase}")
-        if status == 206 and _range_start(response) == offset:
+        offset = part.stat().st_size if part.exists() else 0
+        if response.status_code == 206 and _range_start(response) == offset:
             mode = "ab"
         else:  # 200: the whole file (no range support, or the file changed under us)
             offset, mode = 0, "wb"
@@ -196,9 +164,16 @@ def _attempt(url: str, dest: Path, client: httpx.Client, current: Manifest | Non
                 out.write(chunk)
                 written += len(chunk)
                 bar.update(task, completed=written)
-    if total is not None and written != total:
-        raise _Retryable(f"transfer ended at {written} of {total} bytes")
+        if total is not None and written != total:
+            raise Retry(f"transfer ended at {written} of {total} bytes")
+        return _finish(url, dest, part, part_meta, etag, last_modified)
 
+    return get(client, url, receive, policy, headers=headers)
+
+
+def _finish(url: str, dest: Path, part: Path, part_meta: Path, etag: str | None,
+            last_modified: str | None) -> FetchResult:
+    """Only a complete file takes its final name, and its manifest with it."""
     part.replace(dest)
     part_meta.unlink(missing_ok=True)
     now = _now()

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import io
 import logging
-import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -22,10 +23,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from diffcl.core.io import atomic_path
 from features.embedding_cache import content_key
+from features.http import FetchError, Retry, RetryPolicy, get, new_client
 
 log = logging.getLogger(__name__)
-
-RETRYABLE = {408, 429, 500, 502, 503, 504}
 
 
 @dataclass
@@ -41,12 +41,19 @@ class ImageResult:
 
 @dataclass(frozen=True)
 class DownloadSettings:
+    """``features.image.*`` of the config; the retry fields make the shared :class:`RetryPolicy`."""
+
     timeout_s: float = 20.0
     retries: int = 2
     backoff_s: float = 0.5
     max_bytes: int = 10_000_000
     workers: int = 8
     max_pixels: int = 40_000_000  # declared width x height; larger images are never decoded
+    max_backoff_s: float = 10.0  # short: a Retry-After of minutes must not hold a download worker
+
+    @property
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(self.retries, self.backoff_s, self.max_backoff_s)
 
 
 class _Missing(Exception):
@@ -58,11 +65,22 @@ def cache_path(cache_dir: Path, url: str) -> Path:
     return cache_dir / digest[:2] / f"{digest}.img"
 
 
-def too_many_pixels(width: int, height: int, max_pixels: int) -> str | None:
-    """The reason an image of this declared size must not be decoded, or None."""
-    if width * height > max_pixels:
-        return f"too many pixels ({width}x{height} = {width * height:,} > {max_pixels:,}; decompression bomb?)"
-    return None
+class TooManyPixels(ValueError):
+    """The image declares more pixels than allowed; raised before any pixel is decoded."""
+
+
+@contextmanager
+def open_capped(source: str | Path | io.BytesIO, max_pixels: int) -> Iterator[Image.Image]:
+    """``Image.open`` (header only) refusing an image that declares more than ``max_pixels``
+    pixels: the one place that decides the cap, for downloads, cached files and the encoder."""
+    try:
+        with Image.open(source) as img:
+            if img.width * img.height > max_pixels:
+                raise TooManyPixels(f"too many pixels ({img.width}x{img.height} = {img.width * img.height:,} > "
+                                    f"{max_pixels:,}; decompression bomb?)")
+            yield img
+    except Image.DecompressionBombError as err:  # Pillow's own cap (open refuses > 2x its limit)
+        raise TooManyPixels(f"too many pixels ({err})") from None
 
 
 def check_image(data: bytes, max_pixels: int = DownloadSettings.max_pixels) -> None:
@@ -70,30 +88,22 @@ def check_image(data: bytes, max_pixels: int = DownloadSettings.max_pixels) -> N
     head = data[:64].lstrip().lower()
     if head.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body")):
         raise _Missing("not an image (HTML page)")
-    try:
-        with Image.open(io.BytesIO(data)) as img:  # reads the header only
-            if reason := too_many_pixels(img.width, img.height, max_pixels):
-                raise _Missing(reason)
-            img.load()  # decodes every pixel: catches truncated files that verify() lets through
-            if img.width == 0 or img.height == 0:
-                raise _Missing("empty image")
-    except Image.DecompressionBombError as err:  # Pillow's own cap (open refuses > 2x its limit)
-        raise _Missing(f"too many pixels ({err})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise _Missing(f"undecodable image ({type(err).__name__}: {str(err)[:80]})") from None
+    _check(io.BytesIO(data), max_pixels, decode=True)
 
 
-def _check_declared_size(path: Path, max_pixels: int) -> None:
-    """The header check of a cached file: it may have been cached under a larger ``max_pixels``."""
+def _check(source: Path | io.BytesIO, max_pixels: int, decode: bool) -> None:
+    """``decode``: every pixel (catches truncated files that verify() lets through); else the
+    header only, for a cached file that may have been cached under a larger ``max_pixels``."""
     try:
-        with Image.open(path) as img:  # reads the header only
-            reason = too_many_pixels(img.width, img.height, max_pixels)
-    except Image.DecompressionBombError as err:
-        raise _Missing(f"too many pixels ({err})") from None
+        with open_capped(source, max_pixels) as img:
+            if decode:
+                img.load()
+                if img.width == 0 or img.height == 0:
+                    raise _Missing("empty image")
+    except TooManyPixels as err:
+        raise _Missing(str(err)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise _Missing(f"undecodable image ({type(err).__name__}: {str(err)[:80]})") from None
-    if reason:
-        raise _Missing(reason)
 
 
 def _read_local(url: str, max_bytes: int) -> bytes:
@@ -106,36 +116,25 @@ def _read_local(url: str, max_bytes: int) -> bytes:
 
 
 def _download(client: httpx.Client, url: str, s: DownloadSettings) -> bytes:
-    last = ""
-    for attempt in range(s.retries + 1):
-        if attempt:
-            time.sleep(s.backoff_s * 2 ** (attempt - 1))
-        try:
-            with client.stream("GET", url) as response:
-                if response.status_code in RETRYABLE:
-                    last = f"HTTP {response.status_code}"
-                    continue
-                if response.status_code >= 400:
-                    raise _Missing(f"HTTP {response.status_code}")
-                declared = int(response.headers.get("Content-Length", 0) or 0)
-                if declared > s.max_bytes:
-                    raise _Missing(f"too large ({declared} bytes > {s.max_bytes})")
-                if "text/html" in response.headers.get("Content-Type", ""):
-                    raise _Missing("not an image (HTML page)")
-                buffer = bytearray()
-                for chunk in response.iter_bytes(1 << 16):
-                    buffer.extend(chunk)
-                    if len(buffer) > s.max_bytes:
-                        raise _Missing(f"too large (> {s.max_bytes} bytes)")
-                if declared and len(buffer) != declared:
-                    last = f"transfer ended at {len(buffer)} of {declared} bytes"
-                    continue
-                return bytes(buffer)
-        except httpx.TimeoutException:
-            last = "timeout"
-        except httpx.TransportError as err:
-            last = f"{type(err).__name__}"
-    raise _Missing(f"failed after {s.retries + 1} attempts: {last}")
+    def receive(response: httpx.Response) -> bytes:
+        declared = int(response.headers.get("Content-Length", 0) or 0)
+        if declared > s.max_bytes:
+            raise _Missing(f"too large ({declared} bytes > {s.max_bytes})")
+        if "text/html" in response.headers.get("Content-Type", ""):
+            raise _Missing("not an image (HTML page)")
+        buffer = bytearray()
+        for chunk in response.iter_bytes(1 << 16):
+            buffer.extend(chunk)
+            if len(buffer) > s.max_bytes:
+                raise _Missing(f"too large (> {s.max_bytes} bytes)")
+        if declared and len(buffer) != declared:
+            raise Retry(f"transfer ended at {len(buffer)} of {declared} bytes")
+        return bytes(buffer)
+
+    try:
+        return get(client, url, receive, s.policy)
+    except FetchError as err:
+        raise _Missing(err.reason) from None
 
 
 def fetch_image(client: httpx.Client, url: str | None, cache_dir: Path, s: DownloadSettings,
@@ -145,7 +144,7 @@ def fetch_image(client: httpx.Client, url: str | None, cache_dir: Path, s: Downl
     target = cache_path(cache_dir, url)
     try:
         if target.exists():
-            _check_declared_size(target, s.max_pixels)
+            _check(target, s.max_pixels, decode=False)
             stat = target.stat()
             if known is not None and known.sha256 and (known.size, known.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
                 return known  # the cached file is the one hashed last time
@@ -167,9 +166,7 @@ def fetch_images(urls: list[str | None], cache_dir: Path, settings: DownloadSett
     results of the previous run by URL, so that unchanged cached files are not read again."""
     known = known or {}
     cache_dir.mkdir(parents=True, exist_ok=True)
-    client = httpx.Client(timeout=httpx.Timeout(settings.timeout_s), follow_redirects=True,
-                          headers={"User-Agent": "diffcl"},
-                          limits=httpx.Limits(max_connections=settings.workers))
+    client = new_client(settings.timeout_s, max_connections=settings.workers)
     bar = Progress(TextColumn("images"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    disable=not progress, transient=True)
     try:

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from features.embedding_cache import content_key, weights_hash
-from features.image_download import DownloadSettings, too_many_pixels
+from features.image_download import DownloadSettings, open_capped
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +83,9 @@ class _ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         path = self.paths[i]
         try:
-            with Image.open(path) as img:  # reads the header only
-                if reason := too_many_pixels(img.width, img.height, self.max_pixels):
-                    raise ValueError(reason)
+            with open_capped(path, self.max_pixels) as img:  # refused before any pixel is decoded
                 return self.preprocess(img.convert("RGB"))
-        except (Image.DecompressionBombError, ValueError) as err:
+        except ValueError as err:  # TooManyPixels among them
             raise ValueError(f"{path}: not encoded, {err}; delete it and rerun `diffcl features`") from None
 
 

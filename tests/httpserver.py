@@ -1,5 +1,5 @@
 """A local HTTP server for tests: files with ETag / Last-Modified / Range support, and misbehaving
-routes (fails N times, cuts the connection mid-file, 404, slow)."""
+routes (fails N times, with a status and Retry-After of choice, cuts the connection mid-file, 404, slow)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class Route:
     body: bytes
     content_type: str = "application/octet-stream"
-    fail_first: int = 0  # answer 503 to this many requests first
+    fail_first: int = 0  # answer fail_status to this many requests first
+    fail_status: int = 503
+    retry_after: str | None = None  # the Retry-After header sent with those failures
     cut_first: int = 0  # send half the body, then drop the connection, this many times
     ranges: bool = True
     delay_s: float = 0.0
@@ -56,7 +58,8 @@ def start_server() -> tuple[LocalServer, ThreadingHTTPServer]:
             if route.delay_s:
                 time.sleep(route.delay_s)
             if state.hits[self.path] <= route.fail_first:
-                return self._send(503, b"try later", "text/plain")
+                extra = {"Retry-After": route.retry_after} if route.retry_after else {}
+                return self._send(route.fail_status, b"try later", "text/plain", extra)
             if self.headers.get("If-None-Match") == route.etag:
                 self.send_response(304)
                 self.send_header("ETag", route.etag)
@@ -89,8 +92,10 @@ def start_server() -> tuple[LocalServer, ThreadingHTTPServer]:
             self.wfile.write(payload)
             return None
 
-        def _send(self, code: int, body: bytes, ctype: str):
+        def _send(self, code: int, body: bytes, ctype: str, headers: dict[str, str] | None = None):
             self.send_response(code)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
