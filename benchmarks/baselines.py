@@ -20,7 +20,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from diffcl.core.config import load_config
-from diffcl.training.trainer import train
+from diffcl.training.run import train
 from pipeline.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,6 +27,7 @@ from rich.table import Table
 from diffcl.core.config import load_config
 from diffcl.core.feature_files import write_features
 from diffcl.core.workspace import DatasetDirs
+from diffcl.training.run import build_run
 from diffcl.training.trainer import Trainer
 from pipeline.embed import run_features
 from pipeline.prepare import prepare
@@ -63,7 +64,7 @@ def ablations_for(modalities: list[str]) -> dict[str, list[str]]:
 
 
 def run(config_path: str | Path, overrides: list[str], overlays: list[Path] | None = None) -> dict:
-    trainer = Trainer(load_config(config_path, overrides, overlays=overlays or []))
+    trainer = build_run(load_config(config_path, overrides, overlays=overlays or []))
     start = time.perf_counter()
     metrics = trainer.fit().metrics
     metrics["wall"] = time.perf_counter() - start
@@ -156,7 +157,7 @@ def part_timing(workspace: str, epochs: int, extra: list[str]) -> None:
     trainers, resident = {}, {}
     for name, overrides in variants.items():
         before = _rss_gb()
-        trainers[name] = Trainer(load_config(config, [*base, *overrides]))
+        trainers[name] = build_run(load_config(config, [*base, *overrides]))
         _timed_epoch(trainers[name])  # warm-up, not counted
         resident[name] = _rss_gb() - before
     seconds: dict[str, list[float]] = {name: [] for name in variants}

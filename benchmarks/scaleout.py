@@ -125,7 +125,7 @@ def bench_knn(sizes: list[int], exact_max: int) -> None:
 def _ddp_rank(rank: int, world: int, port: int, config, queue) -> None:
     import torch
 
-    from diffcl.training.trainer import train
+    from diffcl.training.run import train
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -140,7 +140,7 @@ def bench_ddp(epochs: int) -> None:
     import torch.multiprocessing as tmp_mp
 
     from diffcl.core.config import load_config
-    from diffcl.training.trainer import train
+    from diffcl.training.run import train
     from features.synthetic import DemoSpec, generate
     from pipeline.prepare import prepare
 

@@ -141,7 +141,7 @@ def features(config: ConfigArg, set_: SetOpt = None) -> None:
 
 @app.command()
 def graphs(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Build the normalised user-item graph and the item-item kNN graphs of each modality."""
+    """Build the frozen item-item kNN graph of each modality (those current already are kept)."""
     from pipeline.graphs import build_graphs
 
     cfg = _load(config, set_)
@@ -149,11 +149,16 @@ def graphs(config: ConfigArg, set_: SetOpt = None) -> None:
         report = build_graphs(cfg)
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
+    if not report["graphs"]:
+        console.print(f"no modality features: no kNN graph to build in {report['dir']} (the interaction graph "
+                      "is built by training itself)")
+        return
     table = Table(title=f"graphs in {report['dir']}")
-    for col in ("graph", "nodes / items", "edges", "seconds"):
+    for col in ("graph", "items", "edges", "", "seconds"):
         table.add_column(col, justify="right")
     for name, info in report["graphs"].items():
-        table.add_row(name, f"{info.get('nodes', info.get('items')):,}", f"{info['edges']:,}", str(info.get("seconds", "")))
+        table.add_row(name, f"{info['items']:,}", f"{info['edges']:,}", "built" if info["built"] else "current, kept",
+                      f"{info['seconds']:.2f}")
     console.print(table)
 
 
@@ -162,14 +167,16 @@ def metrics_table(metrics: dict) -> Table:
     reads well in any terminal width."""
     from diffcl.core.metrics import metric_names
 
-    table = Table(title=f"{metrics['model']} on {metrics['dataset']} (best epoch {metrics['best_epoch']} of {metrics['epochs']})")
+    best = f" (best epoch {metrics['best_epoch']} of {metrics['epochs']})" if "best_epoch" in metrics else ""
+    table = Table(title=f"{metrics['model']} on {metrics['dataset']}{best}")
     table.add_column("metric")
     table.add_column("valid", justify="right")
     table.add_column("test", justify="right")
     ks = sorted({int(name.split("@")[1]) for name in metrics["valid"] if "@" in name})
     for key in metric_names(ks):
         table.add_row(key, *(f"{metrics[split].get(key, float('nan')):.4f}" for split in ("valid", "test")))
-    table.caption = f"{metrics['epoch_seconds']:.2f} s per epoch, {metrics['eval_seconds']:.2f} s per full evaluation"
+    per_epoch = f"{metrics['epoch_seconds']:.2f} s per epoch, " if "epoch_seconds" in metrics else ""
+    table.caption = f"{per_epoch}{metrics['eval_seconds']:.2f} s per full evaluation"
     return table
 
 
@@ -181,8 +188,8 @@ def train(
     overlay: OverlayOpt = None,
 ) -> None:
     """Train the configured model; test metrics are taken at the best validation epoch."""
-    from diffcl.training.trainer import TrainError
-    from diffcl.training.trainer import train as run_train
+    from diffcl.training.errors import TrainError
+    from diffcl.training.run import train as run_train
 
     cfg = _load(config, set_, overlay)
     try:
@@ -237,7 +244,7 @@ def tune(
     import optuna
 
     from diffcl.core.config import ConfigError, overlay_overrides
-    from diffcl.training.trainer import TrainError
+    from diffcl.training.errors import TrainError
     from diffcl.training.tuning import SearchBudget, TuneError, budget_line
     from diffcl.training.tuning import tune as run_tune
 
@@ -262,24 +269,16 @@ def tune(
 def evaluate(run_dir: Annotated[Path, typer.Argument(help="a run folder (runs/<run-id>)")]) -> None:
     """Evaluate a run's best checkpoint again on validation and test."""
     import json
-    import time
 
-    from diffcl.training.trainer import TrainError, load_run
+    from diffcl.training.errors import TrainError
+    from pipeline.evaluate import evaluate_run
 
     try:
-        _, trainer = load_run(run_dir)
+        evaluation = evaluate_run(run_dir)
     except TrainError as err:
         _fail(str(err))
-    start = time.perf_counter()
-    valid = trainer.evaluate("valid")
-    seconds = time.perf_counter() - start
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
-    metrics.update({"valid": valid, "test": trainer.evaluate("test"), "eval_seconds": seconds})
-    metrics.setdefault("model", trainer.config.model.name)
-    metrics.setdefault("dataset", trainer.config.dataset.name)
-    metrics.setdefault("best_epoch", trainer.best_epoch)
-    metrics.setdefault("epochs", trainer.epoch)
-    metrics.setdefault("epoch_seconds", float("nan"))
+    metrics.update(evaluation)
     console.print(metrics_table(metrics))
 
 
@@ -293,15 +292,16 @@ def recommend(
     import polars as pl
     import torch
 
-    from diffcl.training.trainer import TrainError, load_run
+    from diffcl.training.errors import TrainError
+    from diffcl.training.run import load_model
 
     if k < 1:
         _fail(f"--k must be at least 1 (got {k})")
     try:
-        _, trainer = load_run(run_dir)
+        loaded = load_model(run_dir)
     except TrainError as err:
         _fail(str(err))
-    prepared = trainer.dirs.prepared
+    prepared = loaded.dirs.prepared
     users = pl.read_parquet(prepared / "users.parquet")
     match = users.filter(pl.col("user_id") == user)
     if match.height == 0 and user.isdigit() and int(user) < users.height:
@@ -309,14 +309,15 @@ def recommend(
     if match.height == 0:
         _fail(f"unknown user {user!r} (neither an original id nor an integer id in {prepared / 'users.parquet'})")
     uid = int(match.get_column("user")[0])
-    seen = (trainer.data.train + trainer.data.valid).tocsr()
-    unseen = trainer.data.n_items - seen[uid].nnz
+    seen = (loaded.data.train + loaded.data.valid).tocsr()
+    unseen = loaded.data.n_items - seen[uid].nnz
     if unseen == 0:
         _fail(f"user {user!r} has seen every item: nothing to recommend")
     k = min(k, unseen)  # beyond this only seen items (score -inf) would follow
     with torch.no_grad():
-        user_emb, item_emb = trainer.model.embeddings()
-        top, scores = trainer.evaluator.top_items(user_emb, item_emb, torch.tensor([uid]), seen, k)
+        loaded.model.eval()
+        user_emb, item_emb = loaded.model.embeddings()
+        top, scores = loaded.evaluator.top_items(user_emb, item_emb, torch.tensor([uid]), seen, k)
     items = pl.read_parquet(prepared / "items.parquet", columns=["item", "item_id", "title"])
     ranked = pl.DataFrame({"item": top[0].numpy(), "score": scores[0].numpy()}).join(items, on="item", how="left")
     table = Table(title=f"top {k} for user {match.get_column('user_id')[0]} ({run_dir.name})")
@@ -338,7 +339,7 @@ def run(
     The demo writes its synthetic data under ./workspace/demo-source when it is missing."""
     import json
 
-    from diffcl.training.trainer import TrainError
+    from diffcl.training.errors import TrainError
     from flows.flow import diffcl_flow
     from flows.reporting import feature_notes
     from pipeline.demo import ensure_demo_data, resolve_config

@@ -172,10 +172,10 @@ class TrainingProgress:
         self.artifact_id = None
         self.updated_at = 0.0
 
-    def epoch(self, row: dict[str, Any]) -> None:
+    def epoch(self, trainer, row: dict[str, Any]) -> None:
         from diffcl.training.trainer import epoch_line
 
-        trainer, metric = self.trainer, self.cfg.train.metric
+        self.trainer, metric = trainer, self.cfg.train.metric
         self.logger.info("train %s: %s", trainer.run_id, epoch_line(row, metric, trainer.best_epoch == row["epoch"]))
         if f"valid_{metric}" in row and time.monotonic() - self.updated_at >= 1.0:
             self.update(100.0 * row["epoch"] / self.cfg.train.epochs)
@@ -186,6 +186,8 @@ class TrainingProgress:
         from flows.reporting import artifact_key
 
         t = self.trainer
+        if t is None:
+            return
         note = (f"{t.run_id}: epoch {t.epoch} of at most {self.cfg.train.epochs}; best valid {self.cfg.train.metric} "
                 f"{t.best_value:.4f} at epoch {t.best_epoch}" if t.best_epoch else f"{t.run_id}: epoch {t.epoch}")
         if self.artifact_id is None:
@@ -195,30 +197,16 @@ class TrainingProgress:
         self.updated_at = time.monotonic()
 
 
-def _fit_resuming(cfg: PipelineConfig, base_id: str, progress: TrainingProgress):
-    """Train into ``base_id`` (resuming it), or, when that folder cannot resume (other training
-    config or data, broken history), into the first of ``base_id-r1``, ``-r2``, ... that can."""
-    from diffcl.training.trainer import ResumeRefused, Trainer
-
-    run_id, attempt = base_id, 0
-    while True:
-        progress.trainer = Trainer(cfg, run_id=run_id, on_epoch=progress.epoch)
-        try:
-            return progress.trainer.fit()
-        except ResumeRefused as err:
-            attempt += 1
-            run_id = f"{base_id}-r{attempt}"
-            progress.logger.warning("train: %s; starting a fresh run folder %s instead", err, run_id)
-
-
 @_stage("train")
 def train_stage(config: dict[str, Any], inputs: dict[str, Artifact]) -> StageResult:
-    """The run folder is named after the cache key, so a retry (or the next flow run after a
-    failure) resumes from the last checkpoint instead of starting over."""
+    """The run folder is named after the cache key (:func:`pipeline.train.train_resuming`)."""
+    from pipeline.train import train_resuming
+
     cfg = load_config(config)
     key = _current_key("train", config, inputs)
-    progress = TrainingProgress(cfg, get_run_logger())
-    result = _fit_resuming(cfg, f"{cfg.model.name}-{key.rsplit('-', 2)[1][:12]}", progress)
+    logger = get_run_logger()
+    progress = TrainingProgress(cfg, logger)
+    result = train_resuming(cfg, f"{cfg.model.name}-{key.rsplit('-', 2)[1][:12]}", progress.epoch, logger)
     progress.update(100.0)
     run = result.run_dir
     outputs = {name: artifact(run / name) for name in ("best.pt", "metrics.json", "history.parquet", "curves.png")}
@@ -227,41 +215,30 @@ def train_stage(config: dict[str, Any], inputs: dict[str, Artifact]) -> StageRes
 
 @_stage("evaluate")
 def evaluate_stage(config: dict[str, Any], inputs: dict[str, Artifact], run_dir: str) -> StageResult:
-    import time
+    import json
 
-    from diffcl.core.io import write_json_atomic
-    from diffcl.training.trainer import load_run
+    from pipeline.evaluate import write_evaluation
 
-    _, trainer = load_run(Path(run_dir))
-    start = time.perf_counter()
-    valid = trainer.evaluate("valid")
-    seconds = time.perf_counter() - start
-    test = trainer.evaluate("test")
-    path = Path(run_dir) / "evaluation.json"
-    write_json_atomic(path, {"valid": valid, "test": test, "eval_seconds": seconds})
-    return _finish("evaluate", config, inputs, {"evaluation": artifact(path)}, {"valid": valid, "test": test})
+    path = write_evaluation(Path(run_dir))
+    evaluation = json.loads(path.read_text())
+    return _finish("evaluate", config, inputs, {"evaluation": artifact(path)},
+                   {"valid": evaluation["valid"], "test": evaluation["test"]})
 
 
 def champion_rescorer(id_tables: dict[str, str]):
     """The registry's ``rescore``: a champion's validation metrics on the current data, measured
     only when its users and items are this data's (same id tables), with its own config and weights."""
+    from pipeline.evaluate import evaluate_run
 
     def rescore(champion: dict[str, Any]) -> tuple[dict[str, float] | None, str]:
         if champion.get("id_tables") != id_tables:
             return None, "its users or items differ from this data's"
         try:
-            return _evaluate_on_current_data(Path(champion["run_dir"])), ""
+            return evaluate_run(Path(champion["run_dir"]), ("valid",), same_data=False)["valid"], ""
         except Exception as err:  # any failure to rebuild it means: not comparable, by the documented rule
             return None, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
 
     return rescore
-
-
-def _evaluate_on_current_data(run_dir: Path) -> dict[str, float]:
-    from diffcl.training.trainer import load_run
-
-    _, trainer = load_run(run_dir, same_data=False)
-    return trainer.evaluate("valid")
 
 
 @_stage("publish")

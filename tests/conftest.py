@@ -77,4 +77,7 @@ def demo_multimodal(demo_workspace):
         centres = rng.normal(size=(groups.max() + 1, width))
         write_features(dirs.features / f"{modality}.parquet", centres[groups] + 0.5 * rng.normal(size=(len(groups), width)),
                        {"note": "synthetic planted-structure features for tests"})
+    from pipeline.graphs import build_graphs
+
+    build_graphs(config)
     return demo_workspace

@@ -17,7 +17,8 @@ from diffcl.core.feature_files import FeatureFileError, read_features, write_fea
 from diffcl.core.prepared import PreparedDataError
 from diffcl.core.workspace import DatasetDirs
 from diffcl.data import InteractionData
-from diffcl.training.trainer import Trainer, TrainError
+from diffcl.training.errors import TrainError
+from diffcl.training.run import build_run
 from features.readers.amazon import read_amazon
 from features.readers.mmrec import read_mmrec
 from features.readers.tables import read_table
@@ -74,7 +75,7 @@ def test_prepare_killed_between_renames_leaves_a_set_every_reader_rejects(tmp_pa
     with pytest.raises(PreparedDataError, match=message):
         build_graphs(make())
     with pytest.raises(TrainError, match=message):
-        Trainer(make(*TRAIN, "model.name=mf"))
+        build_run(make(*TRAIN, "model.name=mf"))
     result = runner.invoke(app, ["graphs", _yaml(tmp_path, make())])
     assert result.exit_code == 2 and "rerun `diffcl prepare`" in result.output
 
@@ -144,7 +145,7 @@ def test_non_finite_feature_file_is_rejected_on_read(tmp_path):
 
 def test_a_non_finite_loss_stops_training(prepared):
     make, _ = prepared
-    trainer = Trainer(make(*TRAIN, "model.name=mf"), run_id="nan")
+    trainer = build_run(make(*TRAIN, "model.name=mf"), run_id="nan")
     loss = trainer.model.loss
 
     def poisoned(batch):
@@ -166,16 +167,17 @@ def test_a_configured_modality_without_features_is_an_error(prepared, tmp_path):
     message = (r"model {} reads the image modality but .*image\.parquet does not exist; "
                r"run `diffcl features CONFIG`")
     with pytest.raises(TrainError, match=message.format("diffcl")):
-        Trainer(make(*TRAIN, "model.name=diffcl"))
+        build_run(make(*TRAIN, "model.name=diffcl"))
     with pytest.raises(FeatureFileError, match=message.format("freedom")):
         build_graphs(make("model.name=freedom"))
     result = runner.invoke(app, ["train", _yaml(tmp_path, make(*TRAIN, "model.name=diffcl"))])
     assert result.exit_code == 2 and "run `diffcl features CONFIG`" in result.output
 
     # Allowed, or switched off, or an ID-only model: it trains without the image modality.
-    assert Trainer(make(*TRAIN, "model.name=diffcl", "model.allow_missing_modalities=true")).model.modalities == ["text"]
-    assert Trainer(make(*TRAIN, "model.name=freedom", "features.image.enabled=false")).model.modalities == ["text"]
-    assert Trainer(make(*TRAIN, "model.name=lightgcn")).ctx.features == {}
+    build_graphs(make())
+    assert build_run(make(*TRAIN, "model.name=diffcl", "model.allow_missing_modalities=true")).model.modalities == ["text"]
+    assert build_run(make(*TRAIN, "model.name=freedom", "features.image.enabled=false")).model.modalities == ["text"]
+    assert build_run(make(*TRAIN, "model.name=lightgcn")).model.name == "lightgcn"  # reads no features
 
 
 # --------------------------------------------------------------------------- 9: row counts
@@ -188,7 +190,7 @@ def test_feature_rows_must_match_the_items_everywhere(prepared, extra):
     with pytest.raises(FeatureFileError, match=message):
         build_graphs(make("model.name=lightgcn"))
     with pytest.raises(TrainError, match=message):
-        Trainer(make(*TRAIN, "model.name=diffcl"))
+        build_run(make(*TRAIN, "model.name=diffcl"))
 
 
 def test_shipped_matrix_of_another_row_count_fails_prepare(tmp_path):
@@ -240,7 +242,7 @@ def test_config_path_that_is_a_folder_or_not_utf8(tmp_path):
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("model.name=nope", r"model\.name: .*unknown model 'nope'; registered: \['diffcl', 'freedom', 'lightgcn', 'mf'\]"),
+    ("model.name=nope", r"model\.name: .*unknown model 'nope'; known: \['diffcl', 'freedom', 'lightgcn', 'mf'\]"),
     ("publish.metric=recall@7", r"publish\.metric 'recall@7' must be .* with K in eval\.topk \[5, 10, 20, 50\]"),
     ("eval.topk=[0,20]", r"eval\.topk\.0: Input should be greater than 0"),
     ("eval.topk=[]", r"eval\.topk: List should have at least 1 item"),

@@ -179,12 +179,12 @@ def test_deleted_output_reruns_its_stage(prefect_server, demo_over_http, counter
 
     config, _, _ = demo_over_http
     diffcl_flow(config=str(config))
-    (config.parent / "ws/demo/graphs/adjacency.npz").unlink()
+    (config.parent / "ws/demo/graphs/knn_text.npz").unlink()
     counter.reset()
     diffcl_flow(config=str(config))
     assert counter.calls.get("build_graphs") == 1
     assert "prepare" not in counter.calls
-    assert (config.parent / "ws/demo/graphs/adjacency.npz").exists()
+    assert (config.parent / "ws/demo/graphs/knn_text.npz").exists()
 
 
 def test_training_config_change_reruns_only_train_evaluate_publish(prefect_server, demo_over_http, counter):

@@ -6,7 +6,7 @@ import torch
 
 from diffcl.models.contrastive import distribution_alignment, info_nce
 from diffcl.models.diffusion import Diffusion, GaussianSchedule
-from diffcl.training.trainer import Trainer
+from diffcl.training.run import build_run
 
 FAST = ["train.epochs=12", "train.batch_size=512", "train.lr=0.01", "train.patience=4", "train.threads=2"]
 
@@ -87,7 +87,7 @@ def test_distribution_alignment_invariants():
 # ----------------------------------------------------------------------------- model switches
 def _model(demo_multimodal, *overrides, seed=0):
     torch.manual_seed(seed)
-    trainer = Trainer(demo_multimodal(*FAST, "model.name=diffcl", *overrides))
+    trainer = build_run(demo_multimodal(*FAST, "model.name=diffcl", *overrides))
     return trainer
 
 
@@ -119,7 +119,7 @@ def test_loss_parts_shapes_and_gradient_reaches_encoder(demo_multimodal):
     guide_only.loss(_batch(trainer))["align"].backward()
     assert guide_only.item_id.grad is not None and guide_only.item_id.grad.abs().sum() > 0
     users, items = model.embeddings()
-    assert users.shape == (trainer.data.n_users, 128) and items.shape == (trainer.data.n_items, 128)
+    assert users.shape == (trainer.evaluator.data.n_users, 128) and items.shape == (trainer.evaluator.data.n_items, 128)
 
 
 def test_switches_change_what_they_name(demo_multimodal):
@@ -223,8 +223,8 @@ def random_recall(trainer, seeds=5):
     values = []
     for seed in range(seeds):
         g = torch.Generator().manual_seed(seed)
-        values.append(trainer.evaluator.evaluate(torch.randn(trainer.data.n_users, 16, generator=g),
-                                                 torch.randn(trainer.data.n_items, 16, generator=g), "test")["recall@20"])
+        values.append(trainer.evaluator.evaluate(torch.randn(trainer.evaluator.data.n_users, 16, generator=g),
+                                                 torch.randn(trainer.evaluator.data.n_items, 16, generator=g), "test")["recall@20"])
     return float(np.mean(values))
 
 
@@ -243,13 +243,13 @@ ABLATIONS = {
 
 @pytest.mark.parametrize("variant", list(ABLATIONS))
 def test_each_ablation_trains_and_beats_random(demo_multimodal, variant):
-    trainer = Trainer(demo_multimodal(*FAST, "model.name=diffcl", *ABLATIONS[variant]), run_id=f"ablation-{variant}")
+    trainer = build_run(demo_multimodal(*FAST, "model.name=diffcl", *ABLATIONS[variant]), run_id=f"ablation-{variant}")
     result = trainer.fit()
     assert result.metrics["test"]["recall@20"] > 2.0 * random_recall(trainer)
 
 
 def test_freedom_trains_and_uses_features(demo_multimodal):
-    trainer = Trainer(demo_multimodal(*FAST, "model.name=freedom"), run_id="freedom")
+    trainer = build_run(demo_multimodal(*FAST, "model.name=freedom"), run_id="freedom")
     assert trainer.model.modalities == ["image", "text"] and trainer.model.item_graph is not None
     result = trainer.fit()
     assert result.metrics["test"]["recall@20"] > 2.0 * random_recall(trainer)

@@ -113,7 +113,7 @@ def test_champion_on_other_data_is_rescored_or_the_documented_rule_applies(tmp_p
 
 def test_cache_keys_ignore_locations_and_where_training_runs():
     from diffcl.core.config import load_config
-    from diffcl.training.trainer import training_identity
+    from diffcl.training.run_folder import training_identity
     from flows.cache import base_key
 
     def data(**dataset):

@@ -20,7 +20,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from diffcl.core.locks import LockBusy, exclusive_lock
-from diffcl.training.trainer import Trainer, TrainError, load_run, train
+from diffcl.training.errors import TrainError
+from diffcl.training.run import build_run, load_model, train
 from flows.cli import app
 from pipeline.publish import Registry, RegistryBusy
 
@@ -71,7 +72,7 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(demo_workspace, tmp_pat
     assert "Traceback" not in result.output
     assert not marker.exists()
     with pytest.raises(TrainError, match="refused"):
-        Trainer(config, run_id="planted").fit()
+        build_run(config, run_id="planted").fit()
     assert not marker.exists()
 
 
@@ -96,7 +97,7 @@ def test_resume_drops_a_history_row_written_after_the_last_checkpoint(demo_works
     full = train(config, run_id="ahead")
     assert len(json.loads((full.run_dir / "history.json").read_text())) == 2
     torch.save({**torch.load(full.run_dir / "last.pt", weights_only=True), "epoch": 1}, full.run_dir / "last.pt")
-    trainer = Trainer(config, run_id="ahead")
+    trainer = build_run(config, run_id="ahead")
     trainer._create_run_dir()
     assert trainer._resume() and [row["epoch"] for row in trainer.history] == [1]
 
@@ -105,7 +106,7 @@ def test_resume_drops_a_history_row_written_after_the_last_checkpoint(demo_works
 @pytest.mark.parametrize("bad", ["../../../x", "..", ".", "a/b", "", ".hidden", "-flag", "x" * 129, "a b"])
 def test_run_ids_that_are_not_names_are_refused(demo_workspace, bad):
     with pytest.raises(TrainError, match="invalid run id"):
-        Trainer(demo_workspace(*QUICK), run_id=bad)
+        build_run(demo_workspace(*QUICK), run_id=bad)
 
 
 def test_cli_refuses_a_path_as_run_id_and_writes_nothing(demo_workspace, tmp_path):
@@ -120,17 +121,19 @@ def test_cli_refuses_a_path_as_run_id_and_writes_nothing(demo_workspace, tmp_pat
 
 # ------------------------------------------------------------------ 4. unique ids, locks
 def test_trainers_started_together_get_their_own_run_folders(demo_workspace):
-    a, b = Trainer(demo_workspace(*QUICK)), Trainer(demo_workspace(*QUICK))
+    a, b = build_run(demo_workspace(*QUICK)), build_run(demo_workspace(*QUICK))
     assert a.run_dir != b.run_dir
     assert a.run_id.startswith("mf-") and len(a.run_id.split("-")) == 4
 
 
 def test_a_generated_id_taken_meanwhile_is_never_shared(demo_workspace, monkeypatch):
-    import diffcl.training.trainer as trainer_module
+    import diffcl.training.run as run_module
+    import diffcl.training.run_folder as run_folder_module
 
     ids = iter(["mf-same", "mf-same", "mf-other"])
-    monkeypatch.setattr(trainer_module, "new_run_id", lambda prefix: next(ids))
-    first, second = Trainer(demo_workspace(*QUICK)), Trainer(demo_workspace(*QUICK))
+    for module in (run_module, run_folder_module):
+        monkeypatch.setattr(module, "new_run_id", lambda prefix: next(ids))
+    first, second = build_run(demo_workspace(*QUICK)), build_run(demo_workspace(*QUICK))
     first._create_run_dir()
     second._create_run_dir()
     assert (first.run_id, second.run_id) == ("mf-same", "mf-other")
@@ -143,7 +146,7 @@ def test_a_run_being_trained_cannot_be_trained_by_another(demo_workspace):
     run_dir = config.workspace / "demo" / "runs" / "busy"
     busy = rf"run busy is being trained by another process \(pid {os.getpid()}\)"
     with exclusive_lock(run_dir / ".lock"), pytest.raises(TrainError, match=busy):
-        Trainer(config, run_id="busy").fit()
+        build_run(config, run_id="busy").fit()
     assert not (run_dir / "last.pt").exists()
     assert train(config, run_id="busy").metrics["epochs"] == 2  # free again once released
 
@@ -206,9 +209,9 @@ def reprepared_run(tmp_path):
 def test_evaluate_and_recommend_after_reprepare_say_to_retrain(reprepared_run, tmp_path):
     run_dir, config = reprepared_run
     with pytest.raises(TrainError, match="prepared data changed since this run was trained"):
-        load_run(run_dir)
+        load_model(run_dir)
     with pytest.raises(TrainError, match="does not fit the current data"):  # as a champion rescored on it
-        load_run(run_dir, same_data=False)
+        load_model(run_dir, same_data=False)
     for args in (["evaluate", str(run_dir)], ["recommend", str(run_dir), "--user", "0"]):
         result = runner.invoke(app, args)
         assert result.exit_code == 2, result.output
@@ -233,11 +236,11 @@ def test_recommend_k_bounds(demo_workspace, tmp_path):
 
     import polars as pl
 
-    _, trainer = load_run(run_dir)
-    users = pl.read_parquet(trainer.dirs.prepared / "users.parquet")
+    loaded = load_model(run_dir)
+    users = pl.read_parquet(loaded.dirs.prepared / "users.parquet")
     uid = int(users.filter(pl.col("user_id") == "ADEMOUSER00003").get_column("user")[0])
-    seen = (trainer.data.train + trainer.data.valid).tocsr()[uid].indices.tolist()
-    items = pl.read_parquet(trainer.dirs.prepared / "items.parquet")
+    seen = (loaded.data.train + loaded.data.valid).tocsr()[uid].indices.tolist()
+    items = pl.read_parquet(loaded.dirs.prepared / "items.parquet")
     unseen_ids = set(items.filter(~pl.col("item").is_in(seen)).get_column("item_id"))
     result = runner.invoke(app, ["recommend", str(run_dir), "--user", "ADEMOUSER00003", "--k", "100000"])
     assert result.exit_code == 0, result.output

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from diffcl.training.trainer import train
+from diffcl.training.run import train
 
 SETTINGS = ["model.name=mf", "train.epochs=6", "train.eval_every=2", "train.batch_size=512", "train.lr=0.01",
             "train.patience=5", "train.threads=1", "train.device=cpu"]

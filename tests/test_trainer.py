@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from diffcl.core.config import ConfigError
-from diffcl.training.evaluator import Evaluator
-from diffcl.training.trainer import Trainer, TrainError, load_run, train
+from diffcl.training.errors import TrainError
+from diffcl.training.evaluator import Evaluator, evaluate_model
+from diffcl.training.run import build_run, load_model, train
+from diffcl.training.trainer import Trainer
 
 FAST = ["train.epochs=30", "train.batch_size=512", "train.lr=0.01", "train.patience=5", "train.threads=2"]
 
@@ -16,8 +18,8 @@ def random_recall(trainer: Trainer, seeds: int = 5) -> float:
     values = []
     for seed in range(seeds):
         g = torch.Generator().manual_seed(seed)
-        users = torch.randn(trainer.data.n_users, 16, generator=g)
-        items = torch.randn(trainer.data.n_items, 16, generator=g)
+        users = torch.randn(trainer.evaluator.data.n_users, 16, generator=g)
+        items = torch.randn(trainer.evaluator.data.n_items, 16, generator=g)
         values.append(trainer.evaluator.evaluate(users, items, "test")["recall@20"])
     return float(np.mean(values))
 
@@ -25,7 +27,7 @@ def random_recall(trainer: Trainer, seeds: int = 5) -> float:
 @pytest.mark.parametrize("model", ["mf", "lightgcn"])
 def test_short_train_beats_random_by_a_wide_margin(demo_workspace, model):
     config = demo_workspace(*FAST, f"model.name={model}")
-    trainer = Trainer(config, run_id=f"beat-{model}")
+    trainer = build_run(config, run_id=f"beat-{model}")
     result = trainer.fit()
     test = result.metrics["test"]["recall@20"]
     baseline = random_recall(trainer)
@@ -61,8 +63,8 @@ def test_resume_after_interrupt_matches_uninterrupted_run(demo_workspace):
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        Trainer(demo_workspace(*overrides), run_id="resumed", on_epoch=stop_after_three).fit()
-    resumed = Trainer(demo_workspace(*overrides), run_id="resumed").fit()
+        build_run(demo_workspace(*overrides), run_id="resumed", on_epoch=stop_after_three).fit()
+    resumed = build_run(demo_workspace(*overrides), run_id="resumed").fit()
     assert resumed.metrics["best_epoch"] == full.metrics["best_epoch"]
     assert resumed.metrics["test"] == pytest.approx(full.metrics["test"], abs=1e-7)
     a = torch.load(full.run_dir / "best.pt", weights_only=True)
@@ -90,8 +92,8 @@ def test_unknown_model_is_a_clear_error(demo_workspace):
         demo_workspace("model.name=nope")
 
 
-def test_load_run_and_evaluate_again(demo_workspace):
+def test_load_model_and_evaluate_again(demo_workspace):
     result = train(demo_workspace(*FAST, "train.epochs=2"), run_id="reload")
-    _, trainer = load_run(result.run_dir)
-    assert trainer.evaluate("test") == pytest.approx(result.metrics["test"])
-    assert isinstance(trainer.evaluator, Evaluator)
+    loaded = load_model(result.run_dir)
+    assert evaluate_model(loaded.model, loaded.evaluator, "test") == pytest.approx(result.metrics["test"])
+    assert isinstance(loaded.evaluator, Evaluator)

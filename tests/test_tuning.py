@@ -7,8 +7,9 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from diffcl.core.config import dump_config, load_config, overlay_overrides, search_space
+from diffcl.training.errors import DivergedError
 from diffcl.training.evaluator import Evaluator
-from diffcl.training.trainer import DivergedError, Trainer
+from diffcl.training.trainer import Trainer
 from diffcl.training.tuning import SearchBudget, report_epoch, study_paths, suggest, tune
 from flows.cli import app
 

@@ -51,25 +51,30 @@ class _LossModule(torch.nn.Module):
 
 
 class DistributedTrainer(Trainer):
-    def __init__(self, config, run_id: str | None = None, **kwargs):
-        self.rank, self.world = int(os.environ["RANK"]), world_size()
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        use_cuda = config.train.device != "cpu" and torch.cuda.is_available()
-        if use_cuda:
-            torch.cuda.set_device(local_rank)  # "cuda" then means this rank's GPU
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if use_cuda else "gloo")
-        super().__init__(config, run_id, **kwargs)
-        self.run_id = _broadcast(self.run_id)  # one run folder: rank 0's (possibly generated) id
-        self.run_dir = self.dirs.runs / self.run_id
-        tc = config.train
-        self.sampler = ShardedBPRSampler(self.data.train, tc.batch_size, tc.seed, rank=self.rank, world=self.world)
+    """Built by :func:`diffcl.training.run.build_run` after :meth:`join`; takes the training matrix
+    instead of a sampler, since each rank samples its own slice."""
+
+    def __init__(self, model, train_matrix, evaluator, settings, run, on_epoch=None, evaluate_test: bool = True):
+        self.rank, self.world = dist.get_rank(), world_size()
+        sampler = ShardedBPRSampler(train_matrix, settings.batch_size, settings.seed, rank=self.rank, world=self.world)
+        super().__init__(model, sampler, evaluator, settings, run, on_epoch if self.rank == 0 else None, evaluate_test)
+        run.run_id = _broadcast(run.run_id)  # one run folder: rank 0's (possibly generated) id
+        use_cuda = self.device.type == "cuda"
         self.ddp = torch.nn.parallel.DistributedDataParallel(
-            _LossModule(self.model), device_ids=[local_rank] if use_cuda else None,
+            _LossModule(self.model), device_ids=[self.device.index] if use_cuda else None,
             find_unused_parameters=True,  # a model's loss may leave some parameters out of a step
         )
-        if self.rank != 0:
-            self.on_epoch = None
+
+    @staticmethod
+    def join(device_setting: str) -> torch.device:
+        """Join torchrun's process group (NCCL with this rank's GPU, else gloo); the device to use."""
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = device_setting != "cpu" and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
 
     def _loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         return self.ddp(batch)
@@ -86,8 +91,7 @@ class DistributedTrainer(Trainer):
     def _create_run_dir(self) -> None:
         if self.rank == 0:
             super()._create_run_dir()
-        self.run_id = _broadcast(self.run_id)  # rank 0's, should the id have been taken meanwhile
-        self.run_dir = self.dirs.runs / self.run_id
+        self.run.run_id = _broadcast(self.run.run_id)  # rank 0's, should the id have been taken meanwhile
 
     def fit(self) -> TrainResult:
         if self.rank == 0:
@@ -95,9 +99,9 @@ class DistributedTrainer(Trainer):
         self._create_run_dir()
         return self._fit_locked()
 
-    def _save(self, name: str, obj: Any) -> None:
+    def _save_best(self) -> None:
         if self.rank == 0:
-            super()._save(name, obj)
+            super()._save_best()
 
     def _save_progress(self) -> None:
         if self.rank == 0:

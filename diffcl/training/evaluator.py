@@ -35,6 +35,7 @@ def _rows_cols(matrix: sp.csr_matrix, users: np.ndarray) -> tuple[torch.Tensor, 
 
 class Evaluator:
     def __init__(self, data: InteractionData, ks: list[int], batch_users: int = 4096, device: torch.device | str = "cpu"):
+        self.data = data
         self.ks = sorted(ks)
         self.n_items = data.n_items
         self.device = torch.device(device)
@@ -91,3 +92,11 @@ class Evaluator:
         scores[rows, cols] = -torch.inf
         result = torch.topk(scores, min(k, self.n_items), dim=1)
         return result.indices, result.values
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, evaluator: Evaluator, split: str) -> dict[str, float]:
+    """The one evaluation path (trainer, evaluate stage, CLI): the model's embeddings, ranked."""
+    model.eval()
+    users, items = model.embeddings()
+    return evaluator.evaluate(users, items, split)

@@ -1,6 +1,6 @@
 """Hyper-parameter search on the validation metric: Optuna's TPE sampler over the model's declared
 search space (:func:`diffcl.core.config.search_space`), median pruning of trials whose per-epoch
-validation curve trails the others', every trial trained by the same :class:`Trainer`.
+validation curve trails the others', every trial trained by the same trainer (:func:`diffcl.training.run.build_run`).
 
 The study lives in ``<workspace>/<dataset>/tuning/<study>.db`` (Optuna's SQLite storage), so a
 search that was stopped resumes: ``trials`` counts finished (complete or pruned) trials of the
@@ -38,7 +38,8 @@ from diffcl.core.config import (
 from diffcl.core.io import write_text_atomic
 from diffcl.core.locks import LockBusy, exclusive_lock
 from diffcl.core.workspace import DatasetDirs, RunIdError, check_run_id
-from diffcl.training.trainer import DivergedError, Trainer
+from diffcl.training.errors import DivergedError
+from diffcl.training.run import build_run
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def _objective(base: PipelineConfig, space: SearchSpace, study: str, budget: Sea
         run_id = trial_run_id(study, trial.number)
         trial.set_user_attr("run_id", run_id)
         trial.set_user_attr("max_epochs", config.train.epochs)
-        trainer = Trainer(config, run_id, on_epoch=lambda row: report_epoch(trial, row, metric), evaluate_test=False)
+        trainer = build_run(config, run_id, on_epoch=lambda row: report_epoch(trial, row, metric), evaluate_test=False)
         if trainer.run_dir.exists():  # trial numbers only grow: this folder is from a study since removed
             raise TuneError(f"{trainer.run_dir} already exists (from an earlier study {study!r} whose database "
                             f"was removed?); remove the {trial_run_id(study, '*')} run folders or use another --study")

@@ -1,0 +1,213 @@
+"""Config of the model library: the graphs (``graphs``) and the models (``model``), each model's
+settings and hyper-parameter search space beside it."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from diffcl.core.config.base import Choice, IntRange, LogUniform, Modality, SearchSpace, Strict
+
+DEFAULT_MODALITY_WEIGHTS = {"image": 0.1, "text": 0.9}  # FREEDOM's fusion of MMRec's two modalities
+
+
+class GraphsConfig(Strict):
+    """The interaction graph and the frozen item-item graphs built from modality features."""
+
+    knn_k: int = Field(10, ge=1, description="neighbours per item in the modality kNN graphs")
+    modality_weights: dict[Modality, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: dict(DEFAULT_MODALITY_WEIGHTS),
+        description="weight of each modality's kNN graph in the fused item graph S = Σ w_m S_m; the weights "
+        "of the modalities fused are renormalised to sum 1, and one not listed here weighs 1/n "
+        "(n: modalities fused) before that. Default: image 0.1, text 0.9 (FREEDOM)",
+    )
+    chunk_items: int = Field(
+        4096, ge=1, description="rows of the item-item similarity computed at once (bounds memory)"
+    )
+    ann_above: int | None = Field(
+        None, ge=1, description="catalogues of more items than this get an approximate kNN graph (FAISS HNSW, "
+        "the 'scale' extra) instead of the exact O(items²) one; none: always exact"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_image_weight(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "image_weight" in data:
+            w = data["image_weight"]
+            raise ValueError(f"graphs.image_weight was replaced by graphs.modality_weights (e.g. {{image: {w}, "
+                             f"text: 1 - {w}}})")
+        return data
+
+
+SHARED_SEARCH_SPACE: SearchSpace = {
+    "train.lr": LogUniform(1e-4, 1e-2),
+    "model.reg_weight": LogUniform(1e-6, 1e-2),
+}
+
+
+class MFConfig(Strict):
+    """Matrix factorisation with BPR: no settings beyond model.embedding_dim and model.reg_weight.
+    ``diffcl tune`` searches only the shared keys (train.lr, model.reg_weight)."""
+
+    search_space: ClassVar[SearchSpace] = {}
+
+
+class LightGCNConfig(Strict):
+    """LightGCN. ``diffcl tune`` searches the shared keys and ``search_space``: the layer count."""
+
+    search_space: ClassVar[SearchSpace] = {"model.lightgcn.layers": IntRange(1, 4)}
+    layers: int = Field(2, ge=0, description="propagation layers")
+    combine: Literal["mean", "sum"] = Field("mean", description="how the layer outputs 0..L are combined")
+
+
+class DiffusionSettings(Strict):
+    """DiffCL's view generator (spec section 5)."""
+
+    enabled: bool = Field(True, description="false: views are Gaussian perturbations of the same strength (w/o diffusion)")
+    target: Literal["fused", "per_modality"] = Field("fused", description="what is diffused: the fused rows, or each modality's")
+    views: Literal["two_samples", "clean_vs_diffused", "cross_modal", "id_anchor"] = Field(
+        "two_samples", description="the two contrastive views: two diffusion samples of the same rows, clean vs "
+        "diffused, one modality's view vs another's (cross_modal), or each modality's view vs the clean ID "
+        "rows (id_anchor); the last two need target per_modality"
+    )
+    steps: int = Field(5, ge=1, description="T, diffusion steps")
+    noise_scale: float = Field(0.1, gt=0, description="s: scales the noise levels (sets the final noise level)")
+    noise_min: float = Field(1e-4, gt=0, description="smallest β before scaling")
+    noise_max: float = Field(0.02, gt=0, description="largest β before scaling")
+    start_step: int | None = Field(None, ge=0, description="t': reverse sampling starts here; null: T")
+    hidden: int = Field(256, ge=1, description="denoiser MLP width")
+    time_dim: int = Field(10, ge=2, description="sinusoidal time embedding width")
+
+
+class DiffCLConfig(Strict):
+    """DiffCL as reconstructed in docs (diffcl-model.md); every [switch] of the spec is here.
+    ``diffcl tune`` searches the shared keys and ``search_space``: the loss weights, τ, the
+    diffusion noise scale and the layer count."""
+
+    search_space: ClassVar[SearchSpace] = {
+        "model.diffcl.cl_weight": LogUniform(1e-3, 1.0),
+        "model.diffcl.align_weight": LogUniform(1e-3, 1.0),
+        "model.diffcl.temperature": LogUniform(0.05, 1.0),
+        "model.diffcl.diffusion.noise_scale": LogUniform(0.01, 0.5),
+        "model.diffcl.layers": IntRange(1, 3),
+    }
+
+    modalities: list[Modality] = Field(
+        ["image", "text"], description="modality branches, any names with features (e.g. [image, audio]), in this order"
+    )
+    projection: Literal["mlp", "linear"] = Field("mlp", description="feature projection: d_m -> 4d -> d MLP, or linear")
+    max_feature_dim: int | None = Field(
+        384, ge=8, description="wider raw features are reduced by PCA (once, frozen) before the projection; null: never"
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="dense MLPs (projections, denoiser) under bfloat16 autocast; sparse products and "
+        "losses stay float32. auto: bf16 where the hardware has it natively (AVX512-BF16/AMX CPUs, CUDA)"
+    )
+    layers: int = Field(2, ge=0, description="L, propagation layers of the graph encoder")
+    combine: Literal["sum", "mean"] = Field(
+        "mean", description="layer combination; mean (LightGCN's) where the first spec said sum: the sum "
+        "scales every score ~9x and made the model peak within a few epochs (docs/model.md)"
+    )
+    normalize_inputs: Literal["all", "modalities", "none"] = Field(
+        "modalities", description="which branches L2-normalise their input rows before propagation: all "
+        "(the first spec; it bounds the ID branch's scores like a cosine without temperature), the modality "
+        "branches only (the ID branch then is LightGCN's), or none"
+    )
+    fusion: Literal["concat", "sum"] = Field(
+        "concat", description="scored representation: the modality branches concatenated (weighted per "
+        "user), or summed (weighted per user) in d dimensions"
+    )
+    id_branch: bool = Field(True, description="false: no item-ID branch (ablation w/o ID)")
+    id_in_score: bool = Field(
+        True, description="add the ID branch to every block of the scored representation (false: the first "
+        "spec, where the ID branch only guides through the alignment loss)"
+    )
+    item_graph: bool = Field(True, description="false: no frozen item-item graph (ablation)")
+    diffusion: DiffusionSettings = Field(default_factory=DiffusionSettings)
+    contrastive: bool = Field(True, description="false: no contrastive loss (ablation w/o CL)")
+    negatives: Literal["in_batch", "all_nodes"] = Field("in_batch", description="InfoNCE candidates")
+    cl_nodes: int | None = Field(
+        512, ge=2, description="at most this many of the batch's unique users (and items) enter the "
+        "views, contrastive and alignment losses, drawn at random; null: all of them"
+    )
+    temperature: float = Field(0.2, gt=0, description="τ of InfoNCE")
+    alignment: bool = Field(True, description="false: no alignment loss (ablation)")
+    alignment_mode: Literal["distribution", "id_anchor_infonce"] = Field("distribution", description="spec section 7")
+    cl_weight: float = Field(
+        0.001, ge=0, description="λ_cl; the first spec's 0.01 cost ~5% valid R@20 on TikTok and Scientific (docs/model.md)"
+    )
+    align_weight: float = Field(0.1, ge=0, description="λ_align")
+    diff_weight: float = Field(1.0, ge=0, description="λ_diff")
+
+    @model_validator(mode="after")
+    def _check_views(self) -> DiffCLConfig:
+        views = self.diffusion.views
+        if views in ("cross_modal", "id_anchor") and self.diffusion.target != "per_modality":
+            raise ValueError(f"diffusion.views {views} needs diffusion.target per_modality")
+        if views == "cross_modal" and len(self.modalities) < 2:
+            raise ValueError("diffusion.views cross_modal needs at least two modalities")
+        if views == "id_anchor" and not self.id_branch:
+            raise ValueError("diffusion.views id_anchor needs the ID branch (id_branch: true)")
+        if self.diffusion.start_step is not None and self.diffusion.start_step > self.diffusion.steps:
+            raise ValueError("diffusion.start_step cannot exceed diffusion.steps")
+        return self
+
+
+class FreedomConfig(Strict):
+    """FREEDOM (Zhou & Shen, MM'23): frozen item-item graph over ID embeddings, LightGCN on a
+    degree-sensitively pruned interaction graph, BPR plus projected-feature BPR.
+    ``diffcl tune`` searches the shared keys and ``search_space``: the edge dropout (the paper's
+    grid) and the feature-BPR weight."""
+
+    search_space: ClassVar[SearchSpace] = {
+        "model.freedom.dropout": Choice((0.5, 0.8, 0.9)),
+        "model.freedom.feature_bpr_weight": LogUniform(1e-5, 1e-1),
+    }
+
+    modalities: list[Modality] = Field(
+        ["image", "text"], description="modalities used, any names with features (e.g. [image, audio])"
+    )
+    layers: int = Field(2, ge=0, description="propagation layers on the interaction graph")
+    item_layers: int = Field(1, ge=0, description="propagation layers on the item-item graph")
+    dropout: float = Field(0.8, ge=0, lt=1, description="share of interaction edges pruned each epoch (degree-sensitive)")
+    feature_bpr_weight: float = Field(1e-4, ge=0, description="weight of the projected-feature BPR losses")
+
+
+class ModelConfig(Strict):
+    """Which model to train (``name``, from the registry) and each model's own settings."""
+
+    name: str = Field("lightgcn", description="registered model name: mf, lightgcn, freedom, diffcl")
+    allow_missing_modalities: bool = Field(
+        False, description="train without a modality the model reads (its modalities list) whose features "
+        "are missing, with a warning; false: that is an error naming the modality"
+    )
+    embedding_dim: int = Field(64, ge=1, description="width of user and item embeddings")
+    reg_weight: float = Field(
+        1e-4, ge=0, description="L2 weight on the batch's ego embeddings (the field's standard reg)"
+    )
+    mf: MFConfig = Field(default_factory=MFConfig)
+    lightgcn: LightGCNConfig = Field(default_factory=LightGCNConfig)
+    freedom: FreedomConfig = Field(default_factory=FreedomConfig)
+    diffcl: DiffCLConfig = Field(default_factory=DiffCLConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _check_known(cls, name: str) -> str:
+        if name not in model_names():
+            raise ValueError(f"unknown model {name!r}; known: {model_names()}")
+        return name
+
+
+def model_names() -> list[str]:
+    """The models there are: one settings section of :class:`ModelConfig` each (the model library's
+    registry has one class per name; a test keeps the two equal)."""
+    return sorted(name for name, field in ModelConfig.model_fields.items()
+                  if isinstance(field.annotation, type) and issubclass(field.annotation, Strict))
+
+
+def search_space(model_name: str) -> SearchSpace:
+    """What ``diffcl tune`` searches for a model: the shared keys plus its config's own."""
+    field = ModelConfig.model_fields.get(model_name)
+    own = getattr(field.annotation, "search_space", {}) if field is not None else {}
+    return {**SHARED_SEARCH_SPACE, **own}

@@ -1,0 +1,34 @@
+"""Config of training and evaluation (``train``, ``eval``)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from diffcl.core.config.base import Strict
+
+# The config sections that define a training run, read by the train stage's cache key and by a
+# run's resume check (diffcl.training.trainer.training_identity), less the train settings that choose where
+# the work runs, not what is trained.
+TRAINING_SECTIONS = ("model", "train", "graphs", "eval")
+RESULT_NEUTRAL_TRAIN_FIELDS = ("device", "threads")
+
+
+class TrainConfig(Strict):
+    """The shared trainer: BPR sampling, Adam, early stopping on validation."""
+
+    epochs: int = Field(1000, ge=1, description="upper bound on training epochs")
+    batch_size: int = Field(2048, ge=1, description="positive pairs per step (one negative each)")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    seed: int = Field(2024, description="seed of Python, numpy and torch")
+    patience: int = Field(20, ge=1, description="stop after this many evaluations without a better valid metric")
+    eval_every: int = Field(1, ge=1, description="evaluate on validation every this many epochs")
+    metric: str = Field("recall@20", description="validation metric for early stopping and model selection")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; null: torch's default")
+
+
+class EvalConfig(Strict):
+    topk: list[Annotated[int, Field(gt=0)]] = Field([5, 10, 20, 50], min_length=1, description="cut-offs K of every metric")
+    batch_users: int = Field(4096, ge=1, description="users scored at once in full ranking")
