@@ -30,6 +30,7 @@ from diffcl.core.workspace import DatasetDirs
 from diffcl.training.run import build_run
 from diffcl.training.trainer import Trainer
 from pipeline.embed import run_features
+from pipeline.graphs import build_graphs
 from pipeline.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +84,7 @@ def _prepared(dataset: str, workspace: str) -> Path | None:
         return None
     prepare(cfg, progress=False)
     run_features(cfg, progress=False)
+    build_graphs(cfg)
     return config
 
 
@@ -141,6 +143,7 @@ def part_timing(workspace: str, epochs: int, extra: list[str]) -> None:
     # Stand-in features of the standard widths, for timing only (their content is noise).
     write_features(dirs.features / "image.parquet", rng.random((n_items, 4096), dtype=np.float32), {"note": "random stand-in"})
     write_features(dirs.features / "text.parquet", rng.standard_normal((n_items, 384), dtype=np.float32), {"note": "random stand-in"})
+    build_graphs(cfg)
     base = [f"workspace={workspace}", f"train.epochs={epochs}", "train.patience=1000", "train.eval_every=1000", *extra]
     diffcl = MODELS["DiffCL"]
     variants = {
@@ -215,6 +218,7 @@ def part_demo(workspace: str, extra: list[str]) -> None:
     cfg = load_config(config, overrides)
     prepare(cfg, progress=False)
     run_features(cfg, progress=False)
+    build_graphs(cfg)
     table = Table(title="Synthetic demo (planted groups in text and pixels; images from an UNTRAINED tiny CLIP)")
     for col in ("model", *METRICS, "best epoch"):
         table.add_column(col, justify="right")

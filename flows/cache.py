@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +49,44 @@ EXCLUDED_FIELDS = {
     "train": {"train": RESULT_NEUTRAL_TRAIN_FIELDS},
 }
 
-Artifact = dict[str, str]  # {"path": ..., "sha256": ...}
+@dataclass(frozen=True)
+class Artifact:
+    """A file a stage wrote or read, by content: tasks pass these, never DataFrames or tensors."""
+
+    path: str
+    sha256: str
 
 
 def artifact(path: str | Path) -> Artifact:
-    return {"path": str(path), "sha256": sha256_file(path)}
+    return Artifact(str(path), sha256_file(path))
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """``<stage>-<base>-g<generation>``: ``base`` hashes what the stage reads (:func:`base_key`);
+    the generation moves on when the outputs recorded under it are missing or altered."""
+
+    stage: str
+    base: str
+    generation: int
+
+    def __str__(self) -> str:
+        return f"{self.stage}-{self.base}-g{self.generation}"
+
+    @classmethod
+    def parse(cls, text: str) -> CacheKey:
+        stage, base, generation = text.rsplit("-", 2)
+        return cls(stage, base, int(generation.removeprefix("g")))
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage task returns (and Prefect stores as JSON under its cache key)."""
+
+    stage: str
+    key: str  # str(CacheKey); empty for the uncached fetch stage
+    outputs: dict[str, Artifact] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 def _select(config: dict[str, Any], dotted: str, stage: str) -> Any:
@@ -71,7 +105,7 @@ def base_key(stage: str, config: dict[str, Any], inputs: dict[str, Artifact], mo
         "package": diffcl.__version__,
         "dataset": config["dataset"]["name"],
         "config": {field: _select(config, field, stage) for field in CONFIG_FIELDS[stage]},
-        "inputs": {name: a["sha256"] for name, a in sorted(inputs.items())},
+        "inputs": {name: a.sha256 for name, a in sorted(inputs.items())},
         **({"modality": modality} if modality is not None else {}),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
@@ -88,27 +122,34 @@ class Ledger:
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
 
-    def key(self, base: str) -> str:
-        """``<stage>-<base>-g<generation>``: the generation moves on when the recorded outputs of
-        the current one are missing or altered, so that Prefect's cached result is not reused."""
+    def key(self, base: str) -> CacheKey:
+        """The generation moves on when the recorded outputs of the current one are missing or
+        altered, so that Prefect's cached result is not reused."""
         entry = self._read().get(base)
         if entry is None:
-            return f"{self.stage}-{base}-g0"
+            return CacheKey(self.stage, base, 0)
         generation = entry["generation"]
         if not outputs_intact(entry["outputs"]):
             generation += 1
-        return f"{self.stage}-{base}-g{generation}"
+        return CacheKey(self.stage, base, generation)
 
-    def record(self, key: str, outputs: dict[str, Artifact]) -> None:
-        _, base, generation = key.rsplit("-", 2)
+    def record(self, key: CacheKey, outputs: dict[str, Artifact]) -> None:
         data = self._read()
-        data[base] = {"generation": int(generation[1:]), "outputs": outputs}
+        data[key.base] = {"generation": key.generation,
+                          "outputs": {name: {"path": a.path, "sha256": a.sha256} for name, a in outputs.items()}}
         write_json_atomic(self.path, data)
 
 
-def outputs_intact(outputs: dict[str, Artifact]) -> bool:
+def outputs_intact(outputs: dict[str, dict[str, str]]) -> bool:
+    """The ledger's record of outputs (plain JSON: path and sha256 each) still on disk unchanged."""
     for a in outputs.values():
         path = Path(a["path"])
         if not path.exists() or sha256_file(path) != a["sha256"]:
             return False
     return True
+
+
+def training_config_hash(config: dict[str, Any]) -> str:
+    """What a registry entry records as the config of a trained model: the train stage's key over
+    no inputs (the training sections less where it runs)."""
+    return base_key("train", config, {})

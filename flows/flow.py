@@ -28,26 +28,31 @@ from prefect.transactions import get_transaction
 
 from diffcl.core.config import ENCODED_MODALITIES, PipelineConfig, dump_config, load_config
 from diffcl.core.locks import LockBusy, exclusive_lock
-from flows.cache import Artifact, Ledger, artifact, base_key
+from flows.cache import (
+    Artifact,
+    CacheKey,
+    Ledger,
+    StageResult,
+    artifact,
+    base_key,
+    training_config_hash,
+)
 from pipeline.embed import feature_modalities, shipped_features
 
 log = logging.getLogger(__name__)
 
-StageResult = dict[str, Any]  # {"stage", "key", "outputs": {name: Artifact}, "info": {...}}
-
-
 def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     stage = context.task.name
     config, inputs = parameters["config"], parameters["inputs"]
-    return Ledger(config, stage).key(base_key(stage, config, inputs, parameters.get("modality")))
+    return str(Ledger(config, stage).key(base_key(stage, config, inputs, parameters.get("modality"))))
 
 
-def _current_key(stage: str, config: dict[str, Any], inputs: dict[str, Artifact], modality: str | None = None) -> str:
+def _current_key(stage: str, config: dict[str, Any], inputs: dict[str, Artifact], modality: str | None = None) -> CacheKey:
     """The cache key this task run is stored under: Prefect's transaction holds it. Computing it
     again would re-hash the outputs, which the stage may just have rewritten."""
     transaction = get_transaction()
     if transaction is not None and transaction.key:
-        return transaction.key
+        return CacheKey.parse(transaction.key)
     return Ledger(config, stage).key(base_key(stage, config, inputs, modality))  # called outside a flow
 
 
@@ -57,7 +62,7 @@ def _finish(stage: str, config: dict[str, Any], inputs: dict[str, Artifact], out
     key = _current_key(stage, config, inputs, modality)
     Ledger(config, stage).record(key, outputs)
     get_run_logger().info("%s: wrote %s", stage, ", ".join(outputs) or "nothing")
-    return {"stage": stage, "key": key, "outputs": outputs, "info": info or {}}
+    return StageResult(stage, str(key), outputs, info or {})
 
 
 def is_transient(exc: BaseException | None) -> bool:
@@ -78,7 +83,8 @@ def transient_failure(task, task_run, state) -> bool:
 
 
 def _stage(name: str):
-    return task(name=name, cache_key_fn=stage_cache_key, persist_result=True)
+    # Results are stored as JSON, never pickled: a file planted in the result storage cannot run code.
+    return task(name=name, cache_key_fn=stage_cache_key, persist_result=True, result_serializer="json")
 
 
 # ------------------------------------------------------------------------------------- stages
@@ -90,9 +96,9 @@ def fetch_stage(config: dict[str, Any]) -> StageResult:
     from pipeline.prepare import acquire
 
     acquired = acquire(load_config(config), progress=False)
-    outputs = {role: {"path": str(path), "sha256": m.sha256} for role, (path, m) in acquired.items()}
+    outputs = {role: Artifact(str(path), m.sha256) for role, (path, m) in acquired.items()}
     manifests = {role: asdict(m) for role, (_, m) in acquired.items()}
-    return {"stage": "fetch", "outputs": outputs, "info": {"manifests": manifests}}
+    return StageResult("fetch", "", outputs, {"manifests": manifests})
 
 
 @_stage("prepare")
@@ -101,7 +107,7 @@ def prepare_stage(config: dict[str, Any], inputs: dict[str, Artifact], manifests
     from pipeline.prepare import prepare
 
     cfg = load_config(config)
-    acquired = {role: (Path(inputs[role]["path"]), Manifest(**manifests[role])) for role in manifests}
+    acquired = {role: (Path(inputs[role].path), Manifest(**manifests[role])) for role in manifests}
     result = prepare(cfg, progress=False, acquired=acquired)
     outputs = {name: artifact(path) for name, path in result.outputs.items()}
     return _finish("prepare", config, inputs, outputs, {"stats": {k: v for k, v in result.stats.items() if k != "inputs"}})
@@ -206,7 +212,7 @@ def train_stage(config: dict[str, Any], inputs: dict[str, Artifact]) -> StageRes
     key = _current_key("train", config, inputs)
     logger = get_run_logger()
     progress = TrainingProgress(cfg, logger)
-    result = train_resuming(cfg, f"{cfg.model.name}-{key.rsplit('-', 2)[1][:12]}", progress.epoch, logger)
+    result = train_resuming(cfg, f"{cfg.model.name}-{key.base[:12]}", progress.epoch, logger)
     progress.update(100.0)
     run = result.run_dir
     outputs = {name: artifact(run / name) for name in ("best.pt", "metrics.json", "history.parquet", "curves.png")}
@@ -251,12 +257,12 @@ def publish_stage(config: dict[str, Any], inputs: dict[str, Artifact], run_dir: 
     from pipeline.publish import Registry
 
     cfg = load_config(config)
-    evaluation = json.loads(Path(inputs["evaluation"]["path"]).read_text())
+    evaluation = json.loads(Path(inputs["evaluation"].path).read_text())
     registry = Registry(DatasetDirs.of(cfg.workspace, cfg.dataset.name).root / "registry.json")
     id_tables = id_tables or {}
     entry = {
         "model": cfg.model.name, "run_dir": run_dir, "valid": evaluation["valid"], "test": evaluation["test"],
-        "config_sha256": base_key("train", config, {}), "data_sha256": data_hash, "id_tables": id_tables,
+        "config_sha256": training_config_hash(config), "data_sha256": data_hash, "id_tables": id_tables,
     }
     decision = registry.register(entry, cfg.publish.metric, cfg.publish.promote_if, champion_rescorer(id_tables))
     get_run_logger().info("registered v%d: %s (%s)", decision.version,
@@ -267,7 +273,12 @@ def publish_stage(config: dict[str, Any], inputs: dict[str, Artifact], run_dir: 
 
 # --------------------------------------------------------------------------------------- flow
 def _with_options(cfg: PipelineConfig):
-    """Task options that depend on the config: result storage in the workspace, retries, timeouts."""
+    """Task options that depend on the config: result storage in the workspace, retries, timeouts.
+
+    Network retries are bounded in two layers that do not overlap: :mod:`features.http` retries each
+    request (``fetch.retries`` more attempts, capped backoff, Retry-After honoured); Prefect reruns
+    the fetch stage only after that gave up on a transient failure, ``orchestration.network_retries``
+    times. One dump thus gets at most (fetch.retries + 1) x (network_retries + 1) requests."""
     o = cfg.orchestration
     storage = Path(cfg.workspace) / ".prefect-results"
     delays = [o.retry_delay_s * 2**i for i in range(max(o.network_retries, 1))]
@@ -319,37 +330,37 @@ def _run_stages(cfg: PipelineConfig, logger) -> dict[str, Any]:
     opt = _with_options(cfg)
 
     fetched = opt(fetch_stage, network=True)(data)
-    prepared = opt(prepare_stage)(data, fetched["outputs"], fetched["info"]["manifests"])
-    items = {"items": prepared["outputs"]["items"], "stats": _stats_content(prepared)}
-    images = opt(images_stage, network=True)(data, items)
+    prepared = opt(prepare_stage)(data, fetched.outputs, fetched.info["manifests"])
+    items = {"items": prepared.outputs["items"], "stats": _stats_content(prepared)}
+    images = opt(images_stage)(data, items)  # records failed downloads, never raises on them: no task retries
     if cfg.features.shard_items:
         from flows.scaleout import encode_text_shards
 
         logger.info("text shards encoded %d item text(s)", encode_text_shards(cfg))
     text = opt(text_features_stage)(data, {**items, **_feature_file_inputs(cfg, "text")})
-    image = opt(image_features_stage)(data, {**items, **images["outputs"], **_feature_file_inputs(cfg, "image")})
-    features = {**text["outputs"], **image["outputs"]}
-    shipped = shipped_features(cfg, prepared["info"]["stats"])
+    image = opt(image_features_stage)(data, {**items, **images.outputs, **_feature_file_inputs(cfg, "image")})
+    features = {**text.outputs, **image.outputs}
+    shipped = shipped_features(cfg, prepared.info["stats"])
     for modality in feature_modalities(cfg, shipped):
         if modality not in ENCODED_MODALITIES:
             inputs = {**items, **_feature_file_inputs(cfg, modality)}
-            features.update(opt(modality_features_stage)(data, inputs, modality)["outputs"])
-    graphs = opt(graphs_stage)(data, {"interactions": prepared["outputs"]["interactions"], **features})
+            features.update(opt(modality_features_stage)(data, inputs, modality).outputs)
+    graphs = opt(graphs_stage)(data, {"interactions": prepared.outputs["interactions"], **features})
     trained = opt(train_stage, retries=1)(
-        data, {"interactions": prepared["outputs"]["interactions"], **features, **graphs["outputs"]}
+        data, {"interactions": prepared.outputs["interactions"], **features, **graphs.outputs}
     )
-    evaluated = opt(evaluate_stage)(data, {"best.pt": trained["outputs"]["best.pt"]}, trained["info"]["run_dir"])
-    tables = prepared["info"]["stats"].get("tables", {})
-    published = opt(publish_stage)(data, evaluated["outputs"], trained["info"]["run_dir"],
-                                   prepared["outputs"]["interactions"]["sha256"],
+    evaluated = opt(evaluate_stage)(data, {"best.pt": trained.outputs["best.pt"]}, trained.info["run_dir"])
+    tables = prepared.info["stats"].get("tables", {})
+    published = opt(publish_stage)(data, evaluated.outputs, trained.info["run_dir"],
+                                   prepared.outputs["interactions"].sha256,
                                    {name: tables[name] for name in ("users.parquet", "items.parquet") if name in tables})
     summary = {
         "dataset": cfg.dataset.name,
-        "run_dir": trained["info"]["run_dir"],
-        "valid": evaluated["info"]["valid"],
-        "test": evaluated["info"]["test"],
-        "decision": published["info"]["decision"],
-        "stats": prepared["info"]["stats"],
+        "run_dir": trained.info["run_dir"],
+        "valid": evaluated.info["valid"],
+        "test": evaluated.info["test"],
+        "decision": published.info["decision"],
+        "stats": prepared.info["stats"],
         "config": dump_config(cfg),
     }
     publish_artifacts(cfg, summary)
@@ -360,4 +371,4 @@ def _stats_content(prepared: StageResult) -> Artifact:
     """stats.json as an input of the feature stages, keyed on its content without source locations."""
     from pipeline.prepare import stats_content_hash
 
-    return {"path": prepared["outputs"]["stats"]["path"], "sha256": stats_content_hash(prepared["info"]["stats"])}
+    return Artifact(prepared.outputs["stats"].path, stats_content_hash(prepared.info["stats"]))

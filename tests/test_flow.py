@@ -110,6 +110,9 @@ def test_full_flow_then_cached_rerun_then_changed_interactions(prefect_server, d
     assert summary["test"]["recall@20"] > 0 and summary["decision"]["promoted"]
     assert (config.parent / "ws/demo/runs").exists()
     assert all(counter.calls.get(s, 0) >= 1 for s in STAGES), counter.calls
+    # Cached stage results are JSON (typed StageResult), never pickles that a planted file could abuse.
+    results = list((config.parent / "ws/.prefect-results").iterdir())
+    assert results and all(json.loads(r.read_text())["metadata"]["serializer"]["type"] == "json" for r in results)
     import polars as pl
 
     from features.text_encoder import assemble_texts

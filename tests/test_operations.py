@@ -114,14 +114,14 @@ def test_champion_on_other_data_is_rescored_or_the_documented_rule_applies(tmp_p
 def test_cache_keys_ignore_locations_and_where_training_runs():
     from diffcl.core.config import load_config
     from diffcl.training.run_folder import training_identity
-    from flows.cache import base_key
+    from flows.cache import Artifact, base_key
 
     def data(**dataset):
         return load_config({"dataset": {"name": "d", "source": "amazon2018", **dataset}}).model_dump(mode="json")
 
     here, there = data(reviews="/a/r.json.gz"), data(reviews="file:///b/r.json.gz")
-    inputs = {"reviews": {"path": "/a/r.json.gz", "sha256": "0" * 64}}
-    assert base_key("prepare", here, inputs) == base_key("prepare", there, {"reviews": {"path": "/b", "sha256": "0" * 64}})
+    inputs = {"reviews": Artifact("/a/r.json.gz", "0" * 64)}
+    assert base_key("prepare", here, inputs) == base_key("prepare", there, {"reviews": Artifact("/b", "0" * 64)})
     moved = {**here, "train": {**here["train"], "threads": 1, "device": "cpu"}, "orchestration": {**here["orchestration"], "stage_timeout_s": 5}}
     assert base_key("train", here, {}) == base_key("train", moved, {})
     assert training_identity(here) == training_identity(moved)

@@ -23,7 +23,7 @@ class OrchestrationConfig(Strict):
 
     cron: str = Field("0 3 * * 1", description="schedule of diffcl/full-pipeline (default: Mondays 03:00)")
     timezone: str = Field("UTC", description="time zone of the cron schedule")
-    network_retries: int = Field(3, ge=0, description="retries of the network stages (fetch, images)")
+    network_retries: int = Field(3, ge=0, description="reruns of the fetch stage after its per-request retries (fetch.retries) gave up on a transient failure")
     retry_delay_s: float = Field(10.0, ge=0, description="first retry delay; doubles each retry")
     stage_timeout_s: float = Field(6 * 3600, gt=0, description="any stage running longer than this fails")
     lock_wait_s: float = Field(
