@@ -22,12 +22,8 @@ from diffcl.core.config import (
     TRAINING_SECTIONS,
 )
 from diffcl.core.io import sha256_file, write_json_atomic
+from pipeline.versions import STAGE_VERSIONS
 
-# Bump a stage's number when its outputs change for the same inputs and config.
-STAGE_VERSIONS = {
-    "fetch": 1, "prepare": 2, "images": 1, "text_features": 1, "image_features": 1, "features": 1,
-    "graphs": 2, "train": 1, "evaluate": 1, "publish": 1,
-}
 # The config fields each stage reads (dotted paths into the resolved config).
 CONFIG_FIELDS = {
     "fetch": ["dataset", "fetch"],
@@ -148,8 +144,3 @@ def outputs_intact(outputs: dict[str, dict[str, str]]) -> bool:
             return False
     return True
 
-
-def training_config_hash(config: dict[str, Any]) -> str:
-    """What a registry entry records as the config of a trained model: the train stage's key over
-    no inputs (the training sections less where it runs)."""
-    return base_key("train", config, {})

@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from pipeline.demo import DEMO_CONFIG
+
 app = typer.Typer(
     name="diffcl",
     help="From raw Amazon review dumps to a trained, evaluated DiffCL recommender.",
@@ -331,7 +333,7 @@ def recommend(
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="YAML config file, or a preset: baby, sports, clothing "
-                                           "(default: ./configs/demo.yaml, else the packaged demo config)")] = Path("configs/demo.yaml"),
+                                           "(default: ./configs/demo.yaml, else the packaged demo config)")] = Path(DEMO_CONFIG),
     set_: SetOpt = None,
     overlay: OverlayOpt = None,
 ) -> None:
@@ -369,7 +371,7 @@ def run(
 
 @app.command()
 def serve(
-    config: Annotated[Path, typer.Argument(help="YAML config file")] = Path("configs/demo.yaml"),
+    config: Annotated[Path, typer.Argument(help="YAML config file")] = Path(DEMO_CONFIG),
     set_: SetOpt = None,
     cron: Annotated[str | None, typer.Option(help="cron schedule (default: orchestration.cron, weekly)")] = None,
     timezone: Annotated[str | None, typer.Option(help="time zone of the schedule (default: orchestration.timezone)")] = None,
@@ -389,7 +391,7 @@ def serve(
 
 
 @app.command()
-def models(config: Annotated[Path, typer.Argument(help="YAML config file")] = Path("configs/demo.yaml")) -> None:
+def models(config: Annotated[Path, typer.Argument(help="YAML config file")] = Path(DEMO_CONFIG)) -> None:
     """List the registered models of a dataset; * marks the production model."""
     from rich import box
 

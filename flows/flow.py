@@ -35,8 +35,8 @@ from flows.cache import (
     StageResult,
     artifact,
     base_key,
-    training_config_hash,
 )
+from pipeline.demo import DEMO_CONFIG
 from pipeline.embed import feature_modalities, shipped_features
 
 log = logging.getLogger(__name__)
@@ -231,40 +231,16 @@ def evaluate_stage(config: dict[str, Any], inputs: dict[str, Artifact], run_dir:
                    {"valid": evaluation["valid"], "test": evaluation["test"]})
 
 
-def champion_rescorer(id_tables: dict[str, str]):
-    """The registry's ``rescore``: a champion's validation metrics on the current data, measured
-    only when its users and items are this data's (same id tables), with its own config and weights."""
-    from pipeline.evaluate import evaluate_run
-
-    def rescore(champion: dict[str, Any]) -> tuple[dict[str, float] | None, str]:
-        if champion.get("id_tables") != id_tables:
-            return None, "its users or items differ from this data's"
-        try:
-            return evaluate_run(Path(champion["run_dir"]), ("valid",), same_data=False)["valid"], ""
-        except Exception as err:  # any failure to rebuild it means: not comparable, by the documented rule
-            return None, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
-
-    return rescore
-
-
 @_stage("publish")
 def publish_stage(config: dict[str, Any], inputs: dict[str, Artifact], run_dir: str, data_hash: str,
                   id_tables: dict[str, str] | None = None) -> StageResult:
     import json
     from dataclasses import asdict
 
-    from diffcl.core.workspace import DatasetDirs
-    from pipeline.publish import Registry
+    from pipeline.publish import publish_run
 
-    cfg = load_config(config)
     evaluation = json.loads(Path(inputs["evaluation"].path).read_text())
-    registry = Registry(DatasetDirs.of(cfg.workspace, cfg.dataset.name).root / "registry.json")
-    id_tables = id_tables or {}
-    entry = {
-        "model": cfg.model.name, "run_dir": run_dir, "valid": evaluation["valid"], "test": evaluation["test"],
-        "config_sha256": training_config_hash(config), "data_sha256": data_hash, "id_tables": id_tables,
-    }
-    decision = registry.register(entry, cfg.publish.metric, cfg.publish.promote_if, champion_rescorer(id_tables))
+    decision = publish_run(load_config(config), Path(run_dir), evaluation, data_hash, id_tables or {})
     get_run_logger().info("registered v%d: %s (%s)", decision.version,
                           "promoted to production" if decision.promoted else "kept as challenger", decision.reason)
     # The registry file changes with every later version: nothing here to verify on a cache hit.
@@ -297,7 +273,7 @@ def _with_options(cfg: PipelineConfig):
 
 
 @flow(name="diffcl", log_prints=True, validate_parameters=True)
-def diffcl_flow(config: str = "configs/demo.yaml", overrides: list[str] | None = None,
+def diffcl_flow(config: str = DEMO_CONFIG, overrides: list[str] | None = None,
                 served_overrides: list[str] | None = None) -> dict[str, Any]:
     """The whole pipeline for one dataset config (a YAML path) with ``key=value`` overrides: those
     the deployment was served with first, then this run's (``overrides``), so a later one wins.

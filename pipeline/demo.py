@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from diffcl.core.config import PipelineConfig
+if TYPE_CHECKING:  # the CLI imports DEMO_CONFIG at start-up: keep this module light
+    from diffcl.core.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 

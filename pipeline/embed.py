@@ -30,7 +30,6 @@ from diffcl.core.config import (
 from diffcl.core.feature_files import (
     available_features,
     check_finite,
-    read_metadata,
     read_npy_matrix,
     write_features,
 )
@@ -41,9 +40,6 @@ from features.embedding_cache import EmbeddingCache, content_key
 
 log = logging.getLogger(__name__)
 
-STAGE_VERSION = 1
-
-
 class FeatureError(RuntimeError):
     pass
 
@@ -51,7 +47,7 @@ class FeatureError(RuntimeError):
 @dataclass
 class ModalityReport:
     modality: str
-    status: str  # written | unchanged | imported | skipped
+    status: str  # written | imported | skipped
     items: int = 0
     embedded: int = 0
     reused: int = 0
@@ -71,10 +67,6 @@ def _versions(*packages: str) -> dict[str, str]:
         with contextlib.suppress(PackageNotFoundError):
             out[name] = version(name)
     return out
-
-
-def _unchanged(path: Path, state: str) -> bool:
-    return path.exists() and read_metadata(path).get("state") == state
 
 
 def _inputs(config: PipelineConfig) -> tuple[DatasetDirs, pl.DataFrame, dict[str, str]]:
@@ -241,13 +233,7 @@ def _run_text(tc: TextFeaturesConfig, items: pl.DataFrame, dirs: DatasetDirs, pr
     spec = _text_encoder(tc, dirs)
     keys = [content_key(t) for t in texts]
     recipe = {"fields": tc.fields, "max_chars": tc.max_chars, "fallback": "prepared text", "separator": ". "}
-    state = content_key(json.dumps([STAGE_VERSION, spec.identity, recipe, tc.normalize, keys]))
-    report = ModalityReport("text", "unchanged", items=len(texts), reused=len(texts),
-                            missing=sum(1 for t in texts if not t))
-    if _unchanged(out, state):
-        report.seconds = time.perf_counter() - start
-        return report
-
+    report = ModalityReport("text", "written", items=len(texts), missing=sum(1 for t in texts if not t))
     cache = _text_cache(tc, dirs, spec)
     sharded = cache.merge_parts()  # vectors the shards (encode_text_shard) encoded, if they ran
     todo = cache.missing(keys)
@@ -260,11 +246,11 @@ def _run_text(tc: TextFeaturesConfig, items: pl.DataFrame, dirs: DatasetDirs, pr
         encode_seconds = time.perf_counter() - t0
     matrix = cache.lookup(keys)
     write_features(out, matrix, {
-        "state": state, "modality": "text", "encoder": spec.reference, "encoder_source": spec.source,
+        "modality": "text", "encoder": spec.reference, "encoder_source": spec.source,
         "weights_sha256": spec.weights_sha256, "recipe": recipe, "normalized": tc.normalize,
         "items_without_text": report.missing, "versions": _versions("sentence-transformers", "transformers"),
     })
-    report.status, report.embedded = "written", len(todo) + sharded
+    report.embedded = len(todo) + sharded
     report.reused = len(texts) - report.embedded
     report.encode_seconds, report.seconds = encode_seconds, time.perf_counter() - start
     return report
@@ -302,13 +288,8 @@ def _run_image(ic: ImageFeaturesConfig, items: pl.DataFrame, dirs: DatasetDirs, 
 
     spec = resolve_clip(ic.model, ic.pretrained, dirs.features / "cache" / "weights.json")
     keys = [r.sha256 for r in results]
-    state = content_key(json.dumps([STAGE_VERSION, spec.identity, ic.missing, keys]))
-    report = ModalityReport("image", "unchanged", items=len(results), reused=len(results) - n_missing, missing=n_missing,
+    report = ModalityReport("image", "written", items=len(results), missing=n_missing,
                             note=UNTRAINED_NOTE if spec.untrained else "")
-    if _unchanged(out, state):
-        report.seconds = time.perf_counter() - start
-        return report
-
     cache = EmbeddingCache(dirs.features / "cache", "image", spec.identity)
     present_keys = [k for k in keys if k is not None]
     todo = cache.missing(present_keys)
@@ -329,12 +310,12 @@ def _run_image(ic: ImageFeaturesConfig, items: pl.DataFrame, dirs: DatasetDirs, 
     if ic.missing == "mean" and n_missing:
         matrix[~present] = vectors.mean(axis=0)
     write_features(out, matrix, {
-        "state": state, "modality": "image", "encoder": spec.architecture, "pretrained": spec.pretrained,
+        "modality": "image", "encoder": spec.architecture, "pretrained": spec.pretrained,
         "weights_sha256": spec.weights_sha256, "untrained": spec.untrained,
         "note": UNTRAINED_NOTE if spec.untrained else "", "missing_policy": ic.missing,
         "missing": n_missing, "missing_reasons": dict(reasons.iter_rows()), "versions": _versions("open-clip-torch"),
     }, extra_columns={"present": present} if ic.missing == "zeros" else None)
-    report.status, report.embedded, report.reused = "written", len(todo), len(present_keys) - len(todo)
+    report.embedded, report.reused = len(todo), len(present_keys) - len(todo)
     report.encode_seconds, report.seconds = encode_seconds, time.perf_counter() - start
     return report
 
@@ -347,19 +328,14 @@ def _import_file(modality: str, source: Path, items: pl.DataFrame, out: Path) ->
     if not source.is_file():
         raise FeatureError(f"{modality} features: file not found: {source}")
     parquet = source.suffix.lower() == ".parquet"
-    keys = items.get_column("item_id" if parquet else "source_row").to_list()
-    stat = source.stat()
-    state = content_key(json.dumps([STAGE_VERSION, source.suffix, str(source), stat.st_size, stat.st_mtime_ns, keys]))
-    report = ModalityReport(modality, "unchanged", items=items.height, note=f"imported: {source.name}")
-    if _unchanged(out, state):
-        return report
+    report = ModalityReport(modality, "imported", items=items.height, note=f"imported: {source.name}")
     imported, file_rows = (_rows_by_item_id if parquet else _rows_by_itemid)(source, items)
     check_finite(imported, str(source), file_rows=file_rows)
     write_features(out, imported, {
-        "state": state, "modality": modality, "encoder": f"precomputed ({source})", "untrained": False,
+        "modality": modality, "encoder": f"precomputed ({source})", "untrained": False,
         "versions": _versions(),
     })
-    report.status, report.seconds = "imported", time.perf_counter() - start
+    report.seconds = time.perf_counter() - start
     return report
 
 

@@ -35,10 +35,10 @@ from features.item_text import DEFAULT_RECIPE, assemble
 from features.readers import RawData, read_dataset
 from features.records import DataError
 from features.sources import SourceFile, source_files
+from pipeline.versions import STAGE_VERSIONS
 
 log = logging.getLogger(__name__)
 
-STAGE_VERSION = 3  # bump when the outputs of this stage change for the same inputs
 
 
 @dataclass
@@ -169,7 +169,7 @@ def prepare(config: PipelineConfig, progress: bool = True,
         "malformed": {r.path: {"records": r.records, "bad": r.bad} for r in raw.reports},
         "inputs": {name: {"url": m.url, "size": m.size, "sha256": m.sha256} for name, m in manifests.items()},
         "precomputed_features": {k: str(v) for k, v in raw.precomputed.items()},
-        "stage_version": STAGE_VERSION,
+        "stage_version": STAGE_VERSIONS["prepare"],
         "tables": table_hashes(dirs.prepared),
     }
     # stats.json holds only what the data determine, so that equal inputs give an identical file

@@ -8,6 +8,7 @@ trained on the current data, is promoted, and the decision says the data changed
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from diffcl.core.config import PipelineConfig
 from diffcl.core.io import write_json_atomic
 from diffcl.core.locks import LockBusy, exclusive_lock
 
@@ -114,3 +116,35 @@ def _compare(value: float, best: float, promote_if: str, metric: str, champion: 
     promoted = value >= best if promote_if == "at_least" else value > best
     return promoted, (f"valid {metric} {value:.4f} {'>=' if promoted else '<'} champion v{champion['version']} "
                       f"{best:.4f}{where}")
+
+
+def champion_rescorer(id_tables: dict[str, str]) -> Rescore:
+    """The registry's ``rescore``: a champion's validation metrics on the current data, measured
+    only when its users and items are this data's (same id tables), with its own config and weights."""
+    from pipeline.evaluate import evaluate_run
+
+    def rescore(champion: dict[str, Any]) -> tuple[dict[str, float] | None, str]:
+        if champion.get("id_tables") != id_tables:
+            return None, "its users or items differ from this data's"
+        try:
+            return evaluate_run(Path(champion["run_dir"]), ("valid",), same_data=False)["valid"], ""
+        except Exception as err:  # any failure to rebuild it means: not comparable, by the documented rule
+            return None, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+
+    return rescore
+
+
+def publish_run(config: PipelineConfig, run_dir: Path, evaluation: dict[str, Any], data_hash: str,
+                id_tables: dict[str, str]) -> Decision:
+    """The publish stage: register the evaluated run; it becomes the production model by the rule
+    of :meth:`Registry.register`, the champion rescored on this data first where it can be."""
+    from diffcl.core.workspace import DatasetDirs
+    from diffcl.training.run_folder import training_identity
+
+    registry = Registry(DatasetDirs.of(config.workspace, config.dataset.name).root / "registry.json")
+    identity = json.dumps(training_identity(config), sort_keys=True, default=str)
+    entry = {
+        "model": config.model.name, "run_dir": str(run_dir), "valid": evaluation["valid"], "test": evaluation["test"],
+        "config_sha256": hashlib.sha256(identity.encode()).hexdigest(), "data_sha256": data_hash, "id_tables": id_tables,
+    }
+    return registry.register(entry, config.publish.metric, config.publish.promote_if, champion_rescorer(id_tables))

@@ -12,6 +12,7 @@ from PIL import Image
 
 from diffcl.core.config import load_config
 from diffcl.core.feature_files import read_features, read_metadata
+from diffcl.core.io import sha256_file
 from diffcl.core.prepared import table_hashes
 from pipeline.embed import FeatureError, run_features
 from tests.httpserver import Route
@@ -72,13 +73,16 @@ def test_text_features_incremental(tmp_path, monkeypatch):
     norms = np.linalg.norm(matrix, axis=1)
     assert np.allclose(norms, 1.0, atol=1e-3)  # MiniLM's pipeline normalises
 
-    # Unchanged rerun: nothing embedded, the model is not even loaded.
+    # Unchanged rerun: every vector from the per-item cache (the model is not even loaded), and the
+    # same bytes, so that nothing downstream sees a change.
     def no_model(*args, **kwargs):
         raise AssertionError("model loaded on a no-op rerun")
 
     monkeypatch.setattr("features.text_encoder.load_text_encoder", no_model)
+    text_file = config.workspace / "toy" / "features" / "text.parquet"
+    before = sha256_file(text_file)
     (again, _) = run_features(config, progress=False)
-    assert again.status == "unchanged" and again.embedded == 0
+    assert again.status == "written" and again.embedded == 0 and sha256_file(text_file) == before
     monkeypatch.undo()
 
     # One new item: exactly one embedding computed, the others bit-identical from the cache.
@@ -186,5 +190,6 @@ def test_precomputed_mmrec_features_are_imported_in_item_order(tmp_path):
     assert text.status == "imported"
     matrix, meta = read_features(config.workspace / "toy" / "features" / "text.parquet")
     assert np.array_equal(matrix, shipped[[2, 0, 3]]) and "precomputed" in meta["encoder"]
+    before = sha256_file(config.workspace / "toy" / "features" / "text.parquet")
     (again, _) = run_features(config, progress=False)
-    assert again.status == "unchanged"
+    assert again.status == "imported" and sha256_file(config.workspace / "toy" / "features" / "text.parquet") == before

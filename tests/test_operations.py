@@ -148,3 +148,35 @@ def test_report_metric_names_follow_eval_topk():
                                      "recall@50", "ndcg@50", "precision@50", "map@50", "hit@50"]
     for path in ("flows/cli.py", "flows/reporting.py", "flows/flow.py"):
         assert "recall@10" not in (ROOT / path).read_text() and "recall@20" not in (ROOT / path).read_text(), path
+
+
+def test_eval_topk_20_50_runs_through_train_report_and_models(demo_workspace, tmp_path):
+    """Issue 12: cut-offs other than the defaults reach every table (no metric name is hard-coded)."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from diffcl.training.run import train
+    from flows.cli import app, metrics_table
+    from flows.reporting import metrics_markdown
+    from pipeline.publish import Registry
+
+    config = demo_workspace("model.name=mf", "train.epochs=2", "eval.topk=[20, 50]", "train.metric=recall@50",
+                            "publish.metric=ndcg@50")
+    result = train(config, run_id="topk-20-50")
+    assert set(result.metrics["test"]) == {f"{m}@{k}" for k in (20, 50) for m in ("recall", "ndcg", "precision", "map", "hit")}
+    rendered = CliRunner().invoke(app, ["evaluate", str(result.run_dir)]).output
+    assert "recall@50" in rendered and "recall@10" not in rendered
+    table = metrics_table(result.metrics)
+    assert [c for c in table.columns[0].cells][:2] == ["recall@20", "ndcg@20"]
+    decision = {"version": 1, "promoted": True, "reason": "first model"}
+    markdown = metrics_markdown({"dataset": "demo", "decision": decision, "run_dir": str(result.run_dir),
+                                 "valid": result.metrics["valid"], "test": result.metrics["test"]}, config.eval.topk)
+    assert "| ndcg@50 |" in markdown and "@10" not in markdown
+    registry = Registry(config.workspace / "demo" / "registry.json")
+    registry.register({"model": "mf", "run_dir": str(result.run_dir), "valid": result.metrics["valid"],
+                       "test": result.metrics["test"], "config_sha256": "c", "data_sha256": "d", "id_tables": {}},
+                      config.publish.metric, config.publish.promote_if)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    listed = CliRunner().invoke(app, ["models", str(path)])
+    assert listed.exit_code == 0 and "ndcg@50" in listed.output, listed.output

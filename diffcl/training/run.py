@@ -18,7 +18,6 @@ import yaml
 from diffcl.core.config import ConfigError, PipelineConfig, load_config
 from diffcl.core.device import keep_freed_memory, resolve_device
 from diffcl.core.feature_files import FeatureFileError, model_feature_files, read_item_features
-from diffcl.core.io import sha256_file
 from diffcl.core.prepared import PreparedDataError
 from diffcl.core.workspace import DatasetDirs, RunIdError, check_run_id, new_run_id
 from diffcl.data import InteractionData
@@ -148,12 +147,11 @@ def load_model(run_dir: Path, same_data: bool = True) -> LoadedModel:
         config = load_config(yaml.safe_load(config_path.read_text()))
     except ConfigError as err:
         raise TrainError(f"{config_path}: {err}") from None
-    interactions = DatasetDirs.of(config.workspace, config.dataset.name).prepared / "interactions.parquet"
-    recorded = recorded_data_hash(run_dir)
-    if same_data and recorded and interactions.exists() and (current := sha256_file(interactions)) != recorded:
-        raise TrainError(data_changed_message(run_dir, recorded, current))
-    device = pick_device(config.train.device)
     dirs, data = load_data(config)
+    recorded = recorded_data_hash(run_dir)
+    if same_data and recorded and recorded != data.source_hash:
+        raise TrainError(data_changed_message(run_dir, recorded, data.source_hash))
+    device = pick_device(config.train.device)
     seed_everything(config.train.seed)
     model = _build_model(config, build_context(config, dirs, data, device))
     weights = load_checkpoint(best, device)

@@ -1,0 +1,8 @@
+"""The code version of each stage, the one place they are kept: part of every cached stage's key
+(``flows.cache``) and of what a stage records about its outputs (``stats.json``'s stage_version).
+Bump a stage's number when its outputs change for the same inputs and config."""
+
+STAGE_VERSIONS = {
+    "fetch": 1, "prepare": 3, "images": 1, "text_features": 2, "image_features": 2, "features": 2,
+    "graphs": 3, "train": 2, "evaluate": 2, "publish": 1,
+}
