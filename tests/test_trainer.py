@@ -97,3 +97,35 @@ def test_load_model_and_evaluate_again(demo_workspace):
     loaded = load_model(result.run_dir)
     assert evaluate_model(loaded.model, loaded.evaluator, "test") == pytest.approx(result.metrics["test"])
     assert isinstance(loaded.evaluator, Evaluator)
+
+
+def test_trainer_trains_on_in_memory_data_without_a_run_folder(tmp_path, monkeypatch):
+    """Issue 12: the trainer takes its parts ready-made; nothing is read or written on disk."""
+    from diffcl.core.config import load_config
+    from diffcl.data import InteractionData
+    from diffcl.models import ModelContext, build_model
+    from diffcl.training.sampler import BPRSampler
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    # Two planted groups: users of a group interact with the items of that group only.
+    rows = [(u, i) for u in range(40) for i in rng.choice(np.arange(15) + 15 * (u % 2), 8, replace=False)]
+    split = ["train"] * 6 + ["valid", "test"]
+    frame = pl.DataFrame({"user": [u for u, _ in rows], "item": [int(i) for _, i in rows],
+                          "split": split * 40})
+    data = InteractionData.from_frame(frame, 40, 30)
+    config = load_config({"dataset": {"name": "mem", "source": "mmrec", "path": str(tmp_path)}},
+                         ["model.name=lightgcn", "train.epochs=15", "train.batch_size=64", "eval.topk=[5]",
+                          "train.metric=recall@5", "publish.metric=recall@5"])
+    model = build_model("lightgcn", ModelContext(data=data), config.model)
+    trainer = Trainer(model, BPRSampler(data.train, 64, 0), Evaluator(data, [5]), config.train)
+    result = trainer.fit()
+    assert result.run_dir is None and list(tmp_path.iterdir()) == []
+    assert result.metrics["test"]["recall@5"] > 2 * random_recall_at(data, 5)
+
+
+def random_recall_at(data, k: int) -> float:
+    evaluator = Evaluator(data, [k])
+    g = torch.Generator().manual_seed(0)
+    return evaluator.evaluate(torch.randn(data.n_users, 8, generator=g), torch.randn(data.n_items, 8, generator=g),
+                              "test")[f"recall@{k}"]
