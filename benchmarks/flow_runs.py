@@ -1,7 +1,7 @@
 """Time the whole Prefect pipeline on the demo data: a cold run, a warm rerun with nothing changed,
 and a rerun after appending new interactions; and Prefect's own start-up for comparison.
 
-    .venv/bin/python benchmarks/pipeline.py
+    .venv/bin/python benchmarks/flow_runs.py
 
 Each run is a fresh `diffcl run` process (temporary Prefect server included), as a user runs it,
 started with no config in an empty folder outside the checkout: the packaged demo config is used
