@@ -69,7 +69,17 @@ def _versions(*packages: str) -> dict[str, str]:
     return out
 
 
-def _inputs(config: PipelineConfig) -> tuple[DatasetDirs, pl.DataFrame, dict[str, str]]:
+@dataclass(frozen=True)
+class FeatureInputs:
+    """What every modality reads: the folders, the prepared items (checked against stats.json once),
+    the shipped feature files."""
+
+    dirs: DatasetDirs
+    items: pl.DataFrame
+    shipped: dict[str, str]
+
+
+def read_inputs(config: PipelineConfig) -> FeatureInputs:
     dirs = DatasetDirs.of(config.workspace, config.dataset.name)
     items_path = dirs.prepared / "items.parquet"
     if not items_path.exists():
@@ -78,7 +88,7 @@ def _inputs(config: PipelineConfig) -> tuple[DatasetDirs, pl.DataFrame, dict[str
     items = pl.read_parquet(items_path).sort("item")
     dirs.features.mkdir(parents=True, exist_ok=True)
     stats = json.loads((dirs.prepared / "stats.json").read_text())
-    return dirs, items, shipped_features(config, stats)
+    return FeatureInputs(dirs, items, shipped_features(config, stats))
 
 
 def feature_modalities(config: PipelineConfig, shipped: dict[str, str]) -> list[str]:
@@ -100,10 +110,12 @@ def feature_source(config: PipelineConfig, modality: str, shipped: dict[str, str
     return Path(named) if named else None
 
 
-def modality_features(config: PipelineConfig, modality: str, progress: bool = True) -> ModalityReport:
+def modality_features(config: PipelineConfig, modality: str, progress: bool = True,
+                      inputs: FeatureInputs | None = None) -> ModalityReport:
     """One modality's feature file: imported (a configured or shipped file), encoded (text and
     image, incrementally), or skipped."""
-    dirs, items, shipped = _inputs(config)
+    inputs = inputs or read_inputs(config)
+    dirs, items, shipped = inputs.dirs, inputs.items, inputs.shipped
     path = dirs.features / f"{modality}.parquet"
     source = feature_source(config, modality, shipped)
     if not config.features.enabled(modality):
@@ -126,10 +138,11 @@ def modality_features(config: PipelineConfig, modality: str, progress: bool = Tr
 def run_features(config: PipelineConfig, progress: bool = True) -> list[ModalityReport]:
     """Every modality, images downloaded first: the ``diffcl features`` command. Feature files of
     modalities no longer produced are removed, so that no later stage reads a stale one."""
-    download_images(config, progress)
-    dirs, _, shipped = _inputs(config)
-    modalities = feature_modalities(config, shipped)
-    reports = [modality_features(config, m, progress) for m in modalities]
+    inputs = read_inputs(config)
+    dirs = inputs.dirs
+    download_images(config, progress, inputs)
+    modalities = feature_modalities(config, inputs.shipped)
+    reports = [modality_features(config, m, progress, inputs) for m in modalities]
     for name, path in available_features(dirs.features).items():
         if name not in modalities:
             log.warning("removed %s: no configured or shipped source has the %s modality any more", path, name)
@@ -137,10 +150,11 @@ def run_features(config: PipelineConfig, progress: bool = True) -> list[Modality
     return reports
 
 
-def download_images(config: PipelineConfig, progress: bool = True) -> Path | None:
+def download_images(config: PipelineConfig, progress: bool = True, inputs: FeatureInputs | None = None) -> Path | None:
     """Fetch the item images into the URL-keyed cache and write ``features/image_sources.parquet``
     (per item: URL, ok/missing, reason, content hash). None when the visual modality is off."""
-    dirs, items, shipped = _inputs(config)
+    inputs = inputs or read_inputs(config)
+    dirs, items, shipped = inputs.dirs, inputs.items, inputs.shipped
     ic = config.features.image
     if not ic.enabled or feature_source(config, "image", shipped) is not None:
         return None
@@ -194,10 +208,10 @@ def item_shards(n_items: int, shard_items: int | None) -> list[tuple[int, int]]:
 
 def text_shards(config: PipelineConfig) -> list[tuple[int, int]]:
     """The item ranges of the text shards; none when text is not encoded here (off or imported)."""
-    dirs, items, shipped = _inputs(config)
-    if not config.features.text.enabled or feature_source(config, "text", shipped) is not None:
+    inputs = read_inputs(config)
+    if not config.features.text.enabled or feature_source(config, "text", inputs.shipped) is not None:
         return []
-    return item_shards(items.height, config.features.shard_items)
+    return item_shards(inputs.items.height, config.features.shard_items)
 
 
 def encode_text_shard(config: PipelineConfig, start: int, stop: int) -> int:
@@ -208,7 +222,8 @@ def encode_text_shard(config: PipelineConfig, start: int, stop: int) -> int:
     from features.text_encoder import assemble_texts, encode_texts, load_text_encoder
 
     tc = config.features.text
-    dirs, items, _ = _inputs(config)
+    inputs = read_inputs(config)
+    dirs, items = inputs.dirs, inputs.items
     texts = assemble_texts(items.slice(start, stop - start), tc.fields, tc.max_chars)
     spec = _text_encoder(tc, dirs)
     cache = _text_cache(tc, dirs, spec)
