@@ -123,8 +123,6 @@ def bench_knn(sizes: list[int], exact_max: int) -> None:
 
 # ---------------------------------------------------------------------------------------- DDP
 def _ddp_rank(rank: int, world: int, port: int, config, queue) -> None:
-    import torch
-
     from diffcl.training.run import train
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
@@ -133,7 +131,6 @@ def _ddp_rank(rank: int, world: int, port: int, config, queue) -> None:
     result = train(config, run_id="ddp")
     if rank == 0:
         queue.put((result.metrics, time.perf_counter() - start))
-    torch.distributed.destroy_process_group()
 
 
 def bench_ddp(epochs: int) -> None:

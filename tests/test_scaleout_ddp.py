@@ -6,7 +6,6 @@ import os
 import socket
 
 import pytest
-import torch
 import torch.multiprocessing as mp
 
 from diffcl.training.run import train
@@ -24,14 +23,8 @@ def _free_port() -> int:
 def _rank(rank: int, world: int, port: int, config, results) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    try:
-        result = train(config, run_id="ddp")
-        results.put((rank, {**result.metrics, "loss": result.history.get_column("loss").to_list()}))
-    finally:
-        # Leave together: a rank tearing its process group down while the other still talks to it
-        # can abort the other in gloo's threads.
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    result = train(config, run_id="ddp")  # the ranks leave the process group together
+    results.put((rank, {**result.metrics, "loss": result.history.get_column("loss").to_list()}))
     # About 1 run in 10 here, a rank still aborted in interpreter teardown after all of the above
     # ("terminate called without an active exception", a C++ thread destroyed while joinable):
     # the result is already sent, so leave without the teardown. Known gap, noted on issue 15.

@@ -76,6 +76,13 @@ class DistributedTrainer(Trainer):
             dist.init_process_group("nccl" if use_cuda else "gloo")
         return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
 
+    @staticmethod
+    def leave() -> None:
+        """Leave the process group together: a rank tearing it down while another still talks to it
+        can abort the other in gloo's threads."""
+        dist.barrier()
+        dist.destroy_process_group()
+
     def _loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         return self.ddp(batch)
 

@@ -116,8 +116,15 @@ def build_run(config: PipelineConfig, run_id: str | None = None,
 
 
 def train(config: PipelineConfig, run_id: str | None = None) -> TrainResult:
-    """One training run (see :func:`build_run`)."""
-    return build_run(config, run_id).fit()
+    """One training run (see :func:`build_run`); under torchrun the ranks leave the process group
+    together once it is done."""
+    from diffcl.training.distributed import DistributedTrainer
+
+    trainer = build_run(config, run_id)
+    result = trainer.fit()
+    if isinstance(trainer, DistributedTrainer):
+        trainer.leave()
+    return result
 
 
 @dataclass
