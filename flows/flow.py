@@ -1,15 +1,15 @@
 """The ``diffcl`` Prefect flow: fetch -> prepare -> images -> the features of every modality (text,
 image, and any other imported from a file) -> graphs -> train -> evaluate -> publish.
 
-Each stage is a small task over a library function of ``features/`` or ``diffcl/``; tasks pass
-file paths with content hashes, never DataFrames or tensors. Every stage but fetch is cached on
+Each stage is a small task over a stage function of ``pipeline/``; tasks pass typed results (files
+with content hashes, :mod:`flows.cache`), never DataFrames or tensors. Every stage but fetch is cached on
 (code version, the config fields it reads, the content hashes of its inputs), with results
 persisted under the workspace, so a rerun with nothing changed runs no stage and a change reruns
 exactly what is downstream of it. Fetch always runs: it is the stage that asks the sources whether
 they changed.
 
 One run per workspace at a time (a lock in ``<workspace>/.pipeline.lock``): a second run waits up to
-``orchestration.lock_wait_s`` and is then skipped with a log line. The network stages retry only
+``orchestration.lock_wait_s`` and is then skipped with a log line. The fetch stage retries only
 failures a later attempt may fix (:func:`transient_failure`).
 """
 
@@ -40,6 +40,7 @@ from pipeline.demo import DEMO_CONFIG
 from pipeline.embed import feature_modalities, shipped_features
 
 log = logging.getLogger(__name__)
+
 
 def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     stage = context.task.name
