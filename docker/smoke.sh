@@ -86,6 +86,10 @@ if [ -z "${BASE_IMAGE:-}" ]; then
   echo "base: $BASE_IMAGE"
   done_step
 fi
+# A locally made base (BASE_IMAGE=localhost/...) means no registry: PostgreSQL from Debian's package too.
+if [[ "$BASE_IMAGE" == localhost/* ]]; then
+  POSTGRES_IMAGE=${POSTGRES_IMAGE:-localhost/diffcl-postgres:bookworm}
+fi
 POSTGRES_IMAGE=${POSTGRES_IMAGE:-docker.io/library/postgres:16-alpine}
 
 # ---------------------------------------------------------------- 2. the image
