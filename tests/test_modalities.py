@@ -241,7 +241,7 @@ def test_diffcl_trains_with_one_two_three_modalities(wanted, views):
         users, items = model.embeddings()
     # Concatenation in the wanted order, the ID branch added to every block.
     assert users.shape == (30, 8 * len(wanted)) and items.shape == (20, 8 * len(wanted))
-    expected = torch.cat([z[m][1] + z["id"][1] for m in wanted], dim=1)
+    expected = torch.cat([z[m].items + z["id"].items for m in wanted], dim=1)
     torch.testing.assert_close(items, expected)
 
 
