@@ -359,10 +359,11 @@ class DiffusionSettings(_Strict):
         "item rows generates a modality-aware user-item graph (graph_* keys) over which the modality branch "
         "propagates; the views are then the branches' own rows"
     )
-    views: Literal["two_samples", "clean_vs_diffused", "cross_modal", "id_anchor"] = Field(
+    views: Literal["two_samples", "clean_vs_diffused", "cross_modal", "id_anchor", "all_pairs"] = Field(
         "two_samples", description="the two contrastive views: two diffusion samples of the same rows, clean vs "
-        "diffused, one modality's view vs another's (cross_modal), or each modality's view vs the clean ID "
-        "rows (id_anchor); the last two need target per_modality or interactions, the first two fused or per_modality"
+        "diffused, one modality's view vs another's (cross_modal), each modality's view vs the clean ID "
+        "rows (id_anchor), or (target interactions only) every pair of branches, ID included (all_pairs); "
+        "cross_modal and id_anchor need target per_modality or interactions, the first two fused or per_modality"
     )
     condition: Literal["none", "id"] = Field(
         "none", description="id: the embedding denoiser also reads the same node's ID-branch row (detached), so the "
@@ -479,8 +480,10 @@ class DiffCLConfig(_Strict):
         views, target = self.diffusion.views, self.diffusion.target
         if views in ("cross_modal", "id_anchor") and target == "fused":
             raise ValueError(f"diffusion.views {views} needs diffusion.target per_modality or interactions")
-        if target == "interactions" and views not in ("cross_modal", "id_anchor"):
-            raise ValueError("diffusion.target interactions needs diffusion.views cross_modal or id_anchor")
+        if target == "interactions" and views not in ("cross_modal", "id_anchor", "all_pairs"):
+            raise ValueError("diffusion.target interactions needs diffusion.views cross_modal, id_anchor or all_pairs")
+        if views == "all_pairs" and target != "interactions":
+            raise ValueError("diffusion.views all_pairs needs diffusion.target interactions")
         if self.diffusion.condition == "id" and (not self.id_branch or target == "interactions"):
             raise ValueError("diffusion.condition id needs the ID branch and target fused or per_modality")
         if self.modality_gate == "id_attention" and not self.id_branch:

@@ -413,11 +413,14 @@ class DiffCL(Recommender):
         return l_cl, l_diff
 
     def _branch_contrast(self, z: dict[str, BranchOutput], users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """With generated graphs: each modality branch's rows against the ID rows (id_anchor) or
-        against each other modality's (cross_modal), users and items."""
+        """With generated graphs: each modality branch's rows against the ID rows (id_anchor),
+        against each other modality's (cross_modal), or every pair of branches, the ID branch
+        included (all_pairs); users and items."""
         s = self.settings
         if s.diffusion.views == "id_anchor":
             pairs = [("id", m) for m in self.modalities]
+        elif s.diffusion.views == "all_pairs":
+            pairs = list(itertools.combinations(self.branches, 2))
         else:
             pairs = list(itertools.combinations(self.modalities, 2))
         total = torch.zeros((), device=users.device)
