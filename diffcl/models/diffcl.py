@@ -110,6 +110,8 @@ class BranchPlan:
         attention = bool(modalities) and s.modality_gate == "id_attention"
         id_users_in_training = use_id and (id_in_score or reads_id_users or attention)
         id_items_only = use_id and not id_in_score and not reads_id_users and not attention
+        if s.contrastive and ds.target == "interactions" and ds.views == "cross_modal" and len(modalities) < 2:
+            log.info("diffcl: cross-modal views with %d modality: no pair, so no contrastive term", len(modalities))
         return cls(modalities, use_id, id_in_score, id_users_in_training, id_items_only)
 
     @property
