@@ -346,7 +346,7 @@ def test_id_conditioned_denoiser_reads_the_id_rows():
 
 def test_view_settings_are_checked():
     with pytest.raises(ValueError, match="id_anchor needs diffusion.target per_modality"):
-        ModelConfig(diffcl={"diffusion": {"views": "id_anchor"}})
+        ModelConfig(diffcl={"diffusion": {"target": "fused", "views": "id_anchor"}})
     with pytest.raises(ValueError, match="id_anchor needs the ID branch"):
         ModelConfig(diffcl={"id_branch": False, "diffusion": {"target": "per_modality", "views": "id_anchor"}})
     with pytest.raises(ValueError, match="cross_modal needs at least two modalities"):

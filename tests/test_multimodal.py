@@ -111,7 +111,10 @@ def test_loss_parts_shapes_and_gradient_reaches_encoder(demo_multimodal):
     for name in ("projections.image.0.weight", "projections.text.0.weight", "user_tables.image"):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
-    assert model.item_id.grad.abs().sum() > 0  # the ID branch is in the score, so in the fused views
+    assert model.item_id.grad is None  # the default cross-modal views contrast the modality branches only
+    fused_views = _model(demo_multimodal, "model.diffcl.diffusion.target=fused", "model.diffcl.diffusion.views=two_samples").model
+    fused_views.loss(_batch(trainer))["cl"].backward()
+    assert fused_views.item_id.grad.abs().sum() > 0  # the ID branch is in the score, so in the fused views
     guide_only = _model(demo_multimodal, "model.diffcl.id_in_score=false").model
     guide_only.loss(_batch(trainer))["cl"].backward()
     assert guide_only.item_id.grad is None  # scored without it, the ID branch guides through alignment only
@@ -129,7 +132,8 @@ def test_switches_change_what_they_name(demo_multimodal):
 
     no_cl = _model(demo_multimodal, "model.diffcl.contrastive=false").model
     parts = no_cl.loss(batch)
-    assert "cl" not in parts and "diff" not in parts and "align" in parts
+    assert "cl" not in parts and "align" in parts
+    assert "diff" in parts  # the graph generator trains whether or not the contrastive loss is on
     torch.testing.assert_close(no_cl.embeddings()[0], u0)  # same encoder, same scores
 
     no_align = _model(demo_multimodal, "model.diffcl.alignment=false").model
@@ -216,7 +220,8 @@ def test_cross_modal_needs_two_modalities(demo_multimodal):
     from diffcl.config import ConfigError
 
     with pytest.raises(ConfigError, match="cross_modal needs"):
-        demo_multimodal("model.diffcl.diffusion.views=cross_modal")
+        demo_multimodal("model.diffcl.diffusion.target=per_modality", "model.diffcl.diffusion.views=cross_modal",
+                        "model.diffcl.modalities=[text]")
 
 
 def random_recall(trainer, seeds=5):
