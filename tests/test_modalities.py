@@ -294,6 +294,12 @@ def test_generated_graphs_add_k_new_edges_per_user_and_train_their_denoiser():
         assert user_item.sum().item() == train.nnz + 2 * ctx.n_users
         assert user_item[torch.from_numpy(train.toarray() > 0)].all()
     assert not torch.allclose(model.embeddings()[1], before)  # the modality branches read them
+    # The generated edges are state: a fresh model loading the checkpoint scores with the same graphs.
+    _, fresh = _diffcl({"diffusion": {"target": "interactions", "views": "all_pairs", "graph_k": 2, "graph_every": 2}})
+    assert not fresh.generated_adjacency
+    fresh.load_state_dict(model.state_dict())
+    assert set(fresh.generated_adjacency) == {"image", "text"}
+    torch.testing.assert_close(fresh.embeddings()[1], model.embeddings()[1])
     parts = model.loss(BATCH)
     assert parts["diff"].item() > 0 and parts["cl"].item() > 0
     parts["loss"].backward()

@@ -179,7 +179,12 @@ class DiffCL(Recommender):
                              ds.time_dim, self.dense_dtype)
                 for m in self.modalities
             })
+        # The generated edges are model state (buffers: -1 until the first generation), so that a
+        # checkpoint scores with the graphs it was trained on; the adjacency is derived from them.
+        for m in self.interaction_diffusions:
+            self.register_buffer(f"generated_{m}", torch.full((ctx.n_users, ds.graph_k), -1, dtype=torch.long))
         self.generated_adjacency: dict[str, torch.Tensor] = {}
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._build_generated_adjacency())
 
     def describe(self) -> str:
         s = self.settings
@@ -308,12 +313,24 @@ class DiffCL(Recommender):
                 if ds.graph_new_only:
                     scores = scores.masked_fill(x0 > 0, float("-inf"))
                 cols.append(scores.topk(ds.graph_k, dim=1).indices.cpu().numpy())
-            cols = np.concatenate(cols)
-            rows = np.repeat(np.arange(n_users), ds.graph_k)
-            generated = sp.csr_matrix((np.ones(rows.size, dtype=np.float32), (rows, cols.ravel())), shape=(n_users, n_items))
+            getattr(self, f"generated_{m}").copy_(torch.from_numpy(np.concatenate(cols)))
+        self._build_generated_adjacency()
+
+    def _build_generated_adjacency(self) -> None:
+        """Each modality's normalised adjacency from its generated edges (none before the first generation)."""
+        ds = self.settings.diffusion
+        n_users, n_items = self.n_users, self.n_items
+        self.generated_adjacency = {}
+        for m in self.interaction_diffusions:
+            edges = getattr(self, f"generated_{m}")
+            if bool((edges < 0).any()):
+                continue
+            cols = edges.cpu().numpy().ravel()
+            rows = np.repeat(np.arange(n_users), edges.shape[1])
+            generated = sp.csr_matrix((np.ones(rows.size, dtype=np.float32), (rows, cols)), shape=(n_users, n_items))
             graph = generated if ds.graph_mode == "replace" else self.train_rows + generated
             graph.data[:] = 1.0
-            self.generated_adjacency[m] = to_torch_csr(normalized_adjacency(graph), device)
+            self.generated_adjacency[m] = to_torch_csr(normalized_adjacency(graph), edges.device)
 
     def interaction_diffusion_loss(self, z: dict[str, BranchOutput], users: torch.Tensor) -> torch.Tensor:
         """The interaction denoisers' loss on (at most ``graph_users`` of) the batch's users' rows,
