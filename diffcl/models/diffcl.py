@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +32,12 @@ import torch
 from torch import nn
 
 from diffcl.device import dense_autocast, dense_dtype
-from diffcl.graphs import branch_propagate, branch_propagate_items, normalized_adjacency, to_torch_csr
+from diffcl.graphs import (
+    branch_propagate,
+    branch_propagate_items,
+    normalized_adjacency,
+    to_torch_csr,
+)
 from diffcl.models import register
 from diffcl.models.base import Batch, ModelContext, Recommender, bpr_loss, l2_reg
 from diffcl.models.contrastive import distribution_alignment, info_nce, info_nce_against
@@ -510,7 +516,8 @@ class _TargetRows:
     sizes: list[int]
 
 
-def _stack_by_target(entries: list[ViewRows], condition) -> dict[str, _TargetRows]:
+def _stack_by_target(entries: list[ViewRows],
+                     condition: Callable[[ViewRows], torch.Tensor | None]) -> dict[str, _TargetRows]:
     """Per diffusion target: which entries use it, their rows (and conditions) stacked and the row
     counts, so that each denoiser runs once per step over all of its rows."""
     groups: dict[str, list[ViewRows]] = {}
