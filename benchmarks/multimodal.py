@@ -49,7 +49,8 @@ MODELS = {
 }
 ABLATIONS = {
     "DiffCL (full)": [],
-    "w/o diffusion (Gaussian views)": ["model.diffcl.diffusion.enabled=false"],
+    # Embedding targets: Gaussian views of the same strength; target interactions: no generated graphs.
+    "w/o diffusion": ["model.diffcl.diffusion.enabled=false"],
     "w/o contrastive loss": ["model.diffcl.contrastive=false"],
     "w/o alignment": ["model.diffcl.alignment=false"],
     "w/o item-item graph": ["model.diffcl.item_graph=false"],

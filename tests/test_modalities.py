@@ -208,6 +208,8 @@ DIFFCL_VIEWS = [
     {"target": "fused", "views": "two_samples"},
     {"target": "per_modality", "views": "cross_modal"},
     {"target": "per_modality", "views": "id_anchor"},
+    {"target": "interactions", "views": "all_pairs"},
+    {"target": "interactions", "views": "cross_modal"},
 ]
 
 
@@ -238,7 +240,7 @@ def test_diffcl_trains_with_one_two_three_modalities(wanted, views):
         users, items = model.embeddings()
     # Concatenation in the wanted order, the ID branch added to every block.
     assert users.shape == (30, 8 * len(wanted)) and items.shape == (20, 8 * len(wanted))
-    expected = torch.cat([z[m][1] + z["id"][1] for m in wanted], dim=1)
+    expected = torch.cat([z[m].items + z["id"].items for m in wanted], dim=1)
     torch.testing.assert_close(items, expected)
 
 
@@ -261,10 +263,98 @@ def test_id_anchored_views_contrast_each_modality_with_the_id_rows():
     assert all(model.projections[m][0].weight.grad.abs().sum() > 0 for m in ("image", "text"))
 
 
+def _diffcl(settings: dict, modalities=("image", "text")):
+    from diffcl.models.diffcl import DiffCL
+
+    torch.manual_seed(0)
+    ctx = _context({m: w for m, w in {"image": 7, "text": 5, "audio": 3}.items() if m in modalities})
+    settings = {"modalities": list(modalities), "cl_nodes": None, **settings}
+    return ctx, DiffCL(ctx, ModelConfig(name="diffcl", embedding_dim=8, diffcl=settings))
+
+
+BATCH = Batch(torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6, 7, 8]))
+
+
+def test_generated_graphs_add_k_new_edges_per_user_and_train_their_denoiser():
+    ctx, model = _diffcl({"diffusion": {"target": "interactions", "views": "all_pairs", "graph_k": 2, "graph_every": 2}})
+    assert set(model.interaction_diffusions) == {"image", "text"} and not model.generated_adjacency
+    before = model.embeddings()[1].detach().clone()
+    model.start_epoch(2)  # not due yet: epochs 3, 5, ... regenerate
+    assert not model.generated_adjacency
+    model.start_epoch(3)
+    train = ctx.data.train
+    for m in ("image", "text"):
+        adj = model.generated_adjacency[m].to_dense()
+        user_item = adj[: ctx.n_users, ctx.n_users :] > 0
+        assert torch.equal(user_item, adj[ctx.n_users :, : ctx.n_users].T > 0)  # symmetric
+        # The training edges plus graph_k new items per user.
+        assert user_item.sum().item() == train.nnz + 2 * ctx.n_users
+        assert user_item[torch.from_numpy(train.toarray() > 0)].all()
+    assert not torch.allclose(model.embeddings()[1], before)  # the modality branches read them
+    # The generated edges are state: a fresh model loading the checkpoint scores with the same graphs.
+    _, fresh = _diffcl({"diffusion": {"target": "interactions", "views": "all_pairs", "graph_k": 2, "graph_every": 2}})
+    assert not fresh.generated_adjacency
+    fresh.load_state_dict(model.state_dict())
+    assert set(fresh.generated_adjacency) == {"image", "text"}
+    torch.testing.assert_close(fresh.embeddings()[1], model.embeddings()[1])
+    parts = model.loss(BATCH)
+    assert parts["diff"].item() > 0 and parts["cl"].item() > 0
+    parts["loss"].backward()
+    assert model.interaction_diffusions["image"].denoiser.net[0].weight.grad.abs().sum() > 0
+    # w/o diffusion: no generated graph, no denoiser loss.
+    _, off = _diffcl({"diffusion": {"target": "interactions", "views": "all_pairs", "enabled": False}})
+    off.start_epoch(3)
+    assert not off.generated_adjacency and off.loss(BATCH)["diff"].item() == 0.0
+
+
+def test_modality_gates_and_the_id_block():
+    _, own = _diffcl({"id_score": "own_block"})
+    with torch.no_grad():
+        z = own.encode(own.branches)
+        users, items = own.embeddings()
+    weights = torch.softmax(own.user_weight_logits, dim=1)
+    expected = z["id"].users @ z["id"].items.T + sum(
+        weights[:, k : k + 1] * z[m].users @ z[m].items.T for k, m in enumerate(own.modalities))
+    torch.testing.assert_close(users @ items.T, expected)  # score = ID·ID + Σ_m w_m m·m
+    _, gated = _diffcl({"item_gate": True, "modality_gate": "global_softmax"})
+    with torch.no_grad():
+        gated.item_gate_logits.fill_(-50.0)  # the item gates shut: items carry their ID rows only
+        z = gated.encode(gated.branches)
+        _, items = gated.embeddings()
+    torch.testing.assert_close(items, z["id"].items.repeat(1, 2))
+    _, attention = _diffcl({"modality_gate": "id_attention"})
+    with torch.no_grad():
+        w = attention.user_weights(attention.encode(attention.branches), slice(None))
+    torch.testing.assert_close(w.sum(dim=1), torch.ones(30))
+    assert attention.branches_in_use(training=False) == ["image", "text", "id"]
+    _, dropout = _diffcl({"modality_dropout": 0.5})
+    dropout.train()
+    dropped = dropout.user_weights({}, slice(None))
+    assert (dropped == 0).any() and set(torch.unique(dropped[dropped > 0]).tolist()) == {1.0}  # 0.5 / (1 - 0.5)
+    dropout.eval()
+    torch.testing.assert_close(dropout.user_weights({}, slice(None)), torch.full((30, 2), 0.5))
+
+
+def test_id_conditioned_denoiser_reads_the_id_rows():
+    _, model = _diffcl({"diffusion": {"condition": "id", "target": "per_modality", "views": "id_anchor"}})
+    denoiser = model.diffusions["image"].denoiser
+    assert denoiser.cond_dim == 8 and denoiser.net[0].in_features == 8 + 10 + 8
+    parts = model.loss(BATCH)
+    assert torch.isfinite(parts["cl"]) and parts["diff"].item() > 0
+    parts["loss"].backward()
+    assert denoiser.net[0].weight.grad[:, -8:].abs().sum() > 0  # the condition's weights learn
+    with pytest.raises(ValueError, match="condition id needs the ID branch"):
+        ModelConfig(diffcl={"id_branch": False, "diffusion": {"condition": "id"}})
+
+
 def test_view_settings_are_checked():
     with pytest.raises(ValueError, match="id_anchor needs diffusion.target per_modality"):
-        ModelConfig(diffcl={"diffusion": {"views": "id_anchor"}})
+        ModelConfig(diffcl={"diffusion": {"target": "fused", "views": "id_anchor"}})
     with pytest.raises(ValueError, match="id_anchor needs the ID branch"):
         ModelConfig(diffcl={"id_branch": False, "diffusion": {"target": "per_modality", "views": "id_anchor"}})
     with pytest.raises(ValueError, match="cross_modal needs at least two modalities"):
         ModelConfig(diffcl={"modalities": ["image"], "diffusion": {"target": "per_modality", "views": "cross_modal"}})
+    with pytest.raises(ValueError, match="interactions needs diffusion.views"):
+        ModelConfig(diffcl={"diffusion": {"target": "interactions", "views": "two_samples"}})
+    with pytest.raises(ValueError, match="all_pairs needs diffusion.target interactions"):
+        ModelConfig(diffcl={"diffusion": {"target": "per_modality", "views": "all_pairs"}})

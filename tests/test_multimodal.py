@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffcl.models.contrastive import distribution_alignment, info_nce
+from diffcl.models.contrastive import distribution_alignment, info_nce, info_nce_against
 from diffcl.models.diffusion import Diffusion, GaussianSchedule
 from diffcl.training.run import build_run
 
@@ -50,14 +50,14 @@ def test_reverse_step_is_the_ddpm_posterior_mean():
 def test_perfect_denoiser_recovers_x0_and_views_carry_gradient():
     d = Diffusion(dim=4, steps=5, noise_scale=0.1, noise_min=1e-4, noise_max=0.02, hidden=8, time_dim=10)
     x0 = torch.randn(6, 4, requires_grad=True)
-    d.denoiser.forward = lambda x_t, t: x0.detach()  # an oracle: predicts x0 exactly
+    d.denoiser.forward = lambda x_t, t, cond=None: x0.detach()  # an oracle: predicts x0 exactly
     view = d.generate(x0, 5)
     np.testing.assert_allclose(view.detach().numpy(), x0.detach().numpy(), atol=1e-5)
     d2 = Diffusion(dim=4, steps=5, noise_scale=0.1, noise_min=1e-4, noise_max=0.02, hidden=8, time_dim=10)
     d2.generate(x0, 5).sum().backward()
     assert x0.grad is not None and x0.grad.abs().sum() > 0
     assert all(p.grad is None for p in d2.denoiser.parameters())  # trained by its own loss only
-    loss = d2.loss(x0)
+    loss = d2.row_losses(x0).mean()
     assert loss.item() >= 0
     loss.backward()
     assert all(p.grad is not None for p in d2.denoiser.parameters())
@@ -71,7 +71,7 @@ def test_info_nce_invariants():
     same = torch.ones(n, 8)
     assert info_nce(same, same, 0.2).item() == pytest.approx(np.log(n), rel=1e-5)  # indistinguishable
     index = torch.tensor([3, 7])
-    assert info_nce(x[index], x[index], 0.05, candidates=x, positive_index=index).item() < 0.1
+    assert info_nce_against(x[index], x, index, 0.05).item() < 0.1  # all rows as candidates
     assert info_nce(torch.randn(5, 8), torch.randn(5, 8), 0.2).item() > 0
 
 
@@ -111,7 +111,10 @@ def test_loss_parts_shapes_and_gradient_reaches_encoder(demo_multimodal):
     for name in ("projections.image.0.weight", "projections.text.0.weight", "user_tables.image"):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
-    assert model.item_id.grad.abs().sum() > 0  # the ID branch is in the score, so in the fused views
+    assert model.item_id.grad is None  # the default cross-modal views contrast the modality branches only
+    fused_views = _model(demo_multimodal, "model.diffcl.diffusion.target=fused", "model.diffcl.diffusion.views=two_samples").model
+    fused_views.loss(_batch(trainer))["cl"].backward()
+    assert fused_views.item_id.grad.abs().sum() > 0  # the ID branch is in the score, so in the fused views
     guide_only = _model(demo_multimodal, "model.diffcl.id_in_score=false").model
     guide_only.loss(_batch(trainer))["cl"].backward()
     assert guide_only.item_id.grad is None  # scored without it, the ID branch guides through alignment only
@@ -129,7 +132,8 @@ def test_switches_change_what_they_name(demo_multimodal):
 
     no_cl = _model(demo_multimodal, "model.diffcl.contrastive=false").model
     parts = no_cl.loss(batch)
-    assert "cl" not in parts and "diff" not in parts and "align" in parts
+    assert "cl" not in parts and "align" in parts
+    assert "diff" in parts  # the graph generator trains whether or not the contrastive loss is on
     torch.testing.assert_close(no_cl.embeddings()[0], u0)  # same encoder, same scores
 
     no_align = _model(demo_multimodal, "model.diffcl.alignment=false").model
@@ -216,7 +220,8 @@ def test_cross_modal_needs_two_modalities(demo_multimodal):
     from diffcl.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="cross_modal needs"):
-        demo_multimodal("model.diffcl.diffusion.views=cross_modal")
+        demo_multimodal("model.diffcl.diffusion.target=per_modality", "model.diffcl.diffusion.views=cross_modal",
+                        "model.diffcl.modalities=[text]")
 
 
 def random_recall(trainer, seeds=5):

@@ -8,22 +8,19 @@ import torch
 import torch.nn.functional as F
 
 
-def info_nce(anchors: torch.Tensor, positives: torch.Tensor, temperature: float,
-             candidates: torch.Tensor | None = None, positive_index: torch.Tensor | None = None) -> torch.Tensor:
-    """InfoNCE with cosine similarity.
+def info_nce(anchors: torch.Tensor, positives: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE with cosine similarity and in-batch negatives: row i of ``anchors`` against all rows
+    of ``positives``, row i the positive."""
+    return info_nce_against(anchors, positives, torch.arange(anchors.shape[0], device=anchors.device), temperature)
 
-    In-batch (default): row i of ``anchors`` against all rows of ``positives``, row i the positive.
-    All nodes: against every row of ``candidates``, the positive at ``positive_index``.
-    """
+
+def info_nce_against(anchors: torch.Tensor, candidates: torch.Tensor, positive_index: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
+    """InfoNCE with cosine similarity against a candidate table: row i of ``anchors`` against every
+    row of ``candidates``, the positive being row ``positive_index[i]`` (e.g. all nodes as negatives)."""
     a = F.normalize(anchors, dim=1)
-    if candidates is None:
-        b = F.normalize(positives, dim=1)
-        target = torch.arange(a.shape[0], device=a.device)
-    else:
-        b = F.normalize(candidates, dim=1)
-        target = positive_index
-    logits = a @ b.T / temperature
-    return F.cross_entropy(logits, target)
+    b = F.normalize(candidates, dim=1)
+    return F.cross_entropy(a @ b.T / temperature, positive_index)
 
 
 def distribution_alignment(named: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -4,11 +4,13 @@ In the order a training step runs them (the defaults; each alternative is a mode
 
 1. projections   x̃ᵐ = MLPₘ(fᵐ) for each modality m; the ID branch has learned tables instead
 2. encoder       Xᵐ = [Pᵐ; x̃ᵐ] (L2-row-normalised for the modality branches), Zᵐ = mean_{l≤L} Âˡ Xᵐ
+                 (Â: the training graph, or with diffusion.target interactions the modality's
+                 generated graph)
 3. item graph    items get S·Z added (S: frozen fused kNN graph of the modality features)
-4. fusion        e_i = [Z_iᵐ + Z_iⁱᵈ]_m,  e_u = [w_uᵐ Z_uᵐ + Z_uⁱᵈ]_m (softmax per-user weights; the
-                 ID term when ``id_in_score``)
+4. fusion        e_i = [g_m Z_iᵐ + Z_iⁱᵈ]_m,  e_u = [w_uᵐ Z_uᵐ + Z_uⁱᵈ]_m (w: ``modality_gate``, g:
+                 ``item_gate``; the ID term when ``id_in_score``, or as its own block: ``id_score``)
 5. diffusion     two views of the batch rows of e (or per modality), by forward noising and reverse
-                 denoising
+                 denoising (optionally conditioned on the ID rows); or DiffMM's generated graphs
 6. contrastive   InfoNCE between the views (or each modality's view against the ID rows)
 7. alignment     the ID view aligns the modality views (distribution level, or InfoNCE to ID)
 8. objective     BPR + λ_cl L_cl + λ_align L_align + λ_diff L_diff + λ_reg L_reg
@@ -21,24 +23,106 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
+import scipy.sparse as sp
 import torch
 from torch import nn
 
 from diffcl.core.device import dense_autocast, dense_dtype
-from diffcl.graphs import branch_propagate, branch_propagate_items
+from diffcl.graphs import (
+    branch_propagate,
+    branch_propagate_items,
+    normalized_adjacency,
+    to_torch_csr,
+)
 from diffcl.models import register
 from diffcl.models.base import Batch, ModelContext, Recommender, bpr_loss, l2_reg
-from diffcl.models.contrastive import distribution_alignment, info_nce
+from diffcl.models.contrastive import distribution_alignment, info_nce, info_nce_against
 from diffcl.models.diffusion import Diffusion
 
 log = logging.getLogger(__name__)
+
+USERS, ITEMS = "users", "items"
 
 
 def projection(kind: str, d_in: int, d: int) -> nn.Module:
     if kind == "linear":
         return nn.Linear(d_in, d)
     return nn.Sequential(nn.Linear(d_in, 4 * d), nn.LeakyReLU(), nn.Linear(4 * d, d))
+
+
+@dataclass
+class BranchOutput:
+    """One branch after propagation and the item graph."""
+
+    users: torch.Tensor | None  # users x d; None where nothing reads the branch's user rows
+    items: torch.Tensor  # items x d
+
+    def side(self, side: str) -> torch.Tensor:
+        rows = self.users if side == USERS else self.items
+        assert rows is not None, f"this branch's {side} rows were not computed"
+        return rows
+
+
+@dataclass
+class Fused:
+    """The scored representations of a step: ``users`` holds the rows the step needs (all users,
+    or the batch's and then the contrastive sample's), ``items`` every item."""
+
+    users: torch.Tensor
+    items: torch.Tensor
+    sample_rows: torch.Tensor  # rows of ``users`` holding the contrastive sample's users
+
+
+@dataclass
+class ViewRows:
+    """Rows that enter the views: ``table[index]``, for nodes ``nodes`` (user or item IDs) of ``side``."""
+
+    target: str  # the diffusion that generates the views: "fused" or a branch name
+    side: str  # USERS or ITEMS
+    table: torch.Tensor
+    index: torch.Tensor
+    nodes: torch.Tensor
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return self.table[self.index]
+
+
+@dataclass(frozen=True)
+class BranchPlan:
+    """Which branches exist and who reads the ID branch, resolved once from the settings. Where a
+    setting cannot hold (no modality), the override is logged."""
+
+    modalities: list[str]
+    use_id: bool  # the ID branch exists: id_branch, or forced when there is no modality
+    id_in_score: bool  # the ID rows are scored: id_in_score, or forced when there is no modality
+    id_users_in_training: bool  # training reads the ID branch's user rows (score, anchored views, condition, attention)
+    id_items_only: bool  # nothing reads the ID branch's user rows: it propagates item rows only
+
+    @classmethod
+    def resolve(cls, settings, modalities: list[str]) -> BranchPlan:
+        s, ds = settings, settings.diffusion
+        if not modalities and not s.id_branch:
+            log.warning("diffcl: no modality features and id_branch false: the ID branch is kept (it is the whole model)")
+        use_id = s.id_branch or not modalities
+        if not modalities and not s.id_in_score:
+            log.warning("diffcl: no modality features: the ID branch is scored although id_in_score is false")
+        id_in_score = use_id and (s.id_in_score or not modalities)
+        reads_id_users = s.contrastive and (ds.views == "id_anchor" or ds.condition == "id")
+        attention = bool(modalities) and s.modality_gate == "id_attention"
+        id_users_in_training = use_id and (id_in_score or reads_id_users or attention)
+        id_items_only = use_id and not id_in_score and not reads_id_users and not attention
+        if s.contrastive and ds.target == "interactions" and ds.views == "cross_modal" and len(modalities) < 2:
+            log.info("diffcl: cross-modal views with %d modality: no pair, so no contrastive term", len(modalities))
+        return cls(modalities, use_id, id_in_score, id_users_in_training, id_items_only)
+
+    @property
+    def branches(self) -> list[str]:
+        return [*self.modalities, *(["id"] if self.use_id else [])]
 
 
 @register
@@ -50,15 +134,11 @@ class DiffCL(Recommender):
         super().__init__(ctx, config)
         s = self.settings = config.diffcl
         d = self.d = config.embedding_dim
-        self.modalities = ctx.modalities(s.modalities)
-        self.use_id = s.id_branch or not self.modalities
-        self.branches = [*self.modalities, *(["id"] if self.use_id else [])]
-        self.id_in_score = self.use_id and (s.id_in_score or not self.modalities)  # w/o ID: nothing to add
+        self.plan = BranchPlan.resolve(s, ctx.modalities(s.modalities))
+        self.modalities, self.branches = self.plan.modalities, self.plan.branches
+        self.use_id, self.id_in_score = self.plan.use_id, self.plan.id_in_score
+        self.id_items_only = self.plan.id_items_only
         self.adjacency = ctx.adjacency
-        # Unless it is scored or anchors the views, nothing reads the ID branch's user rows: it then
-        # propagates item rows only.
-        self.id_anchors_views = s.contrastive and s.diffusion.views == "id_anchor"
-        self.id_items_only = self.use_id and not self.id_in_score and not self.id_anchors_views
         self.adjacency_blocks = ctx.adjacency_blocks if self.id_items_only else None
         self.dense_dtype = dense_dtype(s.precision, ctx.device)
         self.aligns = s.alignment and s.align_weight > 0
@@ -75,15 +155,42 @@ class DiffCL(Recommender):
         self.user_weight_logits = nn.Parameter(torch.zeros(ctx.n_users, max(len(self.modalities), 1)))
         self.item_graph = ctx.item_graph(self.modalities) if s.item_graph else None
 
-        width = d * max(len(self.modalities), 1) if s.fusion == "concat" else d
         ds = s.diffusion
         self.start_step = ds.steps if ds.start_step is None else ds.start_step
-        targets = ["fused"] if ds.target == "fused" else self.modalities or ["id"]
-        self.diffusions = nn.ModuleDict({
-            t: Diffusion(width if t == "fused" else d, ds.steps, ds.noise_scale, ds.noise_min, ds.noise_max,
-                         ds.hidden, ds.time_dim, self.dense_dtype)
-            for t in targets
-        })
+        self.diffusions = nn.ModuleDict()
+        if ds.target != "interactions":
+            width = d * max(len(self.modalities), 1) if s.fusion == "concat" else d
+            if self.id_in_score and s.id_score == "own_block" and self.modalities:
+                width += d
+            targets = ["fused"] if ds.target == "fused" else self.modalities or ["id"]
+            cond_dim = d if ds.condition == "id" else 0
+            self.diffusions.update({
+                t: Diffusion(width if t == "fused" else d, ds.steps, ds.noise_scale, ds.noise_min, ds.noise_max,
+                             ds.hidden, ds.time_dim, self.dense_dtype, cond_dim)
+                for t in targets
+            })
+        # Parameters of the newer switches come last, so the old defaults draw the same initial values.
+        n_mod = max(len(self.modalities), 1)
+        self.gate_logits = nn.Parameter(torch.zeros(n_mod)) if s.modality_gate == "global_softmax" else None
+        self.item_gate_logits = nn.Parameter(torch.zeros(n_mod)) if s.item_gate else None
+        if s.modality_gate == "id_attention" and self.modalities:
+            self.attention_query = nn.Linear(d, d, bias=False)
+            self.attention_key = nn.Linear(d, d, bias=False)
+        # DiffMM's generator: one interaction denoiser per modality, and the graphs it generated.
+        self.interaction_diffusions = nn.ModuleDict()
+        if ds.target == "interactions":
+            self.train_rows = sp.csr_matrix(ctx.data.train, dtype=np.float32)
+            self.interaction_diffusions.update({
+                m: Diffusion(ctx.n_items, ds.steps, ds.noise_scale, ds.noise_min, ds.noise_max, ds.graph_hidden,
+                             ds.time_dim, self.dense_dtype)
+                for m in self.modalities
+            })
+        # The generated edges are model state (buffers: -1 until the first generation), so that a
+        # checkpoint scores with the graphs it was trained on; the adjacency is derived from them.
+        for m in self.interaction_diffusions:
+            self.register_buffer(f"generated_{m}", torch.full((ctx.n_users, ds.graph_k), -1, dtype=torch.long))
+        self.generated_adjacency: dict[str, torch.Tensor] = {}
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._build_generated_adjacency())
 
     def describe(self) -> str:
         s = self.settings
@@ -93,6 +200,7 @@ class DiffCL(Recommender):
         parts.append(f"item graph {'on' if self.item_graph is not None else 'off'}")
         parts.append(f"diffusion {s.diffusion.target}/{s.diffusion.views}" if s.diffusion.enabled else "Gaussian views (no diffusion)")
         parts.append("contrastive on" if s.contrastive else "contrastive off")
+        parts.append(f"gate {s.modality_gate}{' + item gate' if s.item_gate else ''}, ID {s.id_score}")
         parts.append(f"dense MLPs in {'bf16' if self.dense_dtype is not None else 'fp32'}")
         parts.append(f"alignment {s.alignment_mode}" if s.alignment else "alignment off")
         return f"diffcl ({', '.join(parts)})"
@@ -107,41 +215,67 @@ class DiffCL(Recommender):
 
     def branches_in_use(self, training: bool) -> list[str]:
         """The branches a forward pass needs: an ID branch that is not scored is read only by the
-        alignment loss or the ID-anchored views, so evaluation (and training without them) skips it."""
-        if not self.use_id or self.id_in_score or (training and (self.aligns or self.id_anchors_views)):
+        alignment loss, the ID-anchored views, the denoiser's condition or the attention gate, so
+        evaluation (and training without them) skips it."""
+        plan = self.plan
+        attention = self.settings.modality_gate == "id_attention" and bool(self.modalities)
+        if not plan.use_id or plan.id_in_score or attention or (training and (self.aligns or plan.id_users_in_training)):
             return self.branches
         return self.modalities
 
-    def encode(self, branches: list[str]) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
-        """Per branch: (users x d, items x d) after propagation and the item graph; the ID branch's
-        users are None where nothing reads them."""
+    def encode(self, branches: list[str]) -> dict[str, BranchOutput]:
+        """Per branch: its user and item rows after propagation and the item graph."""
         out = {}
         layers, combine = self.settings.layers, self.settings.combine
         for b in branches:
             normalize = self.normalizes(b)
             # Each branch propagates on its own: three 64-column products beat one 192-column one.
             if b == "id" and self.id_items_only:
-                z_users = None
-                z_items = branch_propagate_items(self.adjacency_blocks, self.user_tables[b], self.item_id, layers, combine, normalize)
+                users = None
+                items = branch_propagate_items(self.adjacency_blocks, self.user_tables[b], self.item_id, layers, combine, normalize)
             else:
-                items = self.item_id if b == "id" else self.project(b)
-                z_users, z_items = branch_propagate(self.adjacency, self.user_tables[b], items, layers, combine, normalize)
+                ego_items = self.item_id if b == "id" else self.project(b)
+                adjacency = self.generated_adjacency.get(b, self.adjacency)
+                users, items = branch_propagate(adjacency, self.user_tables[b], ego_items, layers, combine, normalize)
             if self.item_graph is not None:
-                z_items = z_items + self.item_graph @ z_items
-            out[b] = (z_users, z_items)
+                items = items + self.item_graph @ items
+            out[b] = BranchOutput(users, items)
         return out
 
     def normalizes(self, branch: str) -> bool:
         mode = self.settings.normalize_inputs
         return mode == "all" or (mode == "modalities" and branch != "id")
 
-    def fuse(self, z: dict[str, tuple[torch.Tensor | None, torch.Tensor]], users: torch.Tensor | slice = slice(None)):
+    def user_weights(self, z: dict[str, BranchOutput], users: torch.Tensor | slice) -> torch.Tensor:
+        """(n, M): the user-side weight of each modality block (``modality_gate``), with modality
+        dropout in training."""
+        gate = self.settings.modality_gate
+        if gate == "user_softmax":
+            weights = torch.softmax(self.user_weight_logits[users], dim=1)
+        elif gate == "user_sigmoid":
+            weights = 2 * torch.sigmoid(self.user_weight_logits[users])
+        elif gate == "global_softmax":
+            n = self.user_weight_logits[users].shape[0]
+            weights = torch.softmax(self.gate_logits, dim=0).expand(n, -1)
+        else:  # id_attention: the user's ID row asks which of the user's modality rows to read
+            query = self.attention_query(z["id"].users[users])
+            keys = torch.stack([self.attention_key(z[m].users[users]) for m in self.modalities], dim=1)
+            weights = torch.softmax((keys @ query.unsqueeze(2)).squeeze(2) / self.d**0.5, dim=1)
+        p = self.settings.modality_dropout
+        if self.training and p > 0:
+            weights = weights * torch.bernoulli(torch.full_like(weights, 1 - p)) / (1 - p)
+        return weights
+
+    def fuse(self, z: dict[str, BranchOutput], users: torch.Tensor | slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         """(e_u for ``users``, e_i for all items): the scored representations."""
         if not self.modalities:
-            return z["id"][0][users], z["id"][1]
-        weights = torch.softmax(self.user_weight_logits[users], dim=1)
-        user_parts = [weights[:, k : k + 1] * z[m][0][users] for k, m in enumerate(self.modalities)]
-        item_parts = [z[m][1] for m in self.modalities]
+            return z["id"].users[users], z["id"].items
+        weights = self.user_weights(z, users)
+        user_parts = [weights[:, k : k + 1] * z[m].users[users] for k, m in enumerate(self.modalities)]
+        item_parts = [z[m].items for m in self.modalities]
+        if self.item_gate_logits is not None:
+            gates = 2 * torch.sigmoid(self.item_gate_logits)
+            item_parts = [gates[k] * part for k, part in enumerate(item_parts)]
         if self.settings.fusion == "sum":
             e_u, e_i = sum(user_parts), sum(item_parts)
             repeat = 1
@@ -149,89 +283,187 @@ class DiffCL(Recommender):
             e_u, e_i = torch.cat(user_parts, dim=1), torch.cat(item_parts, dim=1)
             repeat = len(self.modalities)
         if self.id_in_score:
-            e_u = e_u + z["id"][0][users].repeat(1, repeat)
-            e_i = e_i + z["id"][1].repeat(1, repeat)
+            id_users, id_items = z["id"].users[users], z["id"].items
+            if self.settings.id_score == "own_block":
+                e_u, e_i = torch.cat([id_users, e_u], dim=1), torch.cat([id_items, e_i], dim=1)
+            else:
+                e_u, e_i = e_u + id_users.repeat(1, repeat), e_i + id_items.repeat(1, repeat)
         return e_u, e_i
 
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.fuse(self.encode(self.branches_in_use(training=False)))
 
+    # ------------------------------------------------------------------ generated graphs (DiffMM)
+    def start_epoch(self, epoch: int) -> None:
+        ds = self.settings.diffusion
+        if ds.target == "interactions" and ds.enabled and epoch > 1 and (epoch - 1) % ds.graph_every == 0:
+            self.generate_graphs()
+
+    def _dense_rows(self, users: np.ndarray, device: torch.device) -> torch.Tensor:
+        return torch.from_numpy(self.train_rows[users].toarray()).to(device)
+
+    @torch.no_grad()
+    def generate_graphs(self, chunk: int = 2048) -> None:
+        """Each modality's denoiser scores every item for every user from the user's training row;
+        the top ``graph_k`` per user (among new items, with ``graph_new_only``) become that
+        modality's generated edges, and the modality branch propagates over the normalised result."""
+        ds = self.settings.diffusion
+        device = self.user_weight_logits.device
+        n_users, n_items = self.train_rows.shape
+        for m, diffusion in self.interaction_diffusions.items():
+            cols = []
+            for start in range(0, n_users, chunk):
+                users = np.arange(start, min(start + chunk, n_users))
+                x0 = self._dense_rows(users, device)
+                scores = diffusion.generate(x0, ds.graph_sample_steps, add_noise=False)
+                if ds.graph_new_only:
+                    scores = scores.masked_fill(x0 > 0, float("-inf"))
+                cols.append(scores.topk(ds.graph_k, dim=1).indices.cpu().numpy())
+            getattr(self, f"generated_{m}").copy_(torch.from_numpy(np.concatenate(cols)))
+        self._build_generated_adjacency()
+
+    def _build_generated_adjacency(self) -> None:
+        """Each modality's normalised adjacency from its generated edges (none before the first generation)."""
+        ds = self.settings.diffusion
+        n_users, n_items = self.n_users, self.n_items
+        self.generated_adjacency = {}
+        for m in self.interaction_diffusions:
+            edges = getattr(self, f"generated_{m}")
+            if bool((edges < 0).any()):
+                continue
+            cols = edges.cpu().numpy().ravel()
+            rows = np.repeat(np.arange(n_users), edges.shape[1])
+            generated = sp.csr_matrix((np.ones(rows.size, dtype=np.float32), (rows, cols)), shape=(n_users, n_items))
+            graph = generated if ds.graph_mode == "replace" else self.train_rows + generated
+            graph.data[:] = 1.0
+            self.generated_adjacency[m] = to_torch_csr(normalized_adjacency(graph), edges.device)
+
+    def interaction_diffusion_loss(self, z: dict[str, BranchOutput], users: torch.Tensor) -> torch.Tensor:
+        """The interaction denoisers' loss on (at most ``graph_users`` of) the batch's users' rows,
+        with DiffMM's modality-aware term: the denoised row read through modality m's item rows
+        should match the true row read through the ID item rows."""
+        ds = self.settings.diffusion
+        users = users[: ds.graph_users]
+        x0 = self._dense_rows(users.cpu().numpy(), users.device)
+        total = torch.zeros((), device=users.device)
+        for m, diffusion in self.interaction_diffusions.items():
+            truth = z["id"].items if "id" in z else z[m].items
+            total = total + diffusion.row_losses(x0, embed=(z[m].items, truth), embed_weight=ds.graph_embed_weight).mean()
+        return total / max(1, len(self.interaction_diffusions))
+
     # ------------------------------------------------------------------ views (sections 5-6)
-    def _view(self, target: str, x0: torch.Tensor) -> torch.Tensor:
+    def _condition(self, z: dict[str, BranchOutput], side: str, nodes: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The denoiser's condition for these nodes (all of the side's nodes when None): their ID rows."""
+        if self.settings.diffusion.condition != "id":
+            return None
+        rows = z["id"].side(side)
+        return rows if nodes is None else rows[nodes]
+
+    def _view(self, target: str, x0: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         diffusion = self.diffusions[target]
         if self.settings.diffusion.enabled:
-            return diffusion.generate(x0, self.start_step)
+            return diffusion.generate(x0, self.start_step, cond)
         return diffusion.perturb(x0, self.start_step)
 
-    def _views(self, target: str, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _two_views(self, target: str, x0: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.settings.diffusion.views == "clean_vs_diffused":
-            return x0, self._view(target, x0)
+            return x0, self._view(target, x0, cond)
         # Both views in one chain over stacked rows: the noise is drawn per row, so they are independent.
-        both = self._view(target, torch.cat([x0, x0]))
+        both = self._view(target, torch.cat([x0, x0]), None if cond is None else torch.cat([cond, cond]))
         return both[: len(x0)], both[len(x0) :]
 
-    def _contrast(self, a: torch.Tensor, b: torch.Tensor, all_b: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
+    def _contrast(self, anchors: torch.Tensor, positives: torch.Tensor, candidates: torch.Tensor | None,
+                  positive_index: torch.Tensor) -> torch.Tensor:
+        """InfoNCE of ``anchors`` against ``positives`` (in-batch negatives), or, with all-node
+        negatives, against ``candidates`` with the positive at ``positive_index``."""
         tau = self.settings.temperature
-        if all_b is None:
-            return info_nce(a, b, tau)
-        return info_nce(a, b, tau, candidates=all_b, positive_index=index)
+        if candidates is None:
+            return info_nce(anchors, positives, tau)
+        return info_nce_against(anchors, candidates, positive_index, tau)
 
-    def contrastive_and_diffusion(self, z, e_u, e_i_all, users, items, fused_users) -> tuple[torch.Tensor, torch.Tensor]:
-        """``users`` index the per-branch tables in ``z``; ``fused_users`` index ``e_u`` (all users
-        with all-node negatives, else only the rows the batch needs)."""
+    def view_rows(self, z: dict[str, BranchOutput], fused: Fused, users: torch.Tensor, items: torch.Tensor) -> list[ViewRows]:
+        if self.settings.diffusion.target == "fused":
+            return [ViewRows("fused", USERS, fused.users, fused.sample_rows, users),
+                    ViewRows("fused", ITEMS, fused.items, items, items)]
+        return [ViewRows(b, side, z[b].side(side), nodes, nodes)
+                for b in self.diffusions for side, nodes in ((USERS, users), (ITEMS, items))]
+
+    def contrastive_and_diffusion(self, z: dict[str, BranchOutput], fused: Fused, users: torch.Tensor,
+                                  items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_cl, L_diff) over the contrastive sample's ``users`` and ``items`` (node IDs)."""
         s = self.settings
+        views = s.diffusion.views
         all_nodes = s.negatives == "all_nodes"
-        zero = torch.zeros((), device=e_u.device)
-        l_cl, l_diff = zero, zero
-        if s.diffusion.target == "fused":
-            pairs = [("fused", e_u, fused_users), ("fused", e_i_all, items)]
-        else:
-            pairs = [(m, z[m][side], idx) for m in self.diffusions for side, idx in ((0, users), (1, items))]
+        zero = torch.zeros((), device=fused.items.device)
+        if s.diffusion.target == "interactions":
+            # The diffusion happened in graph space: the branches' own rows are the views.
+            return self._branch_contrast(z, users, items), zero
+        entries = self.view_rows(z, fused, users, items)
         # Each target's rows gathered and stacked once: its views and its denoiser loss share them.
-        stacked = _stack_by_target(pairs)
-        if s.diffusion.views == "cross_modal":
+        stacked = _stack_by_target(entries, lambda e: self._condition(z, e.side, e.nodes))
+        l_cl = zero
+        if views == "cross_modal":
             # Every pair of modalities, users and items: one generated view of each against the other.
             pairs_of_modalities = list(itertools.combinations(self.modalities, 2))
             for first, second in pairs_of_modalities:
-                for side, idx in ((0, users), (1, items)):
-                    a = self._view(first, z[first][side][idx])
-                    b = self._view(second, z[second][side][idx])
-                    l_cl = l_cl + self._contrast(a, b, self._view(second, z[second][side]) if all_nodes else None, idx)
+                for side, nodes in ((USERS, users), (ITEMS, items)):
+                    a = self._view(first, z[first].side(side)[nodes], self._condition(z, side, nodes))
+                    b = self._view(second, z[second].side(side)[nodes], self._condition(z, side, nodes))
+                    candidates = self._view(second, z[second].side(side), self._condition(z, side)) if all_nodes else None
+                    l_cl = l_cl + self._contrast(a, b, candidates, nodes)
             l_cl = l_cl / len(pairs_of_modalities)
-        elif s.diffusion.views == "id_anchor":
+        elif views == "id_anchor":
             # One generated view of each modality's rows, contrasted with the clean ID rows of the same
             # nodes: the stable ID representation anchors what each modality's view must keep.
-            for m, (_, rows, sizes) in stacked.items():
-                for side, idx, view in zip((0, 1), (users, items), self._view(m, rows).split(sizes), strict=True):
-                    candidates = self._view(m, z[m][side]) if all_nodes else None
-                    l_cl = l_cl + self._contrast(z["id"][side][idx], view, candidates, idx)
+            for target, group in stacked.items():
+                for entry, view in zip(group.entries, self._view(target, group.rows, group.cond).split(group.sizes), strict=True):
+                    candidates = self._view(target, entry.table, self._condition(z, entry.side)) if all_nodes else None
+                    l_cl = l_cl + self._contrast(z["id"].side(entry.side)[entry.nodes], view, candidates, entry.index)
             l_cl = l_cl / len(stacked)
         else:
-            views: list = [None] * len(pairs)
-            for target, (members, rows, sizes) in stacked.items():
-                v1, v2 = self._views(target, rows)
-                for k, a, b in zip(members, v1.split(sizes), v2.split(sizes), strict=True):
-                    views[k] = (a, b)
-            for (target, table, idx), (v1, v2) in zip(pairs, views, strict=True):
-                candidates = self._view(target, table) if all_nodes else None
-                l_cl = l_cl + self._contrast(v1, v2, candidates, idx)
-            l_cl = l_cl / max(1, len(pairs) // 2)
+            pairs = []  # every target's views first, then the contrasts
+            for target, group in stacked.items():
+                v1, v2 = self._two_views(target, group.rows, group.cond)
+                pairs += zip(group.entries, v1.split(group.sizes), v2.split(group.sizes), strict=True)
+            for entry, a, b in pairs:
+                candidates = self._view(entry.target, entry.table, self._condition(z, entry.side)) if all_nodes else None
+                l_cl = l_cl + self._contrast(a, b, candidates, entry.index)
+            l_cl = l_cl / max(1, len(entries) // 2)
+        l_diff = zero
         if s.diffusion.enabled and s.diff_weight > 0:
-            for target, (_, rows, sizes) in stacked.items():
-                l_diff = l_diff + sum(part.mean() for part in self.diffusions[target].row_losses(rows).split(sizes))
-            l_diff = l_diff / max(1, len(pairs) // 2)
+            for target, group in stacked.items():
+                losses = self.diffusions[target].row_losses(group.rows, group.cond)
+                l_diff = l_diff + sum(part.mean() for part in losses.split(group.sizes))
+            l_diff = l_diff / max(1, len(entries) // 2)
         return l_cl, l_diff
 
+    def _branch_contrast(self, z: dict[str, BranchOutput], users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """With generated graphs: each modality branch's rows against the ID rows (id_anchor),
+        against each other modality's (cross_modal), or every pair of branches, the ID branch
+        included (all_pairs); users and items."""
+        s = self.settings
+        if s.diffusion.views == "id_anchor":
+            pairs = [("id", m) for m in self.modalities]
+        elif s.diffusion.views == "all_pairs":
+            pairs = list(itertools.combinations(self.branches, 2))
+        else:
+            pairs = list(itertools.combinations(self.modalities, 2))
+        total = torch.zeros((), device=users.device)
+        for first, second in pairs:
+            for side, nodes in ((USERS, users), (ITEMS, items)):
+                total = total + info_nce(z[first].side(side)[nodes], z[second].side(side)[nodes], s.temperature)
+        return total / max(1, len(pairs))
+
     # ------------------------------------------------------------------ alignment (section 7)
-    def alignment(self, z, e_i_all, items) -> torch.Tensor:
-        views = {m: z[m][1][items] for m in self.modalities}
+    def alignment(self, z: dict[str, BranchOutput], fused_items: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        views = {m: z[m].items[items] for m in self.modalities}
         if self.settings.alignment_mode == "id_anchor_infonce":
             if not self.use_id:
-                return torch.zeros((), device=e_i_all.device)
-            anchor = z["id"][1][items]
+                return torch.zeros((), device=fused_items.device)
+            anchor = z["id"].items[items]
             return sum(info_nce(anchor, v, self.settings.temperature) for v in views.values())
-        named = {**({"id": z["id"][1][items]} if self.use_id else {}), "fused": e_i_all[items], **views}
-        return distribution_alignment(named) if len(named) > 1 else torch.zeros((), device=e_i_all.device)
+        named = {**({"id": z["id"].items[items]} if self.use_id else {}), "fused": fused_items[items], **views}
+        return distribution_alignment(named) if len(named) > 1 else torch.zeros((), device=fused_items.device)
 
     def _nodes(self, ids: torch.Tensor) -> torch.Tensor:
         """The batch's unique nodes, at most ``cl_nodes`` of them (a uniform random subset)."""
@@ -248,13 +480,13 @@ class DiffCL(Recommender):
         users, items = self._nodes(batch.users), self._nodes(batch.positives)
         n = len(batch.users)
         if s.contrastive and s.negatives == "all_nodes":
-            e_u, e_i_all = self.fuse(z)
-            e_batch, fused_users = e_u[batch.users], users
+            e_u, e_i = self.fuse(z)
+            fused, e_batch = Fused(e_u, e_i, users), e_u[batch.users]
         else:
             # Fuse only the user rows this step uses (the batch's, then the contrastive sample's).
-            e_u, e_i_all = self.fuse(z, torch.cat([batch.users, users]))
-            e_batch, fused_users = e_u[:n], torch.arange(n, n + len(users), device=e_u.device)
-        bpr = bpr_loss(e_batch, e_i_all[batch.positives], e_i_all[batch.negatives])
+            e_u, e_i = self.fuse(z, torch.cat([batch.users, users]))
+            fused, e_batch = Fused(e_u, e_i, torch.arange(n, n + len(users), device=e_u.device)), e_u[:n]
+        bpr = bpr_loss(e_batch, e_i[batch.positives], e_i[batch.negatives])
         reg_rows = [self.user_tables[b][batch.users] for b in z]
         if "id" in z:
             reg_rows += [self.item_id[batch.positives], self.item_id[batch.negatives]]
@@ -262,24 +494,39 @@ class DiffCL(Recommender):
         parts = {"bpr": bpr, "reg": reg}
         total = bpr + reg
         if s.contrastive and s.cl_weight > 0:
-            l_cl, l_diff = self.contrastive_and_diffusion(z, e_u, e_i_all, users, items, fused_users)
+            l_cl, l_diff = self.contrastive_and_diffusion(z, fused, users, items)
             parts["cl"], parts["diff"] = l_cl, l_diff
             total = total + s.cl_weight * l_cl + s.diff_weight * l_diff
+        if self.interaction_diffusions and s.diffusion.enabled and s.diff_weight > 0:
+            # The generator trains whether or not the contrastive loss is on.
+            parts["diff"] = self.interaction_diffusion_loss(z, users)
+            total = total + s.diff_weight * parts["diff"]
         if self.aligns:
-            l_align = self.alignment(z, e_i_all, items)
+            l_align = self.alignment(z, e_i, items)
             parts["align"] = l_align
             total = total + s.align_weight * l_align
         return {"loss": total, **parts}
 
 
-def _stack_by_target(pairs) -> dict[str, tuple[list[int], torch.Tensor, list[int]]]:
-    """Per diffusion target: which pairs use it, their rows stacked (users then items) and the
-    row counts, so that each denoiser runs once per step over all of its rows."""
-    groups: dict[str, list[int]] = {}
-    for k, (target, _, _) in enumerate(pairs):
-        groups.setdefault(target, []).append(k)
+@dataclass
+class _TargetRows:
+    entries: list[ViewRows]
+    rows: torch.Tensor  # the entries' rows stacked (users then items)
+    cond: torch.Tensor | None  # their conditions, stacked the same way
+    sizes: list[int]
+
+
+def _stack_by_target(entries: list[ViewRows],
+                     condition: Callable[[ViewRows], torch.Tensor | None]) -> dict[str, _TargetRows]:
+    """Per diffusion target: which entries use it, their rows (and conditions) stacked and the row
+    counts, so that each denoiser runs once per step over all of its rows."""
+    groups: dict[str, list[ViewRows]] = {}
+    for entry in entries:
+        groups.setdefault(entry.target, []).append(entry)
     out = {}
     for target, members in groups.items():
-        rows = [pairs[k][1][pairs[k][2]] for k in members]
-        out[target] = (members, torch.cat(rows), [len(r) for r in rows])
+        rows = [e.rows for e in members]
+        conds = [condition(e) for e in members]
+        cond = None if conds[0] is None else torch.cat(conds)
+        out[target] = _TargetRows(members, torch.cat(rows), cond, [len(r) for r in rows])
     return out

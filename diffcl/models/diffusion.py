@@ -66,17 +66,22 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class Denoiser(nn.Module):
-    """f_θ(x_t, t) -> x0: [x_t ; Linear(time embedding)] -> Linear -> tanh -> Linear."""
+    """f_θ(x_t, t[, c]) -> x0: [x_t ; Linear(time embedding) ; c] -> Linear -> tanh -> Linear.
 
-    def __init__(self, dim: int, hidden: int = 256, time_dim: int = 10):
+    ``cond_dim`` > 0: every row comes with a condition row c (e.g. the same node's ID-branch row).
+    """
+
+    def __init__(self, dim: int, hidden: int = 256, time_dim: int = 10, cond_dim: int = 0):
         super().__init__()
-        self.time_dim = time_dim
+        self.time_dim, self.cond_dim = time_dim, cond_dim
         self.time = nn.Linear(time_dim, time_dim)
-        self.net = nn.Sequential(nn.Linear(dim + time_dim, hidden), nn.Tanh(), nn.Linear(hidden, dim))
+        self.net = nn.Sequential(nn.Linear(dim + time_dim + cond_dim, hidden), nn.Tanh(), nn.Linear(hidden, dim))
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if (cond is None) != (self.cond_dim == 0):
+            raise ValueError(f"this denoiser takes a condition of width {self.cond_dim} (got {'none' if cond is None else 'one'})")
         emb = self.time(timestep_embedding(t, self.time_dim))
-        return self.net(torch.cat([x_t, emb], dim=1))
+        return self.net(torch.cat([x_t, emb] if cond is None else [x_t, emb, cond], dim=1))
 
 
 class Diffusion(nn.Module):
@@ -86,47 +91,57 @@ class Diffusion(nn.Module):
     """
 
     def __init__(self, dim: int, steps: int, noise_scale: float, noise_min: float, noise_max: float,
-                 hidden: int, time_dim: int, dtype: torch.dtype | None = None):
+                 hidden: int, time_dim: int, dtype: torch.dtype | None = None, cond_dim: int = 0):
         super().__init__()
         self.schedule = GaussianSchedule(steps, noise_scale, noise_min, noise_max)
-        self.denoiser = Denoiser(dim, hidden, time_dim)
+        self.denoiser = Denoiser(dim, hidden, time_dim, cond_dim)
         self.dtype = dtype
 
-    def _denoise(self, x_t: torch.Tensor, t: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def _denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+                 params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         with dense_autocast(self.dtype, x_t.device):
             if params is None:
-                out = self.denoiser(x_t, t)
+                out = self.denoiser(x_t, t, cond)
             else:
-                out = torch.func.functional_call(self.denoiser, params, (x_t, t))
+                out = torch.func.functional_call(self.denoiser, params, (x_t, t, cond))
         return out.float()
 
-    def row_losses(self, x0: torch.Tensor) -> torch.Tensor:
-        """Per row: the SNR-weighted MSE of the x0 prediction at a uniform random step.
-        x0 is detached: this loss trains the denoiser, not the encoder."""
+    def row_losses(self, x0: torch.Tensor, cond: torch.Tensor | None = None,
+                   embed: tuple[torch.Tensor, torch.Tensor] | None = None, embed_weight: float = 0.0) -> torch.Tensor:
+        """Per row: the SNR-weighted MSE of the x0 prediction at a uniform random step. x0 and the
+        condition are detached: this loss trains the denoiser, not the encoder.
+
+        ``embed`` = (E_pred, E_true), for rows that are interaction vectors over items (DiffMM's
+        modality-aware signal): ``embed_weight`` times the MSE between pred·E_pred and x0·E_true is
+        added to each row's loss (both tables detached).
+        """
         x0 = x0.detach()
+        cond = None if cond is None else cond.detach()
         t = torch.randint(0, self.schedule.steps, (x0.shape[0],), device=x0.device)
-        pred = self._denoise(self.schedule.q_sample(x0, t), t)
-        return self.schedule.loss_weight[t] * (x0 - pred).pow(2).mean(dim=1)
+        pred = self._denoise(self.schedule.q_sample(x0, t), t, cond)
+        loss = (x0 - pred).pow(2).mean(dim=1)
+        if embed is not None and embed_weight > 0:
+            e_pred, e_true = (e.detach() for e in embed)
+            loss = loss + embed_weight * (pred @ e_pred - x0 @ e_true).pow(2).mean(dim=1)
+        return self.schedule.loss_weight[t] * loss
 
-    def loss(self, x0: torch.Tensor) -> torch.Tensor:
-        """Mean of :meth:`row_losses` over the rows."""
-        return self.row_losses(x0).mean()
-
-    def generate(self, x0: torch.Tensor, start: int) -> torch.Tensor:
+    def generate(self, x0: torch.Tensor, start: int, cond: torch.Tensor | None = None, add_noise: bool = True) -> torch.Tensor:
         """A view: noise x0 forward to step ``start`` (1..T), then reverse with posterior means to 0.
+        ``add_noise`` false: the reverse chain starts from x0 itself (DiffMM's graph sampling).
 
         Differentiable in x0, so a loss on the view reaches the encoder. The denoiser acts here as
         a fixed map (its weights detached): it is trained by its own loss, as in DiffMM, and the
-        backward pass skips the weight gradients of T chained calls.
+        backward pass skips the weight gradients of T chained calls. The condition is detached.
         """
         if start <= 0:
             return x0
         params = {name: p.detach() for name, p in self.denoiser.named_parameters()}
+        cond = None if cond is None else cond.detach()
         t = torch.full((x0.shape[0],), start - 1, dtype=torch.long, device=x0.device)
-        x = self.schedule.q_sample(x0, t)
+        x = self.schedule.q_sample(x0, t) if add_noise else x0
         for step in range(start - 1, -1, -1):
             t = torch.full_like(t, step)
-            x = self.schedule.posterior_mean(self._denoise(x, t, params), x, t)
+            x = self.schedule.posterior_mean(self._denoise(x, t, cond, params), x, t)
         return x
 
     def perturb(self, x0: torch.Tensor, start: int) -> torch.Tensor:

@@ -64,12 +64,25 @@ class LightGCNConfig(Strict):
 class DiffusionSettings(Strict):
     """DiffCL's view generator (spec section 5)."""
 
-    enabled: bool = Field(True, description="false: views are Gaussian perturbations of the same strength (w/o diffusion)")
-    target: Literal["fused", "per_modality"] = Field("fused", description="what is diffused: the fused rows, or each modality's")
-    views: Literal["two_samples", "clean_vs_diffused", "cross_modal", "id_anchor"] = Field(
-        "two_samples", description="the two contrastive views: two diffusion samples of the same rows, clean vs "
-        "diffused, one modality's view vs another's (cross_modal), or each modality's view vs the clean ID "
-        "rows (id_anchor); the last two need target per_modality"
+    enabled: bool = Field(True, description="false: views are Gaussian perturbations of the same strength (w/o "
+                          "diffusion); with target interactions: no generated graphs, every branch on the training graph")
+    target: Literal["fused", "per_modality", "interactions"] = Field(
+        "interactions", description="what is diffused: the fused rows, each modality's rows, or (interactions, DiffMM's "
+        "generator) each user's interaction row, once per modality: a denoiser conditioned on that modality's "
+        "item rows generates a modality-aware user-item graph (graph_* keys) over which the modality branch "
+        "propagates; the views are then the branches' own rows. Default since issue 11: the only generator "
+        "whose removal costs accuracy in the probes (docs/model.md)"
+    )
+    views: Literal["two_samples", "clean_vs_diffused", "cross_modal", "id_anchor", "all_pairs"] = Field(
+        "cross_modal", description="the two contrastive views: two diffusion samples of the same rows, clean vs "
+        "diffused, one modality's view vs another's (cross_modal), each modality's view vs the clean ID "
+        "rows (id_anchor), or (target interactions only) every pair of branches, ID included (all_pairs); "
+        "cross_modal and id_anchor need target per_modality or interactions, the first two fused or per_modality. "
+        "With target interactions and one modality, cross_modal has no pair: no contrastive term (logged)"
+    )
+    condition: Literal["none", "id"] = Field(
+        "none", description="id: the embedding denoiser also reads the same node's ID-branch row (detached), so the "
+        "generated views carry ID-guided semantics (targets fused and per_modality; needs the ID branch)"
     )
     steps: int = Field(5, ge=1, description="T, diffusion steps")
     noise_scale: float = Field(0.1, gt=0, description="s: scales the noise levels (sets the final noise level)")
@@ -78,6 +91,25 @@ class DiffusionSettings(Strict):
     start_step: int | None = Field(None, ge=0, description="t': reverse sampling starts here; null: T")
     hidden: int = Field(256, ge=1, description="denoiser MLP width")
     time_dim: int = Field(10, ge=2, description="sinusoidal time embedding width")
+    graph_k: int = Field(10, ge=1, description="target interactions: edges per user of each generated graph (top-k)")
+    graph_mode: Literal["union", "replace"] = Field(
+        "union", description="target interactions: a modality branch propagates over the training graph plus its "
+        "generated edges (union), or over the generated graph alone (replace)"
+    )
+    graph_new_only: bool = Field(
+        True, description="target interactions: the top-k is taken among items the user has not interacted with "
+        "(the generated edges add to the training graph); false: among all items (DiffMM)"
+    )
+    graph_every: int = Field(2, ge=1, description="target interactions: regenerate the graphs every this many epochs")
+    graph_hidden: int = Field(256, ge=1, description="target interactions: width of the interaction denoiser")
+    graph_users: int = Field(256, ge=1, description="target interactions: users whose rows train the denoiser per step")
+    graph_sample_steps: int = Field(
+        1, ge=1, description="target interactions: reverse steps from the clean row when generating a graph (DiffMM: T)"
+    )
+    graph_embed_weight: float = Field(
+        0.1, ge=0, description="target interactions: weight of DiffMM's modality-aware term, the MSE between the "
+        "denoised row times the modality's item rows and the true row times the ID item rows"
+    )
 
 
 class DiffCLConfig(Strict):
@@ -118,6 +150,24 @@ class DiffCLConfig(Strict):
         "concat", description="scored representation: the modality branches concatenated (weighted per "
         "user), or summed (weighted per user) in d dimensions"
     )
+    modality_gate: Literal["user_softmax", "global_softmax", "user_sigmoid", "id_attention"] = Field(
+        "user_softmax", description="the user-side weights of the modality blocks: a learned softmax per user, one "
+        "learned softmax for all users, an independent learned 2·sigmoid gate per user and modality (can switch "
+        "every modality off), or attention with the user's ID row as query over the user's modality rows"
+    )
+    item_gate: bool = Field(
+        False, description="the item-side modality rows of the score are scaled by a learned global 2·sigmoid gate "
+        "per modality (1 at start): the score can drop a weak modality on both sides"
+    )
+    id_score: Literal["every_block", "own_block"] = Field(
+        "every_block", description="with id_in_score: the ID rows added to every modality block (the ID-modality "
+        "cross terms are in the score, the ID product counted once per modality), or the ID rows as one more "
+        "block (score = ID·ID + Σ_m w_m Zᵐ_u·Zᵐ_i)"
+    )
+    modality_dropout: float = Field(
+        0.0, ge=0, lt=1, description="training only: each user row's modality block is dropped with this "
+        "probability (the kept ones scaled by 1/(1-p)), so the score cannot lean on one modality alone"
+    )
     id_branch: bool = Field(True, description="false: no item-ID branch (ablation w/o ID)")
     id_in_score: bool = Field(
         True, description="add the ID branch to every block of the scored representation (false: the first "
@@ -135,17 +185,26 @@ class DiffCLConfig(Strict):
     alignment: bool = Field(True, description="false: no alignment loss (ablation)")
     alignment_mode: Literal["distribution", "id_anchor_infonce"] = Field("distribution", description="spec section 7")
     cl_weight: float = Field(
-        0.001, ge=0, description="λ_cl; the first spec's 0.01 cost ~5% valid R@20 on TikTok and Scientific (docs/model.md)"
+        0.01, ge=0, description="λ_cl; 0.01 (the first spec's) with the generated graphs' cross-modal views; with the "
+        "embedding views 0.01 cost ~5% valid R@20 on TikTok and 0.001 was neutral (docs/model.md)"
     )
     align_weight: float = Field(0.1, ge=0, description="λ_align")
     diff_weight: float = Field(1.0, ge=0, description="λ_diff")
 
     @model_validator(mode="after")
     def _check_views(self) -> DiffCLConfig:
-        views = self.diffusion.views
-        if views in ("cross_modal", "id_anchor") and self.diffusion.target != "per_modality":
-            raise ValueError(f"diffusion.views {views} needs diffusion.target per_modality")
-        if views == "cross_modal" and len(self.modalities) < 2:
+        views, target = self.diffusion.views, self.diffusion.target
+        if views in ("cross_modal", "id_anchor") and target == "fused":
+            raise ValueError(f"diffusion.views {views} needs diffusion.target per_modality or interactions")
+        if target == "interactions" and views not in ("cross_modal", "id_anchor", "all_pairs"):
+            raise ValueError("diffusion.target interactions needs diffusion.views cross_modal, id_anchor or all_pairs")
+        if views == "all_pairs" and target != "interactions":
+            raise ValueError("diffusion.views all_pairs needs diffusion.target interactions")
+        if self.diffusion.condition == "id" and (not self.id_branch or target == "interactions"):
+            raise ValueError("diffusion.condition id needs the ID branch and target fused or per_modality")
+        if self.modality_gate == "id_attention" and not self.id_branch:
+            raise ValueError("modality_gate id_attention needs the ID branch")
+        if views == "cross_modal" and len(self.modalities) < 2 and target != "interactions":
             raise ValueError("diffusion.views cross_modal needs at least two modalities")
         if views == "id_anchor" and not self.id_branch:
             raise ValueError("diffusion.views id_anchor needs the ID branch (id_branch: true)")
