@@ -11,7 +11,9 @@ DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "PREFECT_LOGGING_LEVEL": "INFO",
     # The library's own loggers (epochs, downloads, skipped modalities) show in the Prefect UI too.
-    "PREFECT_LOGGING_EXTRA_LOGGERS": "diffcl,features,flows",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "diffcl,features,pipeline,flows",
+    # ... and the same loggers run outside any flow (diffcl train, prepare, ...): no API, no warning.
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
 
 
