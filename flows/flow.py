@@ -222,12 +222,9 @@ def train_stage(config: dict[str, Any], inputs: dict[str, Artifact]) -> StageRes
 
 @_stage("evaluate")
 def evaluate_stage(config: dict[str, Any], inputs: dict[str, Artifact], run_dir: str) -> StageResult:
-    import json
-
     from pipeline.evaluate import write_evaluation
 
-    path = write_evaluation(Path(run_dir))
-    evaluation = json.loads(path.read_text())
+    path, evaluation = write_evaluation(Path(run_dir))
     return _finish("evaluate", config, inputs, {"evaluation": artifact(path)},
                    {"valid": evaluation["valid"], "test": evaluation["test"]})
 

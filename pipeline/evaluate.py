@@ -25,8 +25,10 @@ def evaluate_run(run_dir: Path, splits: tuple[str, ...] = ("valid", "test"), sam
     return result
 
 
-def write_evaluation(run_dir: Path) -> Path:
-    """``evaluation.json`` in the run folder: valid and test metrics and the seconds one split took."""
+def write_evaluation(run_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """``evaluation.json`` in the run folder (valid and test metrics, the seconds one split took),
+    and what it holds."""
     path = Path(run_dir) / "evaluation.json"
-    write_json_atomic(path, evaluate_run(run_dir))
-    return path
+    evaluation = evaluate_run(run_dir)
+    write_json_atomic(path, evaluation)
+    return path, evaluation

@@ -54,7 +54,10 @@ def modules() -> list[tuple[str, Path]]:
     return out
 
 
-@pytest.mark.parametrize("name,path", modules(), ids=[m for m, _ in modules()])
+MODULES = modules()
+
+
+@pytest.mark.parametrize("name,path", MODULES, ids=[m for m, _ in MODULES])
 def test_module_imports_only_its_own_layer_and_those_below(name: str, path: Path):
     own = layer(name)
     bad = [f"{path.relative_to(ROOT)}:{line} imports {target} ({layer(target)})"

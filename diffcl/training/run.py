@@ -78,11 +78,15 @@ def build_context(config: PipelineConfig, dirs: DatasetDirs, data: InteractionDa
     return ctx
 
 
-def _build_model(config: PipelineConfig, ctx: ModelContext) -> Recommender:
+def _model_and_evaluator(config: PipelineConfig, dirs: DatasetDirs, data: InteractionData,
+                         device: torch.device) -> tuple[Recommender, Evaluator]:
+    """The configured model (seeded, on its features and graphs) and the evaluator of the data."""
+    seed_everything(config.train.seed)
     try:
-        return build_model(config.model.name, ctx, config.model)
+        model = build_model(config.model.name, build_context(config, dirs, data, device), config.model)
     except KeyError as err:
         raise TrainError(str(err.args[0])) from None
+    return model, Evaluator(data, config.eval.topk, config.eval.batch_users, device)
 
 
 def build_run(config: PipelineConfig, run_id: str | None = None,
@@ -100,14 +104,10 @@ def build_run(config: PipelineConfig, run_id: str | None = None,
         run_id = check_run_id(run_id) if explicit else new_run_id(config.model.name)
     except RunIdError as err:
         raise TrainError(str(err)) from None
-    device = pick_device(tc.device)
     distributed = world_size() > 1
-    if distributed:
-        device = DistributedTrainer.join(tc.device)
+    device = DistributedTrainer.join(tc.device) if distributed else pick_device(tc.device)
     dirs, data = load_data(config)
-    seed_everything(tc.seed)
-    model = _build_model(config, build_context(config, dirs, data, device))
-    evaluator = Evaluator(data, config.eval.topk, config.eval.batch_users, device)
+    model, evaluator = _model_and_evaluator(config, dirs, data, device)
     run = RunFolder(dirs.runs, run_id, config, data.source_hash, explicit)
     if distributed:
         return DistributedTrainer(model, data.train, evaluator, tc, run, on_epoch, evaluate_test)
@@ -159,13 +159,11 @@ def load_model(run_dir: Path, same_data: bool = True) -> LoadedModel:
     if same_data and recorded and recorded != data.source_hash:
         raise TrainError(data_changed_message(run_dir, recorded, data.source_hash))
     device = pick_device(config.train.device)
-    seed_everything(config.train.seed)
-    model = _build_model(config, build_context(config, dirs, data, device))
+    model, evaluator = _model_and_evaluator(config, dirs, data, device)
     weights = load_checkpoint(best, device)
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:  # a run without a recorded data hash, trained on other data
         raise TrainError(f"{best} does not fit the current data or model ({str(err).splitlines()[0][:160]}); "
                          "train a new run: `diffcl train CONFIG`") from None
-    evaluator = Evaluator(data, config.eval.topk, config.eval.batch_users, device)
     return LoadedModel(run_dir, config, dirs, data, model, evaluator)

@@ -105,8 +105,13 @@ class RunFolder:
             except FileExistsError:  # another run took this id in the same second
                 self.run_id = new_run_id(self.config.model.name)
 
-    def start(self) -> None:
+    def record_config(self) -> None:
+        """config.yaml: the resolved config of the latest attempt (a resumed run may differ outside
+        the training identity: timeouts, other stages' overrides)."""
         write_text_atomic(self.path / "config.yaml", dump_config(self.config))
+
+    def start(self) -> None:
+        self.record_config()
         write_json_atomic(self.path / "run.json", {
             "run_id": self.run_id, "data_hash": self.data_hash,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -132,9 +137,6 @@ class RunFolder:
         if len(state["history"]) != state["epoch"]:
             raise ResumeRefused(f"{history_path} holds {len(state['history'])} of the {state['epoch']} epochs in "
                                 f"{path}; the run cannot resume, use a new --run-id")
-        # Settings outside the training identity may differ (timeouts, other stages' overrides):
-        # config.yaml shows those of the latest attempt.
-        write_text_atomic(self.path / "config.yaml", dump_config(self.config))
         return state
 
     def _check_same_config(self) -> None:

@@ -132,6 +132,7 @@ class Trainer:
         self.best_epoch, self.bad_evals = state["best_epoch"], state["bad_evals"]
         self.sampler.rng.bit_generator.state = state["sampler_rng"]
         torch.set_rng_state(state["torch_rng"])
+        self.run.record_config()
         log.info("resuming %s after epoch %d", self.run_id, self.epoch)
         return True
 
