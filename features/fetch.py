@@ -124,6 +124,9 @@ def _fetch(url: str, dest: Path, client: httpx.Client, policy: RetryPolicy, chec
     part = dest.with_name(dest.name + ".part")
     part_meta = dest.with_name(dest.name + ".part.json")
 
+    def part_size() -> int:
+        return part.stat().st_size if part.exists() else 0
+
     def headers() -> dict[str, str]:
         """Asked again before each attempt: the .part file may have grown since the last one."""
         headers: dict[str, str] = {}
@@ -132,7 +135,7 @@ def _fetch(url: str, dest: Path, client: httpx.Client, policy: RetryPolicy, chec
                 headers["If-None-Match"] = current.etag
             if current.last_modified:
                 headers["If-Modified-Since"] = current.last_modified
-        offset = part.stat().st_size if part.exists() else 0
+        offset = part_size()
         validator = _read_validator(part_meta) if offset else None
         if offset and validator:
             # If-Range: the server sends the rest only if the file is still the one we began with.
@@ -146,7 +149,7 @@ def _fetch(url: str, dest: Path, client: httpx.Client, policy: RetryPolicy, chec
             current.write(mpath)
             log.info("%s unchanged on the server; keeping %s", url, dest)
             return FetchResult(dest, current, downloaded=False)
-        offset = part.stat().st_size if part.exists() else 0
+        offset = part_size()
         if response.status_code == 206 and _range_start(response) == offset:
             mode = "ab"
         else:  # 200: the whole file (no range support, or the file changed under us)
@@ -176,16 +179,7 @@ def _finish(url: str, dest: Path, part: Path, part_meta: Path, etag: str | None,
     """Only a complete file takes its final name, and its manifest with it."""
     part.replace(dest)
     part_meta.unlink(missing_ok=True)
-    now = _now()
-    manifest = Manifest(
-        url=url,
-        size=dest.stat().st_size,
-        sha256=sha256_file(dest),
-        etag=etag,
-        last_modified=last_modified,
-        fetched_at=now,
-        checked_at=now,
-    )
+    manifest = _manifest_of(dest, url, etag, last_modified)
     manifest.write(manifest_path(dest))
     log.info("fetched %s (%d bytes)", url, manifest.size)
     return FetchResult(dest, manifest, downloaded=True)
@@ -219,15 +213,12 @@ def _range_start(response: httpx.Response) -> int | None:
 
 def local_manifest(path: Path, url: str | None = None) -> Manifest:
     """A manifest for a file read in place (local path or file:// URL): size and content hash."""
-    stat = path.stat()
+    modified = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
+    return _manifest_of(path, url or str(path), None, modified)
+
+
+def _manifest_of(path: Path, url: str, etag: str | None, last_modified: str | None) -> Manifest:
+    """The manifest of the complete file at ``path``: its size and sha256, fetched and checked now."""
     now = _now()
-    modified = datetime.fromtimestamp(stat.st_mtime, timezone.utc).isoformat(timespec="seconds")
-    return Manifest(
-        url=url or str(path),
-        size=stat.st_size,
-        sha256=sha256_file(path),
-        etag=None,
-        last_modified=modified,
-        fetched_at=now,
-        checked_at=now,
-    )
+    return Manifest(url=url, size=path.stat().st_size, sha256=sha256_file(path), etag=etag,
+                    last_modified=last_modified, fetched_at=now, checked_at=now)

@@ -100,8 +100,8 @@ class BranchPlan:
     modalities: list[str]
     use_id: bool  # the ID branch exists: id_branch, or forced when there is no modality
     id_in_score: bool  # the ID rows are scored: id_in_score, or forced when there is no modality
-    id_users_in_training: bool  # training reads the ID branch's user rows (score, anchored views, condition, attention)
-    id_items_only: bool  # nothing reads the ID branch's user rows: it propagates item rows only
+    id_users_scored: bool  # the score reads the ID branch's user rows (id_in_score, or the attention gate's query)
+    id_users_in_training: bool  # training reads them: scored, or the anchored views / the denoiser's condition
 
     @classmethod
     def resolve(cls, settings, modalities: list[str]) -> BranchPlan:
@@ -112,13 +112,18 @@ class BranchPlan:
         if not modalities and not s.id_in_score:
             log.warning("diffcl: no modality features: the ID branch is scored although id_in_score is false")
         id_in_score = use_id and (s.id_in_score or not modalities)
-        reads_id_users = s.contrastive and (ds.views == "id_anchor" or ds.condition == "id")
         attention = bool(modalities) and s.modality_gate == "id_attention"
-        id_users_in_training = use_id and (id_in_score or reads_id_users or attention)
-        id_items_only = use_id and not id_in_score and not reads_id_users and not attention
+        id_users_scored = use_id and (id_in_score or attention)
+        reads_id_users = s.contrastive and (ds.views == "id_anchor" or ds.condition == "id")
+        id_users_in_training = id_users_scored or (use_id and reads_id_users)
         if s.contrastive and ds.target == "interactions" and ds.views == "cross_modal" and len(modalities) < 2:
             log.info("diffcl: cross-modal views with %d modality: no pair, so no contrastive term", len(modalities))
-        return cls(modalities, use_id, id_in_score, id_users_in_training, id_items_only)
+        return cls(modalities, use_id, id_in_score, id_users_scored, id_users_in_training)
+
+    @property
+    def id_items_only(self) -> bool:
+        """Nothing reads the ID branch's user rows: it propagates item rows only."""
+        return self.use_id and not self.id_users_in_training
 
     @property
     def branches(self) -> list[str]:
@@ -215,13 +220,10 @@ class DiffCL(Recommender):
 
     def branches_in_use(self, training: bool) -> list[str]:
         """The branches a forward pass needs: an ID branch that is not scored is read only by the
-        alignment loss, the ID-anchored views, the denoiser's condition or the attention gate, so
-        evaluation (and training without them) skips it."""
-        plan = self.plan
-        attention = self.settings.modality_gate == "id_attention" and bool(self.modalities)
-        if not plan.use_id or plan.id_in_score or attention or (training and (self.aligns or plan.id_users_in_training)):
-            return self.branches
-        return self.modalities
+        alignment loss, the ID-anchored views or the denoiser's condition, so evaluation (and
+        training without them) skips it."""
+        reads_id = (self.plan.id_users_in_training or self.aligns) if training else self.plan.id_users_scored
+        return self.branches if reads_id else self.modalities
 
     def encode(self, branches: list[str]) -> dict[str, BranchOutput]:
         """Per branch: its user and item rows after propagation and the item graph."""
@@ -309,7 +311,7 @@ class DiffCL(Recommender):
         modality's generated edges, and the modality branch propagates over the normalised result."""
         ds = self.settings.diffusion
         device = self.user_weight_logits.device
-        n_users, n_items = self.train_rows.shape
+        n_users = self.train_rows.shape[0]
         for m, diffusion in self.interaction_diffusions.items():
             cols = []
             for start in range(0, n_users, chunk):
