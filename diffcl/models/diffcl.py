@@ -101,7 +101,7 @@ class BranchPlan:
     use_id: bool  # the ID branch exists: id_branch, or forced when there is no modality
     id_in_score: bool  # the ID rows are scored: id_in_score, or forced when there is no modality
     id_users_scored: bool  # the score reads the ID branch's user rows (id_in_score, or the attention gate's query)
-    id_users_in_training: bool  # training reads them: scored, or the anchored views / the denoiser's condition
+    id_users_in_training: bool  # training reads them: scored, or the ID-anchored / all-pairs views, the denoiser's condition
 
     @classmethod
     def resolve(cls, settings, modalities: list[str]) -> BranchPlan:
@@ -114,7 +114,8 @@ class BranchPlan:
         id_in_score = use_id and (s.id_in_score or not modalities)
         attention = bool(modalities) and s.modality_gate == "id_attention"
         id_users_scored = use_id and (id_in_score or attention)
-        reads_id_users = s.contrastive and (ds.views == "id_anchor" or ds.condition == "id")
+        # all_pairs: the ID branch is one of the pairs contrasted, users included.
+        reads_id_users = s.contrastive and (ds.views in ("id_anchor", "all_pairs") or ds.condition == "id")
         id_users_in_training = id_users_scored or (use_id and reads_id_users)
         if s.contrastive and ds.target == "interactions" and ds.views == "cross_modal" and len(modalities) < 2:
             log.info("diffcl: cross-modal views with %d modality: no pair, so no contrastive term", len(modalities))
@@ -220,7 +221,7 @@ class DiffCL(Recommender):
 
     def branches_in_use(self, training: bool) -> list[str]:
         """The branches a forward pass needs: an ID branch that is not scored is read only by the
-        alignment loss, the ID-anchored views or the denoiser's condition, so evaluation (and
+        alignment loss, the ID-anchored or all-pairs views or the denoiser's condition, so evaluation (and
         training without them) skips it."""
         reads_id = (self.plan.id_users_in_training or self.aligns) if training else self.plan.id_users_scored
         return self.branches if reads_id else self.modalities
