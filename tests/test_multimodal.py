@@ -65,6 +65,7 @@ def test_perfect_denoiser_recovers_x0_and_views_carry_gradient():
 
 # ------------------------------------------------------------------------------------- losses
 def test_info_nce_invariants():
+    torch.manual_seed(0)  # unseeded, two random rows came close about once in many runs and the bound failed
     x = torch.randn(16, 8)
     n = 16
     assert info_nce(x, x, 0.05).item() < 0.1  # identical views: positives found
