@@ -1,5 +1,8 @@
 """Stage bookkeeping for the flow: cache keys and the ledger of verified outputs.
 
+With a shared workspace (``shared_workspace``), :func:`pull` and :func:`push` move a stage's
+inputs and outputs between it and this machine's copy, and the ledger lives in the shared workspace.
+
 A stage's cache key is made of its code version, the config fields it reads and the content hashes
 of its input files: never their paths or modification times. The ledger
 (``<workspace>/<dataset>/.stages/<stage>.json``) records, per key, the hashes of the outputs the
@@ -22,6 +25,7 @@ from diffcl.core.config import (
     TRAINING_SECTIONS,
 )
 from diffcl.core.io import sha256_file, write_json_atomic
+from diffcl.core.shared import shared_workspace
 from pipeline.versions import STAGE_VERSIONS
 
 # The config fields each stage reads (dotted paths into the resolved config).
@@ -107,12 +111,37 @@ def base_key(stage: str, config: dict[str, Any], inputs: dict[str, Artifact], mo
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _relative(config: dict[str, Any], items) -> list[str]:
+    """Workspace-relative paths of files, folders or Artifacts; those outside the workspace (a local
+    source read in place) are not the shared workspace's to sync."""
+    root = Path(config["workspace"]).resolve()
+    rels = []
+    for item in items:
+        path = Path(item.path if isinstance(item, Artifact) else item).resolve()
+        if path.is_relative_to(root):
+            rels.append(path.relative_to(root).as_posix())
+    return rels
+
+
+def pull(config: dict[str, Any], *items) -> None:
+    """Bring a stage's inputs down from the shared workspace (:mod:`diffcl.core.shared`), if any."""
+    if (shared := shared_workspace(config)) is not None:
+        shared.pull(*_relative(config, items))
+
+
+def push(config: dict[str, Any], *items) -> None:
+    """Send a stage's outputs up to the shared workspace, if any."""
+    if (shared := shared_workspace(config)) is not None:
+        shared.push(*_relative(config, items))
+
+
 class Ledger:
     def __init__(self, config: dict[str, Any], stage: str):
         self.path = Path(config["workspace"]) / config["dataset"]["name"] / ".stages" / f"{stage}.json"
-        self.stage = stage
+        self.config, self.stage = config, stage
 
     def _read(self) -> dict[str, Any]:
+        pull(self.config, self.path)
         try:
             return json.loads(self.path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
@@ -125,6 +154,7 @@ class Ledger:
         if entry is None:
             return CacheKey(self.stage, base, 0)
         generation = entry["generation"]
+        pull(self.config, *(a["path"] for a in entry["outputs"].values()))
         if not outputs_intact(entry["outputs"]):
             generation += 1
         return CacheKey(self.stage, base, generation)
@@ -134,6 +164,7 @@ class Ledger:
         data[key.base] = {"generation": key.generation,
                           "outputs": {name: {"path": a.path, "sha256": a.sha256} for name, a in outputs.items()}}
         write_json_atomic(self.path, data)
+        push(self.config, self.path)
 
 
 def outputs_intact(outputs: dict[str, dict[str, str]]) -> bool:

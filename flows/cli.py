@@ -70,6 +70,15 @@ def _load(config: Path, overrides: list[str] | None, overlays: list[Path] | None
         _fail(str(err))
 
 
+def _load_local(config: Path, overrides: list[str] | None, overlays: list[Path] | None = None):
+    """The config of a stage command: these work on a local workspace, the flow syncs a shared one."""
+    cfg = _load(config, overrides, overlays)
+    if cfg.shared_workspace:
+        _fail(f"{config}: shared_workspace {cfg.shared_workspace} is synced by the flow: run `diffcl run` (or the "
+              "deployment); the stage commands work on a local workspace")
+    return cfg
+
+
 def _overlay_sets(overlays: list[Path] | None) -> list[str]:
     """The overlays as ``--set`` items, for the flow (which takes a config and overrides)."""
     from diffcl.core.config import ConfigError, deep_merge, overlay_overrides, read_overlay
@@ -108,7 +117,7 @@ def prepare(config: ConfigArg, set_: SetOpt = None) -> None:
     from features.records import DataError
     from pipeline.prepare import prepare as run_prepare
 
-    cfg = _load(config, set_)
+    cfg = _load_local(config, set_)
     try:
         result = run_prepare(cfg, progress=console.is_terminal)
     except (DataError, FetchError) as err:
@@ -123,7 +132,7 @@ def features(config: ConfigArg, set_: SetOpt = None) -> None:
     shipped <name>_feat.npy, else text (SBERT) and images (CLIP) embedded incrementally."""
     from pipeline.embed import FeatureError, run_features
 
-    cfg = _load(config, set_)
+    cfg = _load_local(config, set_)
     try:
         reports = run_features(cfg, progress=console.is_terminal)
     except (FeatureError, RuntimeError, ValueError) as err:
@@ -146,7 +155,7 @@ def graphs(config: ConfigArg, set_: SetOpt = None) -> None:
     """Build the frozen item-item kNN graph of each modality (those current already are kept)."""
     from pipeline.graphs import build_graphs
 
-    cfg = _load(config, set_)
+    cfg = _load_local(config, set_)
     try:
         report = build_graphs(cfg)
     except (FileNotFoundError, ValueError) as err:
@@ -193,7 +202,7 @@ def train(
     from diffcl.training.errors import TrainError
     from diffcl.training.run import train as run_train
 
-    cfg = _load(config, set_, overlay)
+    cfg = _load_local(config, set_, overlay)
     try:
         result = run_train(cfg, run_id)
     except TrainError as err:
@@ -250,7 +259,7 @@ def tune(
     from diffcl.training.tuning import SearchBudget, TuneError, budget_line
     from diffcl.training.tuning import tune as run_tune
 
-    cfg = _load(config, set_, overlay)
+    cfg = _load_local(config, set_, overlay)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # diffcl.training.tuning logs each trial; errors end the command
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger("diffcl.training.trainer").setLevel(logging.WARNING)  # per-epoch lines with --verbose

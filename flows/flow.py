@@ -28,6 +28,7 @@ from prefect.transactions import get_transaction
 
 from diffcl.core.config import ENCODED_MODALITIES, PipelineConfig, dump_config, load_config
 from diffcl.core.locks import LockBusy, exclusive_lock
+from diffcl.core.shared import shared_workspace
 from flows.cache import (
     Artifact,
     CacheKey,
@@ -35,6 +36,8 @@ from flows.cache import (
     StageResult,
     artifact,
     base_key,
+    pull,
+    push,
 )
 from pipeline.demo import DEMO_CONFIG
 from pipeline.embed import feature_modalities, shipped_features
@@ -64,6 +67,10 @@ def _finish(stage: str, config: dict[str, Any], inputs: dict[str, Artifact], out
     Ledger(config, stage).record(key, outputs)
     get_run_logger().info("%s: wrote %s", stage, ", ".join(outputs) or "nothing")
     return StageResult(stage, str(key), outputs, info or {})
+
+
+def _dataset_root(config: dict[str, Any]) -> Path:
+    return Path(config["workspace"]) / config["dataset"]["name"]
 
 
 def is_transient(exc: BaseException | None) -> bool:
@@ -96,7 +103,10 @@ def fetch_stage(config: dict[str, Any]) -> StageResult:
 
     from pipeline.prepare import acquire
 
+    raw = _dataset_root(config) / "raw"
+    pull(config, raw)  # the manifests, so that conditional requests see what another machine fetched
     acquired = acquire(load_config(config), progress=False)
+    push(config, raw)
     outputs = {role: Artifact(str(path), m.sha256) for role, (path, m) in acquired.items()}
     manifests = {role: asdict(m) for role, (_, m) in acquired.items()}
     return StageResult("fetch", "", outputs, {"manifests": manifests})
@@ -108,8 +118,10 @@ def prepare_stage(config: dict[str, Any], inputs: dict[str, Artifact], manifests
     from pipeline.prepare import prepare
 
     cfg = load_config(config)
+    pull(config, *inputs.values())
     acquired = {role: (Path(inputs[role].path), Manifest(**manifests[role])) for role in manifests}
     result = prepare(cfg, progress=False, acquired=acquired)
+    push(config, *result.outputs.values())
     outputs = {name: artifact(path) for name, path in result.outputs.items()}
     return _finish("prepare", config, inputs, outputs, {"stats": {k: v for k, v in result.stats.items() if k != "inputs"}})
 
@@ -118,7 +130,11 @@ def prepare_stage(config: dict[str, Any], inputs: dict[str, Artifact], manifests
 def images_stage(config: dict[str, Any], inputs: dict[str, Artifact]) -> StageResult:
     from pipeline.embed import download_images
 
+    root = _dataset_root(config)
+    synced = (root / "images", root / "features" / "image_sources.parquet")  # the URL-keyed image cache too
+    pull(config, *inputs.values(), *synced)
     path = download_images(load_config(config), progress=False)
+    push(config, *synced)
     return _finish("images", config, inputs, {"image_sources": artifact(path)} if path else {})
 
 
@@ -146,8 +162,12 @@ def _features_stage(stage: str, modality: str, config: dict[str, Any], inputs: d
     from pipeline.embed import modality_features
 
     cfg = load_config(config)
+    features = DatasetDirs.of(cfg.workspace, cfg.dataset.name).features
+    cache = features / "cache"  # per-item embeddings, and the parts text shards wrote elsewhere
+    pull(config, *inputs.values(), cache, *([_dataset_root(config) / "images"] if modality == "image" else []))
     report = modality_features(cfg, modality, progress=False)
-    path = DatasetDirs.of(cfg.workspace, cfg.dataset.name).features / f"{modality}.parquet"
+    path = features / f"{modality}.parquet"
+    push(config, path, cache)
     outputs = {modality: artifact(path)} if report.status != "skipped" else {}
     return _finish(stage, config, inputs, outputs, {"report": asdict(report)}, modality if keyed_by_modality else None)
 
@@ -163,8 +183,10 @@ def _feature_file_inputs(cfg: PipelineConfig, modality: str) -> dict[str, Artifa
 def graphs_stage(config: dict[str, Any], inputs: dict[str, Artifact]) -> StageResult:
     from pipeline.graphs import build_graphs
 
+    pull(config, *inputs.values())
     report = build_graphs(load_config(config))
     folder = Path(report["dir"])
+    push(config, folder)  # the graphs and their provenance sidecars
     outputs = {name: artifact(folder / f"{name}.npz") for name in report["graphs"]}
     return _finish("graphs", config, inputs, outputs, {"graphs": report["graphs"]})
 
@@ -207,13 +229,20 @@ class TrainingProgress:
 @_stage("train")
 def train_stage(config: dict[str, Any], inputs: dict[str, Artifact]) -> StageResult:
     """The run folder is named after the cache key (:func:`pipeline.train.train_resuming`)."""
+    from diffcl.core.workspace import DatasetDirs
     from pipeline.train import train_resuming
 
     cfg = load_config(config)
     key = _current_key("train", config, inputs)
     logger = get_run_logger()
     progress = TrainingProgress(cfg, logger)
-    result = train_resuming(cfg, f"{cfg.model.name}-{key.base[:12]}", progress.epoch, logger)
+    run_id = f"{cfg.model.name}-{key.base[:12]}"
+    run_folder = DatasetDirs.of(cfg.workspace, cfg.dataset.name).runs / run_id
+    pull(config, *inputs.values(), run_folder)  # a run interrupted on another machine resumes here
+    try:
+        result = train_resuming(cfg, run_id, progress.epoch, logger)
+    finally:
+        push(config, run_folder)  # its checkpoints, even after a failure: the retry may run elsewhere
     progress.update(100.0)
     run = result.run_dir
     outputs = {name: artifact(run / name) for name in ("best.pt", "metrics.json", "history.parquet", "curves.png")}
@@ -224,7 +253,9 @@ def train_stage(config: dict[str, Any], inputs: dict[str, Artifact]) -> StageRes
 def evaluate_stage(config: dict[str, Any], inputs: dict[str, Artifact], run_dir: str) -> StageResult:
     from pipeline.evaluate import write_evaluation
 
+    pull(config, run_dir)
     path, evaluation = write_evaluation(Path(run_dir))
+    push(config, path)
     return _finish("evaluate", config, inputs, {"evaluation": artifact(path)},
                    {"valid": evaluation["valid"], "test": evaluation["test"]})
 
@@ -235,10 +266,16 @@ def publish_stage(config: dict[str, Any], inputs: dict[str, Artifact], run_dir: 
     import json
     from dataclasses import asdict
 
-    from pipeline.publish import publish_run
+    from pipeline.publish import Registry, publish_run
 
+    registry = _dataset_root(config) / "registry.json"
+    pull(config, inputs["evaluation"], registry)
+    champion = Registry(registry).production()
+    if champion is not None:
+        pull(config, champion["run_dir"])  # rescored on this data
     evaluation = json.loads(Path(inputs["evaluation"].path).read_text())
     decision = publish_run(load_config(config), Path(run_dir), evaluation, data_hash, id_tables or {})
+    push(config, registry)
     get_run_logger().info("registered v%d: %s (%s)", decision.version,
                           "promoted to production" if decision.promoted else "kept as challenger", decision.reason)
     # The registry file changes with every later version: nothing here to verify on a cache hit.
@@ -254,7 +291,7 @@ def _with_options(cfg: PipelineConfig):
     the fetch stage only after that gave up on a transient failure, ``orchestration.network_retries``
     times. One dump thus gets at most (fetch.retries + 1) x (network_retries + 1) requests."""
     o = cfg.orchestration
-    storage = Path(cfg.workspace) / ".prefect-results"
+    storage = _result_storage(cfg)
     delays = [o.retry_delay_s * 2**i for i in range(max(o.network_retries, 1))]
 
     def options(t, network: bool = False, retries: int = 0):
@@ -284,16 +321,38 @@ def diffcl_flow(config: str = DEMO_CONFIG, overrides: list[str] | None = None,
         logger.info("overrides: served %s, then this run's %s", served_overrides or [], overrides or [])
     if written := ensure_demo_data(cfg):
         logger.info("demo data written to %s", written)
-    lock = Path(cfg.workspace) / ".pipeline.lock"
     with contextlib.ExitStack() as held:
         try:
-            held.enter_context(exclusive_lock(lock, timeout_s=cfg.orchestration.lock_wait_s))
+            held.enter_context(_pipeline_lock(cfg))
         except LockBusy as err:
             message = (f"skipped: another pipeline run ({err.holder}) works in {cfg.workspace} "
                        f"(waited {cfg.orchestration.lock_wait_s:g} s, orchestration.lock_wait_s)")
             logger.warning(message)
             return {"dataset": cfg.dataset.name, "skipped": message}
         return _run_stages(cfg, logger)
+
+
+def _pipeline_lock(cfg: PipelineConfig):
+    """One run per workspace: a flock on a local one, a lease object on a shared one (an object
+    store has no flock)."""
+    wait = cfg.orchestration.lock_wait_s
+    if (shared := shared_workspace(cfg)) is not None:
+        return shared.lease(".pipeline.lock", timeout_s=wait)
+    return exclusive_lock(Path(cfg.workspace) / ".pipeline.lock", timeout_s=wait)
+
+
+def _result_storage(cfg: PipelineConfig):
+    """Where Prefect keeps the stages' results (JSON): in the workspace, so that a cache hit is
+    found by any machine that shares it. Prefect takes a remote location only as a saved block."""
+    if cfg.shared_workspace is None:
+        return Path(cfg.workspace) / ".prefect-results"
+    import hashlib
+
+    from prefect.filesystems import RemoteFileSystem
+
+    block = RemoteFileSystem(basepath=f"{cfg.shared_workspace.rstrip('/')}/.prefect-results")
+    block.save(f"diffcl-results-{hashlib.sha256(cfg.shared_workspace.encode()).hexdigest()[:12]}", overwrite=True)
+    return block
 
 
 def _run_stages(cfg: PipelineConfig, logger) -> dict[str, Any]:

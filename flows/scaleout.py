@@ -12,6 +12,8 @@ from prefect import flow, task, unmapped
 from prefect.cache_policies import NONE
 
 from diffcl.core.config import PipelineConfig, load_config
+from diffcl.core.workspace import DatasetDirs
+from flows.cache import pull, push
 from pipeline.embed import encode_text_shard, text_shards
 
 
@@ -32,7 +34,13 @@ def task_runner(cfg: PipelineConfig):
 # Not cached by Prefect: a shard is cheap to re-check (it encodes only texts missing from the cache).
 @task(name="text_shard", cache_policy=NONE)
 def text_shard_task(config: dict[str, Any], start: int, stop: int) -> int:
-    return encode_text_shard(load_config(config), start, stop)
+    """On a worker of another machine, with a shared workspace: the items down, the part up."""
+    cfg = load_config(config)
+    dirs = DatasetDirs.of(cfg.workspace, cfg.dataset.name)
+    pull(config, dirs.prepared, dirs.features / "cache")
+    encoded = encode_text_shard(cfg, start, stop)
+    push(config, dirs.features / "cache")
+    return encoded
 
 
 @flow(name="text-shards", validate_parameters=False)

@@ -360,6 +360,44 @@ def test_second_run_of_a_workspace_is_skipped(prefect_server, demo_over_http, co
     assert any("skipped: another pipeline run" in line for line in _flow_logs(state.state_details.flow_run_id))
 
 
+def test_shared_fsspec_workspace_serves_a_fresh_machine_from_cache(prefect_server, demo_over_http, counter):
+    """Issue 15: the workspace shared through an fsspec URL (memory://) holds every stage's outputs,
+    the ledger and Prefect's results, so a machine with nothing on its disk finds every stage cached;
+    a lease held on the URL skips a second run as the flock does on a local workspace."""
+    import shutil
+
+    import fsspec
+
+    from diffcl.core.shared import SharedWorkspace
+    from flows.flow import diffcl_flow
+
+    config, _, server = demo_over_http
+    url = f"memory://diffcl-flow-{config.parent.name}/shared"
+    overrides = [f"shared_workspace={url}"]
+    first = diffcl_flow(config=str(config), overrides=overrides)
+    fs, root = fsspec.core.url_to_fs(url)
+    shared = {path[len(root) + 1:] for path in fs.find(root)}
+    assert {"demo/prepared/items.parquet", "demo/features/text.parquet", "demo/features/image.parquet",
+            "demo/features/image_sources.parquet", "demo/registry.json", "demo/.stages/train.json"} <= shared
+    for prefix, suffix in (("demo/graphs/knn_", ".npz"), ("demo/graphs/knn_", ".json"), ("demo/runs/", "/best.pt"),
+                           ("demo/runs/", "/evaluation.json"), (".prefect-results/", ""), ("demo/images/", "")):
+        assert any(p.startswith(prefix) and p.endswith(suffix) for p in shared), (prefix, suffix)
+    assert not any(p.endswith((".part", ".lock")) for p in shared)
+
+    shutil.rmtree(config.parent / "ws")  # a fresh machine: the same configured path, an empty disk
+    counter.reset()
+    images = sum(hits for path, hits in server.hits.items() if path.startswith("/images/"))
+    again = diffcl_flow(config=str(config), overrides=overrides)
+    assert counter.calls == {} and counter.encoded_texts == 0
+    assert again["test"] == first["test"] and again["run_dir"] == first["run_dir"]
+    assert sum(hits for path, hits in server.hits.items() if path.startswith("/images/")) == images
+    assert (config.parent / "ws/demo/prepared/items.parquet").exists()  # brought down to check it
+
+    with SharedWorkspace(url, config.parent / "ws").lease(".pipeline.lock"):
+        state = diffcl_flow(config=str(config), overrides=overrides, return_state=True)
+    assert state.result()["skipped"].startswith("skipped: another pipeline run") and counter.calls == {}
+
+
 def test_errors_that_cannot_recover_are_not_retried(prefect_server, demo_over_http, monkeypatch):
     """Issue 13.3: a missing local file or a 404 fails at once (one attempt), a 503 is retried."""
     import pipeline.prepare

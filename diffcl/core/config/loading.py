@@ -34,7 +34,14 @@ from diffcl.core.metrics import METRICS
 class PipelineConfig(Strict):
     """The whole pipeline: one dataset and the settings of every stage."""
 
-    workspace: Path = Field(Path("./workspace"), description="where every stage writes")
+    workspace: Path = Field(
+        Path("./workspace"), description="where every stage writes; an fsspec URL (s3://bucket/prefix) "
+        "stands for shared_workspace: that URL, with this machine's copy in ~/.cache/diffcl/workspaces/"
+    )
+    shared_workspace: str | None = Field(
+        None, description="fsspec URL of a workspace shared by machines (s3://, gs://, file://); workspace is "
+        "then this machine's copy of it and must be a path every worker can write. Null: local only"
+    )
     dataset: DatasetConfig
     fetch: FetchConfig = Field(default_factory=FetchConfig)
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
@@ -45,6 +52,20 @@ class PipelineConfig(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _workspace_url(cls, data: Any) -> Any:
+        """``workspace: s3://...`` is short for ``shared_workspace`` with the default local copy."""
+        workspace = data.get("workspace") if isinstance(data, dict) else None
+        if isinstance(workspace, str) and "://" in workspace:
+            if data.get("shared_workspace") not in (None, workspace):
+                raise ValueError("workspace is a URL and shared_workspace another one: give the URL as "
+                                 "shared_workspace and a local path as workspace")
+            from diffcl.core.shared import default_mirror
+
+            data = {**data, "shared_workspace": workspace, "workspace": str(default_mirror(workspace))}
+        return data
 
     @model_validator(mode="after")
     def _check_metrics(self) -> PipelineConfig:

@@ -1,0 +1,229 @@
+"""A workspace shared by machines: an fsspec URL (``s3://bucket/prefix``, ``gs://``, ``memory://``,
+``file://``) that is the system of record, and on each machine a local copy of it.
+
+Every stage keeps running on local files (``workspace``: atomic renames, flocks, memory maps all
+need a local disk); the flow's tasks bring a stage's inputs down from the shared workspace before it
+runs (:meth:`SharedWorkspace.pull`) and send its outputs up after (:meth:`SharedWorkspace.push`), so a
+task can run on any machine that reaches the URL. What moves:
+
+- pull takes a file when the shared copy changed since this machine last synced it (its listing
+  stamp: size plus the store's version, ETag or modification time);
+- push sends a file when the local copy changed since the last sync (size, mtime), and never
+  sends an untouched local file over a newer shared one;
+- an upload goes to a temporary name and is then moved onto its key, so nobody reads half an
+  object; a download is renamed into place the same way (:func:`diffcl.core.io.atomic_path`).
+
+An object store has no flock: one flow run per shared workspace is held by a lease object
+(:meth:`SharedWorkspace.lease`), created with an exclusive create (``mode="xb"``: S3's
+``If-None-Match``, GCS's generation 0, O_EXCL on local disks), renewed while held, broken by a waiter
+only once expired. Breaking an expired lease is not atomic: two waiters that find the same expired
+lease at the same moment may both take it (the object store gives no compare-and-delete here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from diffcl.core.io import atomic_path, write_json_atomic
+from diffcl.core.locks import LockBusy, exclusive_lock
+
+# Listing fields that change when an object's content does, across stores (local mtime, memory's
+# created, S3's ETag / LastModified, GCS's generation / md5Hash).
+_VERSION_FIELDS = ("size", "mtime", "created", "ETag", "etag", "LastModified", "generation", "md5Hash")
+# Never shared: this machine's locks and partial files.
+_LOCAL_ONLY_SUFFIXES = (".lock", ".tmp", ".part")
+SYNC_STATE = ".shared-sync.json"
+
+
+def default_mirror(url: str) -> Path:
+    """The local copy of a shared workspace given only by its URL: one folder per URL."""
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return Path("~/.cache/diffcl/workspaces").expanduser() / digest
+
+
+def _stamp(info: dict[str, Any]) -> str:
+    return json.dumps({k: str(info[k]) for k in _VERSION_FIELDS if k in info}, sort_keys=True)
+
+
+def _local_stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _shared_name(rel: str) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    return not name.endswith(_LOCAL_ONLY_SUFFIXES) and rel.split("/", 1)[0] != SYNC_STATE
+
+
+class LeaseBusy(LockBusy):
+    """The shared workspace's lease is held by a live holder (``host pid N``)."""
+
+    def __init__(self, url: str, holder: str):
+        self.url, self._holder = url, holder
+        RuntimeError.__init__(self, f"{url} is leased by another process ({holder})")
+
+    @property
+    def holder(self) -> str:
+        return self._holder
+
+
+class SharedWorkspace:
+    """The shared workspace at ``url`` and this machine's copy of it at ``local``. Paths are
+    relative to both roots (``scientific/prepared/items.parquet``)."""
+
+    def __init__(self, url: str, local: str | Path):
+        import fsspec
+
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.local = Path(local)
+        self._state_lock = threading.Lock()  # tasks of one flow run share this process
+
+    # ------------------------------------------------------------------------------ sync state
+    def _remote(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def _rel_of_remote(self, path: str) -> str:
+        return path[len(self.root):].lstrip("/")
+
+    def _read_state(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.local / SYNC_STATE).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def _record(self, synced: dict[str, dict[str, Any]]) -> None:
+        """Merge what one pull or push synced into the state (threads and processes of this
+        machine may sync other files at the same time)."""
+        if not synced:
+            return
+        path = self.local / SYNC_STATE
+        with self._state_lock, exclusive_lock(path.with_suffix(".lock"), timeout_s=60):
+            state = self._read_state()
+            state.update(synced)
+            write_json_atomic(path, state)
+
+    def relative(self, path: str | Path) -> str:
+        """``path`` (inside the local copy) relative to it; ValueError for a path outside."""
+        return Path(path).resolve().relative_to(self.local.resolve()).as_posix()
+
+    # ------------------------------------------------------------------------------- transfers
+    def _listing(self, rel: str) -> dict[str, dict[str, Any]]:
+        remote = self._remote(rel)
+        if not self.fs.exists(remote):
+            return {}
+        found = self.fs.find(remote, detail=True)
+        return {self._rel_of_remote(p): info for p, info in found.items() if info.get("type", "file") == "file"}
+
+    def pull(self, *rels: str) -> int:
+        """Bring files or folders (relative paths) down where the shared copy changed; returns how
+        many files moved. A path missing from the shared workspace is left alone."""
+        known, synced = self._read_state(), {}
+        for rel in rels:
+            for file_rel, info in sorted(self._listing(rel).items()):
+                if not _shared_name(file_rel):
+                    continue
+                local = self.local / file_rel
+                seen = known.get(file_rel, {})
+                if local.exists() and seen.get("shared") == _stamp(info) and seen.get("local") == _local_stamp(local):
+                    continue
+                with atomic_path(local) as tmp:
+                    self.fs.get_file(self._remote(file_rel), str(tmp))
+                synced[file_rel] = {"shared": _stamp(info), "local": _local_stamp(local)}
+        self._record(synced)
+        return len(synced)
+
+    def push(self, *rels: str) -> int:
+        """Send local files or folders (relative paths) up where the local copy changed since the
+        last sync; returns how many files moved. A local file untouched since the last sync never
+        replaces a shared one (which may be newer)."""
+        known, synced = self._read_state(), {}
+        for rel in rels:
+            local_root = self.local / rel
+            if not local_root.exists():
+                continue
+            files = [local_root] if local_root.is_file() else sorted(p for p in local_root.rglob("*") if p.is_file())
+            for path in files:
+                file_rel = path.relative_to(self.local).as_posix()
+                remote = self._remote(file_rel)
+                if not _shared_name(file_rel) or (
+                        known.get(file_rel, {}).get("local") == _local_stamp(path) and self.fs.exists(remote)):
+                    continue
+                parent, _, name = remote.rpartition("/")
+                self.fs.makedirs(parent, exist_ok=True)
+                partial = f"{parent}/.{name}.{secrets.token_hex(4)}.part"
+                self.fs.put_file(str(path), partial)
+                self.fs.mv(partial, remote)
+                synced[file_rel] = {"shared": _stamp(self.fs.info(remote)), "local": _local_stamp(path)}
+        self._record(synced)
+        return len(synced)
+
+    # ---------------------------------------------------------------------------------- lease
+    @contextlib.contextmanager
+    def lease(self, rel: str, timeout_s: float = 0.0, ttl_s: float = 300.0, poll_s: float = 1.0) -> Iterator[None]:
+        """Hold the lease object ``rel`` (exclusive create); renewed every ttl/3 while held. A
+        waiter takes over a lease whose holder let it expire (a crashed run); otherwise it waits
+        up to ``timeout_s`` and raises :class:`LeaseBusy` naming the holder."""
+        path = self._remote(rel)
+        token = secrets.token_hex(8)
+        holder = f"{socket.gethostname()} pid {os.getpid()}"
+
+        def body() -> bytes:
+            return json.dumps({"holder": holder, "token": token, "expires": time.time() + ttl_s}).encode()
+
+        self.fs.makedirs(path.rpartition("/")[0], exist_ok=True)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with self.fs.open(path, "xb") as handle:
+                    handle.write(body())
+                break
+            except FileExistsError:
+                current = self._read_lease(path)
+                if current is not None and current.get("expires", 0) < time.time():
+                    self.fs.rm(path)  # the holder stopped renewing: it is gone
+                    continue
+                if time.monotonic() >= deadline:
+                    raise LeaseBusy(self._remote(rel), (current or {}).get("holder", "unknown holder")) from None
+                time.sleep(poll_s)
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(ttl_s / 3):
+                if (self._read_lease(path) or {}).get("token") == token:
+                    self.fs.pipe_file(path, body())
+
+        renewer = threading.Thread(target=renew, name=f"lease {rel}", daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            renewer.join()
+            if (self._read_lease(path) or {}).get("token") == token:
+                self.fs.rm(path)
+
+    def _read_lease(self, path: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.fs.cat_file(path))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+
+def shared_workspace(config: Any) -> SharedWorkspace | None:
+    """The shared workspace of a config (a PipelineConfig or its JSON dump); None when local only."""
+    if isinstance(config, dict):
+        url, local = config.get("shared_workspace"), config["workspace"]
+    else:
+        url, local = config.shared_workspace, config.workspace
+    return SharedWorkspace(url, local) if url else None
