@@ -61,7 +61,7 @@ def bench_features(n_items: int, shard_items: int) -> None:
     from pipeline.embed import run_features
 
     apply_offline_defaults()
-    from flows.scaleout import encode_text_shards
+    from flows.scaleout import encode_shards
 
     seconds = {}
     for workers in (1, 2):
@@ -74,7 +74,7 @@ def bench_features(n_items: int, shard_items: int) -> None:
                     update={"task_runner": "dask", "dask_address": cluster.scheduler_address}),
             })
             start = time.perf_counter()
-            encode_text_shards(config)
+            encode_shards(config, "text")
             run_features(config, progress=False)
             seconds[workers] = time.perf_counter() - start
         print(f"features  {n_items} items, {workers} Dask worker(s): {seconds[workers]:.1f} s "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from features.image_download import DownloadSettings, open_capped
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "clip_configs"
+# Seeding and drawing random weights touch torch's global generator: shards encoding in threads of
+# one process (Prefect's default task runner) would interleave their draws and get other weights;
+# hence the lock here, and a DataLoader with its own generator.
+_SEEDED_INIT = threading.Lock()
 UNTRAINED_NOTE = "features come from an UNTRAINED image encoder (random weights): no learned visual semantics"
 
 
@@ -54,11 +59,12 @@ def load_clip(spec: ClipSpec, device: str, seed: int = 0):
     register_configs()
     if spec.architecture not in open_clip.list_models():
         raise ValueError(f"features.image.model: unknown open_clip architecture {spec.architecture!r}")
-    torch.manual_seed(seed)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.architecture, pretrained=spec.pretrained, device=device
-        )
+        with _SEEDED_INIT:
+            torch.manual_seed(seed)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.architecture, pretrained=spec.pretrained, device=device
+            )
     except Exception as err:  # a hub tag without a network, a checkpoint of another architecture
         raise RuntimeError(
             f"features.image.pretrained: cannot load {spec.pretrained!r} for {spec.architecture} ({err}). "
@@ -99,6 +105,7 @@ def encode_images(model, preprocess, paths: list[str], batch_size: int, workers:
     loader = torch.utils.data.DataLoader(
         _ImageFiles(paths, preprocess, max_pixels), batch_size=batch_size, num_workers=workers,
         worker_init_fn=_worker_init if workers else None, persistent_workers=False,
+        generator=torch.Generator(),  # its seed draw must not touch the global generator (see _SEEDED_INIT)
     )
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 

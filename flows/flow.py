@@ -366,11 +366,10 @@ def _run_stages(cfg: PipelineConfig, logger) -> dict[str, Any]:
     prepared = opt(prepare_stage)(data, fetched.outputs, fetched.info["manifests"])
     items = {"items": prepared.outputs["items"], "stats": _stats_content(prepared)}
     images = opt(images_stage)(data, items)  # records failed downloads, never raises on them: no task retries
-    if cfg.features.shard_items:
-        from flows.scaleout import encode_text_shards
-
-        logger.info("text shards encoded %d item text(s)", encode_text_shards(cfg))
+    shards = _shard_runner(cfg, logger)
+    shards("text")
     text = opt(text_features_stage)(data, {**items, **_feature_file_inputs(cfg, "text")})
+    shards("image")
     image = opt(image_features_stage)(data, {**items, **images.outputs, **_feature_file_inputs(cfg, "image")})
     features = {**text.outputs, **image.outputs}
     shipped = shipped_features(cfg, prepared.info["stats"])
@@ -398,6 +397,19 @@ def _run_stages(cfg: PipelineConfig, logger) -> dict[str, Any]:
     }
     publish_artifacts(cfg, summary)
     return summary
+
+
+def _shard_runner(cfg: PipelineConfig, logger):
+    """With ``features.shard_items``: a modality's shards, run on the configured task runner before
+    its features stage merges them (:mod:`flows.scaleout`)."""
+
+    def run(modality: str) -> None:
+        if cfg.features.shard_items:
+            from flows.scaleout import encode_shards
+
+            logger.info("%s shards encoded %d item(s)", modality, encode_shards(cfg, modality))
+
+    return run
 
 
 def _stats_content(prepared: StageResult) -> Artifact:

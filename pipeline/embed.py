@@ -206,18 +206,33 @@ def item_shards(n_items: int, shard_items: int | None) -> list[tuple[int, int]]:
     return [(start, min(start + size, n_items)) for start in range(0, n_items, size)]
 
 
-def text_shards(config: PipelineConfig) -> list[tuple[int, int]]:
-    """The item ranges of the text shards; none when text is not encoded here (off or imported)."""
+SHARDED_MODALITIES = ("text", "image")  # the encoded ones; imported files need no shards
+
+
+def modality_shards(config: PipelineConfig, modality: str) -> list[tuple[int, int]]:
+    """The item ranges of a modality's shards; none when it is not encoded here (off or imported),
+    or, for images, when the images stage has not run (or found no image to download)."""
     inputs = read_inputs(config)
-    if not config.features.text.enabled or feature_source(config, "text", inputs.shipped) is not None:
+    settings = getattr(config.features, modality)
+    if not settings.enabled or feature_source(config, modality, inputs.shipped) is not None:
+        return []
+    if modality == "image" and not (inputs.dirs.features / "image_sources.parquet").exists():
         return []
     return item_shards(inputs.items.height, config.features.shard_items)
 
 
-def encode_text_shard(config: PipelineConfig, start: int, stop: int) -> int:
-    """Encode the uncached texts of items [start, stop) into a part next to the text cache, merged
-    (deterministically) by the text features run. Independent of every other shard, so any worker
-    that reaches the workspace can run it. Returns the number of texts encoded."""
+def encode_shard(config: PipelineConfig, modality: str, start: int, stop: int) -> int:
+    """Encode what the cache lacks of items [start, stop) into a part next to the modality's cache,
+    merged (deterministically) by its features run. Independent of every other shard, so any worker
+    that reaches the workspace can run it. Returns the number of texts or images encoded."""
+    if modality == "text":
+        return _encode_text_shard(config, start, stop)
+    if modality == "image":
+        return _encode_image_shard(config, start, stop)
+    raise ValueError(f"modality {modality!r} is not encoded here: only {', '.join(SHARDED_MODALITIES)} have shards")
+
+
+def _encode_text_shard(config: PipelineConfig, start: int, stop: int) -> int:
     from features.embedding_cache import write_part
     from features.text_encoder import assemble_texts, encode_texts, load_text_encoder
 
@@ -250,7 +265,7 @@ def _run_text(tc: TextFeaturesConfig, items: pl.DataFrame, dirs: DatasetDirs, pr
     recipe = {"fields": tc.fields, "max_chars": tc.max_chars, "fallback": "prepared text", "separator": ". "}
     report = ModalityReport("text", "written", items=len(texts), missing=sum(1 for t in texts if not t))
     cache = _text_cache(tc, dirs, spec)
-    sharded = cache.merge_parts()  # vectors the shards (encode_text_shard) encoded, if they ran
+    sharded = cache.merge_parts()  # vectors the shards (encode_shard) encoded, if they ran
     todo = cache.missing(keys)
     encode_seconds = 0.0
     if todo:
@@ -274,7 +289,7 @@ def _run_text(tc: TextFeaturesConfig, items: pl.DataFrame, dirs: DatasetDirs, pr
 # ----------------------------------------------------------------------------------------- image
 def _run_image(ic: ImageFeaturesConfig, items: pl.DataFrame, dirs: DatasetDirs, progress: bool) -> ModalityReport:
     from features.image_download import ImageResult
-    from features.image_encoder import UNTRAINED_NOTE, encode_images, load_clip, resolve_clip
+    from features.image_encoder import UNTRAINED_NOTE
 
     start = time.perf_counter()
     out = dirs.features / "image.parquet"
@@ -301,23 +316,18 @@ def _run_image(ic: ImageFeaturesConfig, items: pl.DataFrame, dirs: DatasetDirs, 
             "or set features.image.enabled: false to run without the visual modality"
         )
 
-    spec = resolve_clip(ic.model, ic.pretrained, dirs.features / "cache" / "weights.json")
+    spec, cache = _image_cache(ic, dirs)
     keys = [r.sha256 for r in results]
     report = ModalityReport("image", "written", items=len(results), missing=n_missing,
                             note=UNTRAINED_NOTE if spec.untrained else "")
-    cache = EmbeddingCache(dirs.features / "cache", "image", spec.identity)
     present_keys = [k for k in keys if k is not None]
+    sharded = cache.merge_parts()  # vectors the shards (encode_shard) encoded, if they ran
     todo = cache.missing(present_keys)
     encode_seconds = 0.0
     if todo:
-        from diffcl.core.device import resolve_device
-
-        device = str(resolve_device(ic.device))
-        model, preprocess = load_clip(spec, device)
         path_of = {r.sha256: r.path for r in results if r.sha256}
         t0 = time.perf_counter()
-        cache.add(todo, encode_images(model, preprocess, [path_of[k] for k in todo], ic.batch_size,
-                                      ic.loader_workers, device, progress, max_pixels=ic.max_pixels))
+        cache.add(todo, _encode_image_files(ic, spec, [path_of[k] for k in todo], progress))
         encode_seconds = time.perf_counter() - t0
     vectors = cache.lookup(present_keys)
     matrix = np.zeros((len(results), vectors.shape[1]), dtype=np.float32)
@@ -330,9 +340,44 @@ def _run_image(ic: ImageFeaturesConfig, items: pl.DataFrame, dirs: DatasetDirs, 
         "note": UNTRAINED_NOTE if spec.untrained else "", "missing_policy": ic.missing,
         "missing": n_missing, "missing_reasons": dict(reasons.iter_rows()), "versions": _versions("open-clip-torch"),
     }, extra_columns={"present": present} if ic.missing == "zeros" else None)
-    report.embedded, report.reused = len(todo), len(present_keys) - len(todo)
+    report.embedded = len(todo) + sharded
+    report.reused = len(present_keys) - report.embedded
     report.encode_seconds, report.seconds = encode_seconds, time.perf_counter() - start
     return report
+
+
+def _image_cache(ic: ImageFeaturesConfig, dirs: DatasetDirs):
+    """(CLIP spec, per-image cache): one definition for the whole-catalogue run and the shards."""
+    from features.image_encoder import resolve_clip
+
+    spec = resolve_clip(ic.model, ic.pretrained, dirs.features / "cache" / "weights.json")
+    return spec, EmbeddingCache(dirs.features / "cache", "image", spec.identity)
+
+
+def _encode_image_files(ic: ImageFeaturesConfig, spec, paths: list[str], progress: bool) -> np.ndarray:
+    from diffcl.core.device import resolve_device
+    from features.image_encoder import encode_images, load_clip
+
+    device = str(resolve_device(ic.device))
+    model, preprocess = load_clip(spec, device)
+    return encode_images(model, preprocess, paths, ic.batch_size, ic.loader_workers, device, progress,
+                         max_pixels=ic.max_pixels)
+
+
+def _encode_image_shard(config: PipelineConfig, start: int, stop: int) -> int:
+    """The downloaded images of items [start, stop) (``features/image_sources.parquet``, by item)."""
+    from features.embedding_cache import write_part
+
+    ic = config.features.image
+    dirs = DatasetDirs.of(config.workspace, config.dataset.name)
+    sources = pl.read_parquet(dirs.features / "image_sources.parquet").sort("item").slice(start, stop - start)
+    path_of = {row["sha256"]: row["path"] for row in sources.iter_rows(named=True) if row["status"] == "ok"}
+    spec, cache = _image_cache(ic, dirs)
+    todo = cache.missing(list(path_of))
+    if todo:
+        write_part(cache, f"{start:012d}-{stop:012d}", todo,
+                   _encode_image_files(ic, spec, [path_of[k] for k in todo], progress=False))
+    return len(todo)
 
 
 # ----------------------------------------------------------------------------------- precomputed

@@ -1,5 +1,6 @@
-"""Text features sharded into Prefect tasks: a local 2-worker Dask cluster (prefect-dask) gives
-bit-for-bit the matrix of the same shards run in-process, and the unsharded one within float noise."""
+"""Text and image features sharded into Prefect tasks: a local 2-worker Dask cluster (prefect-dask)
+gives bit-for-bit the matrix of the same shards run in-process, and the unsharded one within float
+noise."""
 
 from __future__ import annotations
 
@@ -29,29 +30,55 @@ def prefect_harness(tmp_path_factory):
         yield
 
 
-def _text_matrix(tmp_path, **settings) -> tuple[np.ndarray, int]:
-    from flows.scaleout import encode_text_shards
+def _matrix(tmp_path, modality: str = "text", items=ITEMS, **settings) -> tuple[np.ndarray, int]:
+    from flows.scaleout import encode_shards
+    from pipeline.embed import download_images
 
-    config = _workspace(tmp_path, ITEMS, image__enabled=False)
+    other = "image" if modality == "text" else "text"
+    config = _workspace(tmp_path, items, **{f"{other}__enabled": False})
     config = config.model_copy(update={
         "features": config.features.model_copy(update={"shard_items": settings.pop("shard_items", None)}),
         "orchestration": config.orchestration.model_copy(update=settings),
     })
-    sharded = encode_text_shards(config)
-    run_features(config, progress=False)
-    return read_features(config.workspace / "toy" / "features" / "text.parquet")[0], sharded
+    download_images(config, progress=False)  # the images stage: a no-op without image URLs
+    sharded = encode_shards(config, modality)
+    reports = {r.modality: r for r in run_features(config, progress=False)}
+    assert reports[modality].embedded == (sharded or len(items))  # the shards' parts were merged
+    return read_features(config.workspace / "toy" / "features" / f"{modality}.parquet")[0], sharded
 
 
 def test_dask_sharded_text_features_match_single_process(tmp_path, prefect_harness):
-    local, local_sharded = _text_matrix(tmp_path / "local", shard_items=10)
+    local, local_sharded = _matrix(tmp_path / "local", shard_items=10)
     assert local_sharded == len(ITEMS)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster:
-        dask, dask_sharded = _text_matrix(tmp_path / "dask", shard_items=10, task_runner="dask",
+        dask, dask_sharded = _matrix(tmp_path / "dask", shard_items=10, task_runner="dask",
                                           dask_address=cluster.scheduler_address)
     assert dask_sharded == len(ITEMS)
     assert np.array_equal(dask, local)  # bit for bit
-    whole, whole_sharded = _text_matrix(tmp_path / "whole")  # no shards: one encode call
+    whole, whole_sharded = _matrix(tmp_path / "whole")  # no shards: one encode call
     assert whole_sharded == 0
     # Batches of other lengths pad differently: the same vectors up to float rounding.
+    np.testing.assert_allclose(whole, local, atol=1e-5)
+
+
+def test_dask_sharded_image_features_match_single_process(tmp_path, prefect_harness, http_server):
+    from tests.httpserver import Route
+    from tests.test_features import _png
+
+    for i in range(12):
+        http_server.routes[f"/{i}.png"] = Route(_png((20 * i, 255 - 20 * i, 7 * i)), content_type="image/png")
+    items = [{"title": f"item {i}", "image_url": http_server.url(f"/{i}.png")} for i in range(12)]
+    local, local_sharded = _matrix(tmp_path / "local", "image", items, shard_items=4)
+    assert local_sharded == len(items)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        dask, dask_sharded = _matrix(tmp_path / "dask", "image", items, shard_items=4, task_runner="dask",
+                                     dask_address=cluster.scheduler_address)
+    assert dask_sharded == len(items)
+    # Bit for bit: the untrained test encoder's random weights are drawn under a lock and the image
+    # loader has its own generator, so shards in threads of one process get the same weights.
+    assert np.array_equal(dask, local)
+    whole, whole_sharded = _matrix(tmp_path / "whole", "image", items)
+    assert whole_sharded == 0
     np.testing.assert_allclose(whole, local, atol=1e-5)

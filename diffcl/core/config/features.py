@@ -74,7 +74,7 @@ class FeaturesConfig(Strict):
     )
 
     shard_items: int | None = Field(
-        None, ge=1, description="encode the text of this many items per shard, each shard an independent "
+        None, ge=1, description="encode the text and images of this many items per shard, each shard an independent "
         "task that orchestration.task_runner may run on another worker; none: one task for all items"
     )
 
