@@ -123,6 +123,13 @@ def _relative(config: dict[str, Any], items) -> list[str]:
     return rels
 
 
+def model_inputs(config: dict[str, Any]) -> list[Path]:
+    """What building a model reads (training, evaluating, rescoring a champion): the prepared
+    tables, the feature files and the kNN graphs with their provenance sidecars."""
+    root = Path(config["workspace"]) / config["dataset"]["name"]
+    return [root / "prepared", root / "features" / "*.parquet", root / "graphs"]
+
+
 def pull(config: dict[str, Any], *items) -> None:
     """Bring a stage's inputs down from the shared workspace (:mod:`diffcl.core.shared`), if any."""
     if (shared := shared_workspace(config)) is not None:

@@ -8,7 +8,8 @@ persisted under the workspace, so a rerun with nothing changed runs no stage and
 exactly what is downstream of it. Fetch always runs: it is the stage that asks the sources whether
 they changed.
 
-One run per workspace at a time (a lock in ``<workspace>/.pipeline.lock``): a second run waits up to
+One run per workspace at a time (a lock in ``<workspace>/.pipeline.lock``, and on a shared workspace
+a lease object at its URL as well): a second run waits up to
 ``orchestration.lock_wait_s`` and is then skipped with a log line. The fetch stage retries only
 failures a later attempt may fix (:func:`transient_failure`).
 """
@@ -36,6 +37,7 @@ from flows.cache import (
     StageResult,
     artifact,
     base_key,
+    model_inputs,
     pull,
     push,
 )
@@ -104,7 +106,7 @@ def fetch_stage(config: dict[str, Any]) -> StageResult:
     from pipeline.prepare import acquire
 
     raw = _dataset_root(config) / "raw"
-    pull(config, raw)  # the manifests, so that conditional requests see what another machine fetched
+    pull(config, raw)  # the dumps and their manifests: conditional requests see what another machine fetched
     acquired = acquire(load_config(config), progress=False)
     push(config, raw)
     outputs = {role: Artifact(str(path), m.sha256) for role, (path, m) in acquired.items()}
@@ -163,7 +165,7 @@ def _features_stage(stage: str, modality: str, config: dict[str, Any], inputs: d
 
     cfg = load_config(config)
     features = DatasetDirs.of(cfg.workspace, cfg.dataset.name).features
-    cache = features / "cache"  # per-item embeddings, and the parts text shards wrote elsewhere
+    cache = features / "cache"  # per-item embeddings, and the parts shards wrote elsewhere
     pull(config, *inputs.values(), cache, *([_dataset_root(config) / "images"] if modality == "image" else []))
     report = modality_features(cfg, modality, progress=False)
     path = features / f"{modality}.parquet"
@@ -237,12 +239,13 @@ def train_stage(config: dict[str, Any], inputs: dict[str, Artifact]) -> StageRes
     logger = get_run_logger()
     progress = TrainingProgress(cfg, logger)
     run_id = f"{cfg.model.name}-{key.base[:12]}"
-    run_folder = DatasetDirs.of(cfg.workspace, cfg.dataset.name).runs / run_id
-    pull(config, *inputs.values(), run_folder)  # a run interrupted on another machine resumes here
+    # The run's folders: run_id, or run_id-rN when it could not resume (pipeline.train).
+    run_folders = DatasetDirs.of(cfg.workspace, cfg.dataset.name).runs / f"{run_id}*"
+    pull(config, *model_inputs(config), run_folders)  # a run interrupted on another machine resumes here
     try:
         result = train_resuming(cfg, run_id, progress.epoch, logger)
     finally:
-        push(config, run_folder)  # its checkpoints, even after a failure: the retry may run elsewhere
+        push(config, run_folders)  # its checkpoints, even after a failure: the retry may run elsewhere
     progress.update(100.0)
     run = result.run_dir
     outputs = {name: artifact(run / name) for name in ("best.pt", "metrics.json", "history.parquet", "curves.png")}
@@ -253,7 +256,7 @@ def train_stage(config: dict[str, Any], inputs: dict[str, Artifact]) -> StageRes
 def evaluate_stage(config: dict[str, Any], inputs: dict[str, Artifact], run_dir: str) -> StageResult:
     from pipeline.evaluate import write_evaluation
 
-    pull(config, run_dir)
+    pull(config, *model_inputs(config), run_dir)
     path, evaluation = write_evaluation(Path(run_dir))
     push(config, path)
     return _finish("evaluate", config, inputs, {"evaluation": artifact(path)},
@@ -272,7 +275,7 @@ def publish_stage(config: dict[str, Any], inputs: dict[str, Artifact], run_dir: 
     pull(config, inputs["evaluation"], registry)
     champion = Registry(registry).production()
     if champion is not None:
-        pull(config, champion["run_dir"])  # rescored on this data
+        pull(config, *model_inputs(config), champion["run_dir"])  # rescored on this data
     evaluation = json.loads(Path(inputs["evaluation"].path).read_text())
     decision = publish_run(load_config(config), Path(run_dir), evaluation, data_hash, id_tables or {})
     push(config, registry)
@@ -323,22 +326,17 @@ def diffcl_flow(config: str = DEMO_CONFIG, overrides: list[str] | None = None,
         logger.info("demo data written to %s", written)
     with contextlib.ExitStack() as held:
         try:
-            held.enter_context(_pipeline_lock(cfg))
+            wait = cfg.orchestration.lock_wait_s
+            held.enter_context(exclusive_lock(Path(cfg.workspace) / ".pipeline.lock", timeout_s=wait))
+            if (shared := shared_workspace(cfg)) is not None:  # an object store has no flock
+                held.enter_context(shared.lease(".pipeline.lock", timeout_s=wait))
         except LockBusy as err:
-            message = (f"skipped: another pipeline run ({err.holder}) works in {cfg.workspace} "
+            where = cfg.shared_workspace or cfg.workspace
+            message = (f"skipped: another pipeline run ({err.holder}) works in {where} "
                        f"(waited {cfg.orchestration.lock_wait_s:g} s, orchestration.lock_wait_s)")
             logger.warning(message)
             return {"dataset": cfg.dataset.name, "skipped": message}
         return _run_stages(cfg, logger)
-
-
-def _pipeline_lock(cfg: PipelineConfig):
-    """One run per workspace: a flock on a local one, a lease object on a shared one (an object
-    store has no flock)."""
-    wait = cfg.orchestration.lock_wait_s
-    if (shared := shared_workspace(cfg)) is not None:
-        return shared.lease(".pipeline.lock", timeout_s=wait)
-    return exclusive_lock(Path(cfg.workspace) / ".pipeline.lock", timeout_s=wait)
 
 
 def _result_storage(cfg: PipelineConfig):

@@ -14,7 +14,7 @@ from prefect.cache_policies import NONE
 from diffcl.core.config import PipelineConfig, load_config
 from diffcl.core.workspace import DatasetDirs
 from flows.cache import pull, push
-from pipeline.embed import encode_shard, modality_shards
+from pipeline.embed import encode_shard, image_paths, modality_shards
 
 
 def task_runner(cfg: PipelineConfig):
@@ -37,8 +37,12 @@ def shard_task(config: dict[str, Any], modality: str, start: int, stop: int) -> 
     """On a worker of another machine, with a shared workspace: the inputs down, the part up."""
     cfg = load_config(config)
     dirs = DatasetDirs.of(cfg.workspace, cfg.dataset.name)
-    inputs = [dirs.root / "images", dirs.features / "image_sources.parquet"] if modality == "image" else []
-    pull(config, dirs.prepared, dirs.features / "cache", *inputs)
+    # What this shard reads, no more: the items, the cache (not other shards' parts), its images.
+    pull(config, dirs.prepared / "items.parquet", dirs.prepared / "stats.json", dirs.features / "cache" / "*.*")
+    if modality == "image":
+        sources = dirs.features / "image_sources.parquet"
+        pull(config, sources)
+        pull(config, *image_paths(sources, start, stop))
     encoded = encode_shard(cfg, modality, start, stop)
     push(config, dirs.features / "cache")
     return encoded

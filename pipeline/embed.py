@@ -364,14 +364,24 @@ def _encode_image_files(ic: ImageFeaturesConfig, spec, paths: list[str], progres
                          max_pixels=ic.max_pixels)
 
 
+def _downloaded_images(sources: Path, start: int, stop: int) -> dict[str, str]:
+    """Content hash -> cached file of the downloaded images of items [start, stop)."""
+    rows = pl.read_parquet(sources).sort("item").slice(start, stop - start)
+    return {row["sha256"]: row["path"] for row in rows.iter_rows(named=True) if row["status"] == "ok"}
+
+
+def image_paths(sources: Path, start: int, stop: int) -> list[str]:
+    """The cached image files an image shard reads (what a worker elsewhere must bring down)."""
+    return sorted(set(_downloaded_images(sources, start, stop).values()))
+
+
 def _encode_image_shard(config: PipelineConfig, start: int, stop: int) -> int:
     """The downloaded images of items [start, stop) (``features/image_sources.parquet``, by item)."""
     from features.embedding_cache import write_part
 
     ic = config.features.image
     dirs = DatasetDirs.of(config.workspace, config.dataset.name)
-    sources = pl.read_parquet(dirs.features / "image_sources.parquet").sort("item").slice(start, stop - start)
-    path_of = {row["sha256"]: row["path"] for row in sources.iter_rows(named=True) if row["status"] == "ok"}
+    path_of = _downloaded_images(dirs.features / "image_sources.parquet", start, stop)
     spec, cache = _image_cache(ic, dirs)
     todo = cache.missing(list(path_of))
     if todo:

@@ -362,8 +362,9 @@ def test_second_run_of_a_workspace_is_skipped(prefect_server, demo_over_http, co
 
 def test_shared_fsspec_workspace_serves_a_fresh_machine_from_cache(prefect_server, demo_over_http, counter):
     """Issue 15: the workspace shared through an fsspec URL (memory://) holds every stage's outputs,
-    the ledger and Prefect's results, so a machine with nothing on its disk finds every stage cached;
-    a lease held on the URL skips a second run as the flock does on a local workspace."""
+    the ledger and Prefect's results, so a machine with nothing on its disk finds every stage cached,
+    or trains with only what the shared workspace holds; the feature shards' parts, once merged, are
+    gone from it; a lease held on the URL skips a second run as the flock does on a local workspace."""
     import shutil
 
     import fsspec
@@ -373,7 +374,7 @@ def test_shared_fsspec_workspace_serves_a_fresh_machine_from_cache(prefect_serve
 
     config, _, server = demo_over_http
     url = f"memory://diffcl-flow-{config.parent.name}/shared"
-    overrides = [f"shared_workspace={url}"]
+    overrides = [f"shared_workspace={url}", "features.shard_items=40"]
     first = diffcl_flow(config=str(config), overrides=overrides)
     fs, root = fsspec.core.url_to_fs(url)
     shared = {path[len(root) + 1:] for path in fs.find(root)}
@@ -382,7 +383,7 @@ def test_shared_fsspec_workspace_serves_a_fresh_machine_from_cache(prefect_serve
     for prefix, suffix in (("demo/graphs/knn_", ".npz"), ("demo/graphs/knn_", ".json"), ("demo/runs/", "/best.pt"),
                            ("demo/runs/", "/evaluation.json"), (".prefect-results/", ""), ("demo/images/", "")):
         assert any(p.startswith(prefix) and p.endswith(suffix) for p in shared), (prefix, suffix)
-    assert not any(p.endswith((".part", ".lock")) for p in shared)
+    assert not any(p.endswith((".part", ".lock")) or ".parts/" in p for p in shared)
 
     shutil.rmtree(config.parent / "ws")  # a fresh machine: the same configured path, an empty disk
     counter.reset()
@@ -393,6 +394,13 @@ def test_shared_fsspec_workspace_serves_a_fresh_machine_from_cache(prefect_serve
     assert sum(hits for path, hits in server.hits.items() if path.startswith("/images/")) == images
     assert (config.parent / "ws/demo/prepared/items.parquet").exists()  # brought down to check it
 
+    shutil.rmtree(config.parent / "ws")  # another fresh machine, and a training change: train runs there
+    counter.reset()
+    retrained = diffcl_flow(config=str(config), overrides=[*overrides, "train.lr=0.02"])
+    assert counter.calls == {"fit": 1} and retrained["run_dir"] != first["run_dir"]
+    assert fs.exists(f"{root}/{retrained['run_dir'].split('/ws/', 1)[1]}/evaluation.json")
+
+    counter.reset()
     with SharedWorkspace(url, config.parent / "ws").lease(".pipeline.lock"):
         state = diffcl_flow(config=str(config), overrides=overrides, return_state=True)
     assert state.result()["skipped"].startswith("skipped: another pipeline run") and counter.calls == {}

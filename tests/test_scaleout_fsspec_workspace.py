@@ -4,6 +4,7 @@ lease that stands in for a flock on an object store; fsspec's memory and local f
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -50,6 +51,22 @@ def test_fsspec_workspace_push_then_pull_on_another_machine(url, tmp_path):
     assert (a.local / "demo/prepared/items.parquet").read_bytes() == b"items v2 longer"
     assert a.pull("demo/not-there") == 0 and a.push("demo/not-there") == 0
 
+    # Globs; and a file deleted here after it was synced (a merged shard part) goes from the share.
+    (b.local / "demo/features/cache/text.parts").mkdir(parents=True)
+    (b.local / "demo/features/cache/text.parts/0-10.parquet").write_bytes(b"part")
+    (b.local / "demo/features/cache/text-1a.parquet").write_bytes(b"cache")
+    assert b.push("demo/features") == 2
+    assert a.pull("demo/features/cache/*.*") == 1  # the cache file; the parts folder is not a file
+    (b.local / "demo/features/cache/text.parts/0-10.parquet").unlink()
+    assert b.push("demo/features/cache") == 1
+    assert not fs.exists(f"{root}/demo/features/cache/text.parts/0-10.parquet")
+    assert fs.exists(f"{root}/demo/features/cache/text-1a.parquet")
+    # ... but not one that another machine changed after this one's last sync.
+    (b.local / "demo/prepared/stats.json").write_text('{"newer": true}')
+    assert b.push("demo/prepared") == 1
+    (a.local / "demo/prepared/stats.json").unlink()
+    assert a.push("demo/prepared") == 0 and fs.cat_file(f"{root}/demo/prepared/stats.json") == b'{"newer": true}'
+
 
 def test_fsspec_workspace_url_in_config_is_the_shared_workspace(tmp_path):
     data = {"dataset": {"name": "d", "source": "tables", "interactions": str(tmp_path / "x.csv")}}
@@ -86,6 +103,14 @@ def test_fsspec_workspace_lease_is_exclusive_renewed_and_taken_over_when_expired
     worker.start()
     worker.join(10)
     assert taken.is_set() and not fs.exists(f"{root}/.pipeline.lock")
+
+    # A holder that died between creating the lease and writing it leaves an empty one: taken over
+    # once it stayed unreadable for a whole ttl, not before.
+    fs.pipe_file(f"{root}/.pipeline.lock", b"")
+    with pytest.raises(LeaseBusy, match="unknown holder"), b.lease(".pipeline.lock", timeout_s=0.2, ttl_s=5, poll_s=0.05):
+        pass
+    with b.lease(".pipeline.lock", timeout_s=5, ttl_s=0.3, poll_s=0.05):
+        assert json.loads(fs.cat_file(f"{root}/.pipeline.lock"))["holder"].endswith(f"pid {os.getpid()}")
 
 
 def test_fsspec_workspace_stage_commands_say_the_flow_syncs_it(tmp_path):

@@ -8,16 +8,19 @@ task can run on any machine that reaches the URL. What moves:
 
 - pull takes a file when the shared copy changed since this machine last synced it (its listing
   stamp: size plus the store's version, ETag or modification time);
-- push sends a file when the local copy changed since the last sync (size, mtime), and never
-  sends an untouched local file over a newer shared one;
+- push sends a file when the local copy changed since the last sync (size, mtime), so an untouched
+  local file never goes over a newer shared one; a file this machine synced and then deleted (a
+  merged shard part) is deleted from the shared workspace too;
+- a path may end in a glob (``features/*.parquet``, ``runs/mf-1a2b*``);
 - an upload goes to a temporary name and is then moved onto its key, so nobody reads half an
   object; a download is renamed into place the same way (:func:`diffcl.core.io.atomic_path`).
 
 An object store has no flock: one flow run per shared workspace is held by a lease object
 (:meth:`SharedWorkspace.lease`), created with an exclusive create (``mode="xb"``: S3's
 ``If-None-Match``, GCS's generation 0, O_EXCL on local disks), renewed while held, broken by a waiter
-only once expired. Breaking an expired lease is not atomic: two waiters that find the same expired
-lease at the same moment may both take it (the object store gives no compare-and-delete here).
+only once expired (or, for an empty one, unreadable for a whole ttl). Breaking an expired lease is
+not atomic: the lease is read again just before it is deleted, but a waiter may still delete a lease
+another waiter took in between (fsspec offers no compare-and-delete).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import secrets
 import socket
@@ -37,6 +41,8 @@ from typing import Any
 from diffcl.core.io import atomic_path, write_json_atomic
 from diffcl.core.locks import LockBusy, exclusive_lock
 
+log = logging.getLogger(__name__)
+
 # Listing fields that change when an object's content does, across stores (local mtime, memory's
 # created, S3's ETag / LastModified, GCS's generation / md5Hash).
 _VERSION_FIELDS = ("size", "mtime", "created", "ETag", "etag", "LastModified", "generation", "md5Hash")
@@ -45,10 +51,13 @@ _LOCAL_ONLY_SUFFIXES = (".lock", ".tmp", ".part")
 SYNC_STATE = ".shared-sync.json"
 
 
+MIRROR_ROOT = Path("/var/tmp/diffcl-workspaces")
+
+
 def default_mirror(url: str) -> Path:
-    """The local copy of a shared workspace given only by its URL: one folder per URL."""
-    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
-    return Path("~/.cache/diffcl/workspaces").expanduser() / digest
+    """The local copy of a shared workspace given only by its URL: one folder per URL, at the same
+    path on every machine (task results name files by their path); a cache, the URL is the record."""
+    return MIRROR_ROOT / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
 def _stamp(info: dict[str, Any]) -> str:
@@ -70,7 +79,7 @@ class LeaseBusy(LockBusy):
 
     def __init__(self, url: str, holder: str):
         self.url, self._holder = url, holder
-        RuntimeError.__init__(self, f"{url} is leased by another process ({holder})")
+        super().__init__(url, None)
 
     @property
     def holder(self) -> str:
@@ -102,15 +111,17 @@ class SharedWorkspace:
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
 
-    def _record(self, synced: dict[str, dict[str, Any]]) -> None:
-        """Merge what one pull or push synced into the state (threads and processes of this
-        machine may sync other files at the same time)."""
-        if not synced:
+    def _record(self, synced: dict[str, dict[str, Any]], deleted: list[str] = ()) -> None:
+        """Merge what one pull or push synced (or deleted) into the state (threads and processes
+        of this machine may sync other files at the same time)."""
+        if not synced and not deleted:
             return
         path = self.local / SYNC_STATE
         with self._state_lock, exclusive_lock(path.with_suffix(".lock"), timeout_s=60):
             state = self._read_state()
             state.update(synced)
+            for file_rel in deleted:
+                state.pop(file_rel, None)
             write_json_atomic(path, state)
 
     def relative(self, path: str | Path) -> str:
@@ -119,11 +130,25 @@ class SharedWorkspace:
 
     # ------------------------------------------------------------------------------- transfers
     def _listing(self, rel: str) -> dict[str, dict[str, Any]]:
+        """The shared files at ``rel``: a file, every file under a folder, or a glob's matches."""
         remote = self._remote(rel)
-        if not self.fs.exists(remote):
+        if any(c in rel for c in "*?["):
+            found = self.fs.glob(remote, detail=True)
+        elif self.fs.exists(remote):
+            found = self.fs.find(remote, detail=True)
+        else:
             return {}
-        found = self.fs.find(remote, detail=True)
         return {self._rel_of_remote(p): info for p, info in found.items() if info.get("type", "file") == "file"}
+
+    def _local_files(self, rel: str) -> list[Path]:
+        if any(c in rel for c in "*?["):
+            matches = sorted(self.local.glob(rel))
+        else:
+            matches = [self.local / rel] if (self.local / rel).exists() else []
+        files = []
+        for match in matches:
+            files.extend([match] if match.is_file() else sorted(p for p in match.rglob("*") if p.is_file()))
+        return files
 
     def pull(self, *rels: str) -> int:
         """Bring files or folders (relative paths) down where the shared copy changed; returns how
@@ -145,15 +170,16 @@ class SharedWorkspace:
 
     def push(self, *rels: str) -> int:
         """Send local files or folders (relative paths) up where the local copy changed since the
-        last sync; returns how many files moved. A local file untouched since the last sync never
-        replaces a shared one (which may be newer)."""
-        known, synced = self._read_state(), {}
+        last sync, and delete the shared copies of files deleted here since; returns how many files
+        moved or went. A local file untouched since the last sync never replaces a shared one."""
+        known, synced, deleted = self._read_state(), {}, []
         for rel in rels:
-            local_root = self.local / rel
-            if not local_root.exists():
-                continue
-            files = [local_root] if local_root.is_file() else sorted(p for p in local_root.rglob("*") if p.is_file())
-            for path in files:
+            for file_rel, info in self._listing(rel).items():
+                seen = known.get(file_rel)
+                if seen and not (self.local / file_rel).exists() and seen.get("shared") == _stamp(info):
+                    self.fs.rm_file(self._remote(file_rel))  # deleted here after the last sync
+                    deleted.append(file_rel)
+            for path in self._local_files(rel):
                 file_rel = path.relative_to(self.local).as_posix()
                 remote = self._remote(file_rel)
                 if not _shared_name(file_rel) or (
@@ -164,9 +190,10 @@ class SharedWorkspace:
                 partial = f"{parent}/.{name}.{secrets.token_hex(4)}.part"
                 self.fs.put_file(str(path), partial)
                 self.fs.mv(partial, remote)
-                synced[file_rel] = {"shared": _stamp(self.fs.info(remote)), "local": _local_stamp(path)}
-        self._record(synced)
-        return len(synced)
+                # The stamp as a listing shows it (info() and find() may format a field differently).
+                synced[file_rel] = {"shared": _stamp(self._listing(file_rel)[file_rel]), "local": _local_stamp(path)}
+        self._record(synced, deleted)
+        return len(synced) + len(deleted)
 
     # ---------------------------------------------------------------------------------- lease
     @contextlib.contextmanager
@@ -183,6 +210,7 @@ class SharedWorkspace:
 
         self.fs.makedirs(path.rpartition("/")[0], exist_ok=True)
         deadline = time.monotonic() + timeout_s
+        unreadable_since: float | None = None
         while True:
             try:
                 with self.fs.open(path, "xb") as handle:
@@ -190,18 +218,28 @@ class SharedWorkspace:
                 break
             except FileExistsError:
                 current = self._read_lease(path)
-                if current is not None and current.get("expires", 0) < time.time():
-                    self.fs.rm(path)  # the holder stopped renewing: it is gone
+                # An empty or torn lease (its holder died between create and write) counts as
+                # expired once it stayed unreadable for a whole ttl.
+                unreadable_since = (unreadable_since or time.monotonic()) if current is None else None
+                expired = (current is not None and current.get("expires", 0) < time.time()) or (
+                    unreadable_since is not None and time.monotonic() - unreadable_since > ttl_s)
+                if expired and self._read_lease(path) == current:  # still the lease judged expired
+                    with contextlib.suppress(FileNotFoundError):  # another waiter removed it first
+                        self.fs.rm_file(path)
+                    unreadable_since = None
                     continue
                 if time.monotonic() >= deadline:
-                    raise LeaseBusy(self._remote(rel), (current or {}).get("holder", "unknown holder")) from None
+                    raise LeaseBusy(self.url, (current or {}).get("holder", "unknown holder")) from None
                 time.sleep(poll_s)
         stop = threading.Event()
 
         def renew() -> None:
             while not stop.wait(ttl_s / 3):
-                if (self._read_lease(path) or {}).get("token") == token:
-                    self.fs.pipe_file(path, body())
+                try:
+                    if (self._read_lease(path) or {}).get("token") == token:
+                        self.fs.pipe_file(path, body())
+                except Exception as err:  # a store hiccup: the next renewal (ttl/3 later) retries
+                    log.warning("renewing the lease %s failed (%s); retrying", path, err)
 
         renewer = threading.Thread(target=renew, name=f"lease {rel}", daemon=True)
         renewer.start()

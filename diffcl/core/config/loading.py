@@ -36,11 +36,11 @@ class PipelineConfig(Strict):
 
     workspace: Path = Field(
         Path("./workspace"), description="where every stage writes; an fsspec URL (s3://bucket/prefix) "
-        "stands for shared_workspace: that URL, with this machine's copy in ~/.cache/diffcl/workspaces/"
+        "stands for shared_workspace: that URL, with this machine's copy in /var/tmp/diffcl-workspaces/"
     )
     shared_workspace: str | None = Field(
         None, description="fsspec URL of a workspace shared by machines (s3://, gs://, file://); workspace is "
-        "then this machine's copy of it and must be a path every worker can write. Null: local only"
+        "then this machine's copy of it, at the same path on every machine that runs tasks. Null: local only"
     )
     dataset: DatasetConfig
     fetch: FetchConfig = Field(default_factory=FetchConfig)
