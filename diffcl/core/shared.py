@@ -163,10 +163,18 @@ class SharedWorkspace:
                 if local.exists() and seen.get("shared") == _stamp(info) and seen.get("local") == _local_stamp(local):
                     continue
                 with atomic_path(local) as tmp:
-                    self.fs.get_file(self._remote(file_rel), str(tmp))
+                    self._download(self._remote(file_rel), tmp)
                 synced[file_rel] = {"shared": _stamp(info), "local": _local_stamp(local)}
         self._record(synced)
         return len(synced)
+
+    def _download(self, remote: str, local: Path) -> None:
+        if "memory" in self.fs.protocol:
+            # fsspec's in-memory store opens every reader on one shared buffer: two threads reading
+            # the same file at once would each get pieces. Copy the bytes out instead.
+            local.write_bytes(self.fs.cat_file(remote))
+        else:
+            self.fs.get_file(remote, str(local))
 
     def push(self, *rels: str) -> int:
         """Send local files or folders (relative paths) up where the local copy changed since the
