@@ -341,15 +341,19 @@ def diffcl_flow(config: str = DEMO_CONFIG, overrides: list[str] | None = None,
 
 def _result_storage(cfg: PipelineConfig):
     """Where Prefect keeps the stages' results (JSON): in the workspace, so that a cache hit is
-    found by any machine that shares it. Prefect takes a remote location only as a saved block."""
+    found by any machine that shares it. Prefect takes a remote location only as a saved block,
+    and a file:// one (a shared mount) only as a plain path."""
     if cfg.shared_workspace is None:
         return Path(cfg.workspace) / ".prefect-results"
+    shared = shared_workspace(cfg)
+    if "file" in shared.fs.protocol:
+        return Path(shared.root) / ".prefect-results"
     import hashlib
 
     from prefect.filesystems import RemoteFileSystem
 
-    block = RemoteFileSystem(basepath=f"{cfg.shared_workspace.rstrip('/')}/.prefect-results")
-    block.save(f"diffcl-results-{hashlib.sha256(cfg.shared_workspace.encode()).hexdigest()[:12]}", overwrite=True)
+    block = RemoteFileSystem(basepath=f"{shared.url}/.prefect-results")
+    block.save(f"diffcl-results-{hashlib.sha256(shared.url.encode()).hexdigest()[:12]}", overwrite=True)
     return block
 
 

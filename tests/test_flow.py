@@ -360,8 +360,9 @@ def test_second_run_of_a_workspace_is_skipped(prefect_server, demo_over_http, co
     assert any("skipped: another pipeline run" in line for line in _flow_logs(state.state_details.flow_run_id))
 
 
-def test_shared_fsspec_workspace_serves_a_fresh_machine_from_cache(prefect_server, demo_over_http, counter):
-    """Issue 15: the workspace shared through an fsspec URL (memory://) holds every stage's outputs,
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_shared_fsspec_workspace_serves_a_fresh_machine_from_cache(prefect_server, demo_over_http, counter, scheme):
+    """Issue 15: the workspace shared through an fsspec URL (memory://, file://) holds every stage's outputs,
     the ledger and Prefect's results, so a machine with nothing on its disk finds every stage cached,
     or trains with only what the shared workspace holds; the feature shards' parts, once merged, are
     gone from it; a lease held on the URL skips a second run as the flock does on a local workspace."""
@@ -373,7 +374,7 @@ def test_shared_fsspec_workspace_serves_a_fresh_machine_from_cache(prefect_serve
     from flows.flow import diffcl_flow
 
     config, _, server = demo_over_http
-    url = f"memory://diffcl-flow-{config.parent.name}/shared"
+    url = f"memory://diffcl-flow-{config.parent.name}/shared" if scheme == "memory" else f"file://{config.parent}/shared"
     overrides = [f"shared_workspace={url}", "features.shard_items=40"]
     first = diffcl_flow(config=str(config), overrides=overrides)
     fs, root = fsspec.core.url_to_fs(url)
