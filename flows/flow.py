@@ -166,7 +166,11 @@ def _features_stage(stage: str, modality: str, config: dict[str, Any], inputs: d
     cfg = load_config(config)
     features = DatasetDirs.of(cfg.workspace, cfg.dataset.name).features
     cache = features / "cache"  # per-item embeddings, and the parts shards wrote elsewhere
-    pull(config, *inputs.values(), cache, *([_dataset_root(config) / "images"] if modality == "image" else []))
+    pull(config, *inputs.values(), cache)
+    if modality == "image":
+        from pipeline.embed import images_to_encode
+
+        pull(config, *images_to_encode(cfg))  # the images whose vectors the cache lacks
     report = modality_features(cfg, modality, progress=False)
     path = features / f"{modality}.parquet"
     push(config, path, cache)

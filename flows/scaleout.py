@@ -14,7 +14,7 @@ from prefect.cache_policies import NONE
 from diffcl.core.config import PipelineConfig, load_config
 from diffcl.core.workspace import DatasetDirs
 from flows.cache import pull, push
-from pipeline.embed import encode_shard, image_paths, modality_shards
+from pipeline.embed import encode_shard, images_to_encode, modality_shards
 
 
 def task_runner(cfg: PipelineConfig):
@@ -37,12 +37,11 @@ def shard_task(config: dict[str, Any], modality: str, start: int, stop: int) -> 
     """On a worker of another machine, with a shared workspace: the inputs down, the part up."""
     cfg = load_config(config)
     dirs = DatasetDirs.of(cfg.workspace, cfg.dataset.name)
-    # What this shard reads, no more: the items, the cache (not other shards' parts), its images.
+    # What this shard reads, no more: the items, the cache (not other shards' parts), its uncached images.
     pull(config, dirs.prepared / "items.parquet", dirs.prepared / "stats.json", dirs.features / "cache" / "*.*")
     if modality == "image":
-        sources = dirs.features / "image_sources.parquet"
-        pull(config, sources)
-        pull(config, *image_paths(sources, start, stop))
+        pull(config, dirs.features / "image_sources.parquet")
+        pull(config, *images_to_encode(cfg, start, stop))
     encoded = encode_shard(cfg, modality, start, stop)
     push(config, dirs.features / "cache")
     return encoded

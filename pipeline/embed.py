@@ -364,15 +364,22 @@ def _encode_image_files(ic: ImageFeaturesConfig, spec, paths: list[str], progres
                          max_pixels=ic.max_pixels)
 
 
-def _downloaded_images(sources: Path, start: int, stop: int) -> dict[str, str]:
-    """Content hash -> cached file of the downloaded images of items [start, stop)."""
-    rows = pl.read_parquet(sources).sort("item").slice(start, stop - start)
+def _downloaded_images(sources: Path, start: int, stop: int | None) -> dict[str, str]:
+    """Content hash -> cached file of the downloaded images of items [start, stop) (stop None: all)."""
+    rows = pl.read_parquet(sources).sort("item").slice(start, None if stop is None else stop - start)
     return {row["sha256"]: row["path"] for row in rows.iter_rows(named=True) if row["status"] == "ok"}
 
 
-def image_paths(sources: Path, start: int, stop: int) -> list[str]:
-    """The cached image files an image shard reads (what a worker elsewhere must bring down)."""
-    return sorted(set(_downloaded_images(sources, start, stop).values()))
+def images_to_encode(config: PipelineConfig, start: int = 0, stop: int | None = None) -> list[str]:
+    """The downloaded image files of items [start, stop) whose vectors the image cache lacks: what
+    encoding them reads (and a worker elsewhere must bring down first)."""
+    dirs = DatasetDirs.of(config.workspace, config.dataset.name)
+    sources = dirs.features / "image_sources.parquet"
+    if not sources.exists():
+        return []
+    path_of = _downloaded_images(sources, start, stop)
+    _, cache = _image_cache(config.features.image, dirs)
+    return sorted({path_of[k] for k in cache.missing(list(path_of))})
 
 
 def _encode_image_shard(config: PipelineConfig, start: int, stop: int) -> int:

@@ -394,6 +394,7 @@ def test_shared_fsspec_workspace_serves_a_fresh_machine_from_cache(prefect_serve
     assert again["test"] == first["test"] and again["run_dir"] == first["run_dir"]
     assert sum(hits for path, hits in server.hits.items() if path.startswith("/images/")) == images
     assert (config.parent / "ws/demo/prepared/items.parquet").exists()  # brought down to check it
+    assert not (config.parent / "ws/demo/images").exists()  # every vector cached: no image brought down
 
     shutil.rmtree(config.parent / "ws")  # another fresh machine, and a training change: train runs there
     counter.reset()
