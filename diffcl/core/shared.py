@@ -48,9 +48,7 @@ log = logging.getLogger(__name__)
 _VERSION_FIELDS = ("size", "mtime", "created", "ETag", "etag", "LastModified", "generation", "md5Hash")
 # Never shared: this machine's locks and partial files.
 _LOCAL_ONLY_SUFFIXES = (".lock", ".tmp", ".part")
-SYNC_STATE = ".shared-sync.json"
-
-
+SYNC_STATE = ".shared-sync.json"  # in the local copy: what this machine last synced, per file
 MIRROR_ROOT = Path("/var/tmp/diffcl-workspaces")
 
 
@@ -96,7 +94,6 @@ class SharedWorkspace:
         self.url = url.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self.local = Path(local)
-        self._state_lock = threading.Lock()  # tasks of one flow run share this process
 
     # ------------------------------------------------------------------------------ sync state
     def _remote(self, rel: str) -> str:
@@ -117,16 +114,13 @@ class SharedWorkspace:
         if not synced and not deleted:
             return
         path = self.local / SYNC_STATE
-        with self._state_lock, exclusive_lock(path.with_suffix(".lock"), timeout_s=60):
+        # The flock serialises threads too: each call opens the lock file anew.
+        with exclusive_lock(path.with_suffix(".lock"), timeout_s=60):
             state = self._read_state()
             state.update(synced)
             for file_rel in deleted:
                 state.pop(file_rel, None)
             write_json_atomic(path, state)
-
-    def relative(self, path: str | Path) -> str:
-        """``path`` (inside the local copy) relative to it; ValueError for a path outside."""
-        return Path(path).resolve().relative_to(self.local.resolve()).as_posix()
 
     # ------------------------------------------------------------------------------- transfers
     def _listing(self, rel: str) -> dict[str, dict[str, Any]]:
@@ -182,17 +176,18 @@ class SharedWorkspace:
         moved or went. A local file untouched since the last sync never replaces a shared one."""
         known, synced, deleted = self._read_state(), {}, []
         for rel in rels:
-            for file_rel, info in self._listing(rel).items():
+            shared = self._listing(rel)  # one listing per path, not a request per file
+            for file_rel, info in shared.items():
                 seen = known.get(file_rel)
                 if seen and not (self.local / file_rel).exists() and seen.get("shared") == _stamp(info):
                     self.fs.rm_file(self._remote(file_rel))  # deleted here after the last sync
                     deleted.append(file_rel)
             for path in self._local_files(rel):
                 file_rel = path.relative_to(self.local).as_posix()
-                remote = self._remote(file_rel)
                 if not _shared_name(file_rel) or (
-                        known.get(file_rel, {}).get("local") == _local_stamp(path) and self.fs.exists(remote)):
+                        known.get(file_rel, {}).get("local") == _local_stamp(path) and file_rel in shared):
                     continue
+                remote = self._remote(file_rel)
                 parent, _, name = remote.rpartition("/")
                 self.fs.makedirs(parent, exist_ok=True)
                 partial = f"{parent}/.{name}.{secrets.token_hex(4)}.part"
