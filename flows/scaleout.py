@@ -38,7 +38,8 @@ def shard_task(config: dict[str, Any], modality: str, start: int, stop: int) -> 
     cfg = load_config(config)
     dirs = DatasetDirs.of(cfg.workspace, cfg.dataset.name)
     # What this shard reads, no more: the items, the cache (not other shards' parts), its uncached images.
-    pull(config, dirs.prepared / "items.parquet", dirs.prepared / "stats.json", dirs.features / "cache" / "*.*")
+    cache_files = [dirs.features / "cache" / pattern for pattern in ("*.parquet", "*.json")]  # not *.parts/
+    pull(config, dirs.prepared / "items.parquet", dirs.prepared / "stats.json", *cache_files)
     if modality == "image":
         pull(config, dirs.features / "image_sources.parquet")
         pull(config, *images_to_encode(cfg, start, stop))

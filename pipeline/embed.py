@@ -379,7 +379,10 @@ def images_to_encode(config: PipelineConfig, start: int = 0, stop: int | None = 
         return []
     path_of = _downloaded_images(sources, start, stop)
     _, cache = _image_cache(config.features.image, dirs)
-    return sorted({path_of[k] for k in cache.missing(list(path_of))})
+    in_parts = set()  # encoded by shards, not merged yet
+    for part in sorted(cache.parts_dir.glob("*.parquet")) if cache.parts_dir.is_dir() else []:
+        in_parts.update(pl.read_parquet(part, columns=["key"]).get_column("key").to_list())
+    return sorted({path_of[k] for k in cache.missing(list(path_of)) if k not in in_parts})
 
 
 def _encode_image_shard(config: PipelineConfig, start: int, stop: int) -> int:

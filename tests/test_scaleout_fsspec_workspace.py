@@ -56,11 +56,24 @@ def test_fsspec_workspace_push_then_pull_on_another_machine(url, tmp_path):
     (b.local / "demo/features/cache/text.parts/0-10.parquet").write_bytes(b"part")
     (b.local / "demo/features/cache/text-1a.parquet").write_bytes(b"cache")
     assert b.push("demo/features") == 2
-    assert a.pull("demo/features/cache/*.*") == 1  # the cache file; the parts folder is not a file
-    (b.local / "demo/features/cache/text.parts/0-10.parquet").unlink()
-    assert b.push("demo/features/cache") == 1
+    assert a.pull("demo/features/cache/*.parquet") == 1  # the cache file, not the parts folder
+    # a (the features stage) merges b's part and deletes it: gone from the share, and b's next push
+    # (b untouched its copy) does not bring it back.
+    assert a.pull("demo/features/cache") == 1
+    (a.local / "demo/features/cache/text.parts/0-10.parquet").unlink()
+    assert a.push("demo/features/cache") == 1
+    assert not fs.exists(f"{root}/demo/features/cache/text.parts/0-10.parquet")
+    assert b.push("demo/features/cache") == 0
     assert not fs.exists(f"{root}/demo/features/cache/text.parts/0-10.parquet")
     assert fs.exists(f"{root}/demo/features/cache/text-1a.parquet")
+    # A glob matching folders syncs the files inside them (a run folder and its -r1 sibling).
+    for run in ("mf-1a", "mf-1a-r1", "mf-2b"):
+        (b.local / f"demo/runs/{run}").mkdir(parents=True)
+        (b.local / f"demo/runs/{run}/best.pt").write_bytes(run.encode())
+    assert b.push("demo/runs/mf-1a*") == 2 and b.push("demo/runs/mf-1a*") == 0
+    assert a.pull("demo/runs/mf-1a*") == 2 and (a.local / "demo/runs/mf-1a-r1/best.pt").read_bytes() == b"mf-1a-r1"
+    assert not (a.local / "demo/runs/mf-2b").exists()
+
     # ... but not one that another machine changed after this one's last sync.
     (b.local / "demo/prepared/stats.json").write_text('{"newer": true}')
     assert b.push("demo/prepared") == 1

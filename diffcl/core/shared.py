@@ -9,9 +9,10 @@ task can run on any machine that reaches the URL. What moves:
 - pull takes a file when the shared copy changed since this machine last synced it (its listing
   stamp: size plus the store's version, ETag or modification time);
 - push sends a file when the local copy changed since the last sync (size, mtime), so an untouched
-  local file never goes over a newer shared one; a file this machine synced and then deleted (a
-  merged shard part) is deleted from the shared workspace too;
-- a path may end in a glob (``features/*.parquet``, ``runs/mf-1a2b*``);
+  local file never goes over a newer shared one (nor back where another machine deleted it); a file
+  this machine synced and then deleted (a merged shard part) is deleted from the shared workspace too;
+- a path may be a glob (``features/*.parquet``, ``runs/mf-1a2b*``); a folder it matches counts with
+  every file inside;
 - an upload goes to a temporary name and is then moved onto its key, so nobody reads half an
   object; a download is renamed into place the same way (:func:`diffcl.core.io.atomic_path`).
 
@@ -54,7 +55,8 @@ MIRROR_ROOT = Path("/var/tmp/diffcl-workspaces")
 
 def default_mirror(url: str) -> Path:
     """The local copy of a shared workspace given only by its URL: one folder per URL, at the same
-    path on every machine (task results name files by their path); a cache, the URL is the record."""
+    path on every machine (task results name files by their path). The URL is the record, but the
+    copy is not a throwaway cache: a file deleted in it is deleted from the URL by the next push."""
     return MIRROR_ROOT / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
@@ -103,10 +105,13 @@ class SharedWorkspace:
         return path[len(self.root):].lstrip("/")
 
     def _read_state(self) -> dict[str, Any]:
+        """Per file, what this machine last synced with this URL (a local copy once synced with
+        another URL starts afresh)."""
         try:
-            return json.loads((self.local / SYNC_STATE).read_text())
+            state = json.loads((self.local / SYNC_STATE).read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
+        return state.get("files", {}) if state.get("url") == self.url else {}
 
     def _record(self, synced: dict[str, dict[str, Any]], deleted: list[str] = ()) -> None:
         """Merge what one pull or push synced (or deleted) into the state (threads and processes
@@ -116,18 +121,21 @@ class SharedWorkspace:
         path = self.local / SYNC_STATE
         # The flock serialises threads too: each call opens the lock file anew.
         with exclusive_lock(path.with_suffix(".lock"), timeout_s=60):
-            state = self._read_state()
-            state.update(synced)
+            files = self._read_state()
+            files.update(synced)
             for file_rel in deleted:
-                state.pop(file_rel, None)
-            write_json_atomic(path, state)
+                files.pop(file_rel, None)
+            write_json_atomic(path, {"url": self.url, "files": files})
 
     # ------------------------------------------------------------------------------- transfers
     def _listing(self, rel: str) -> dict[str, dict[str, Any]]:
         """The shared files at ``rel``: a file, every file under a folder, or a glob's matches."""
         remote = self._remote(rel)
+        self.fs.invalidate_cache()  # s3fs and others cache listings: another machine's files would be missed
         if any(c in rel for c in "*?["):
-            found = self.fs.glob(remote, detail=True)
+            found = {}
+            for path, info in self.fs.glob(remote, detail=True).items():  # a folder matched: its files
+                found.update(self.fs.find(path, detail=True) if info.get("type") == "directory" else {path: info})
         elif self.fs.exists(remote):
             found = self.fs.find(remote, detail=True)
         else:
@@ -184,8 +192,10 @@ class SharedWorkspace:
                     deleted.append(file_rel)
             for path in self._local_files(rel):
                 file_rel = path.relative_to(self.local).as_posix()
-                if not _shared_name(file_rel) or (
-                        known.get(file_rel, {}).get("local") == _local_stamp(path) and file_rel in shared):
+                # Untouched since the last sync: the shared copy is as new or newer, or was deleted
+                # elsewhere on purpose (a merged part); either way not this file's to send.
+                if not _shared_name(file_rel) or file_rel in synced or (
+                        known.get(file_rel, {}).get("local") == _local_stamp(path)):
                     continue
                 remote = self._remote(file_rel)
                 parent, _, name = remote.rpartition("/")
