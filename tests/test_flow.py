@@ -244,6 +244,32 @@ def test_killed_stage_resumes_on_next_run(prefect_server, demo_over_http, counte
     assert summary["test"]["recall@20"] > 0
 
 
+def test_killed_training_resumes_on_another_machine_from_a_shared_fsspec_workspace(
+        prefect_server, demo_over_http, counter, monkeypatch):
+    """Issue 15: the checkpoints of a training that died are pushed to the shared workspace, and a
+    machine with an empty local copy resumes from them."""
+    import shutil
+
+    import diffcl.training.trainer
+    from flows.flow import diffcl_flow
+
+    config, _, _ = demo_over_http
+    overrides = [f"shared_workspace=memory://diffcl-resume-{config.parent.name}/shared"]
+    original = diffcl.training.trainer.Trainer.train_epoch
+    epochs_run = []
+    monkeypatch.setattr(diffcl.training.trainer.Trainer, "train_epoch", _recording_epoch(original, epochs_run, die_at=3))
+    assert diffcl_flow(config=str(config), overrides=overrides, return_state=True).is_failed()
+    assert epochs_run == [1, 2]
+
+    shutil.rmtree(config.parent / "ws")  # the retry runs on another machine
+    monkeypatch.setattr(diffcl.training.trainer.Trainer, "train_epoch", _recording_epoch(original, epochs_run))
+    counter.reset()
+    summary = diffcl_flow(config=str(config), overrides=overrides)
+    assert epochs_run == [1, 2, 3, 4]  # resumed at epoch 3 from the shared checkpoint
+    assert "prepare" not in counter.calls and "build_graphs" not in counter.calls
+    assert summary["test"]["recall@20"] > 0
+
+
 def test_deployment_is_registered_with_its_schedule(prefect_server, demo_over_http):
     from prefect.client.orchestration import get_client
 
