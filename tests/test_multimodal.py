@@ -260,3 +260,15 @@ def test_freedom_trains_and_uses_features(demo_multimodal):
     result = trainer.fit()
     assert result.metrics["test"]["recall@20"] > 2.0 * random_recall(trainer)
     assert "bpr_image" in result.history.columns and "bpr_text" in result.history.columns
+
+
+def test_cpu_training_with_two_threads_is_bit_reproducible(demo_multimodal):
+    """Two runs of the same config give the same weights bit for bit on CPU, also with two threads
+    (torch's default kernels for the backward of indexing accumulate in thread order)."""
+    weights = []
+    for _ in range(2):
+        trainer = build_run(demo_multimodal("model.name=diffcl", "train.epochs=3", "train.threads=2",
+                                            "train.device=cpu", "train.patience=10"), evaluate_test=False)
+        trainer.fit()
+        weights.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
