@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,10 +157,12 @@ class Ledger:
 
     def key(self, base: str) -> CacheKey:
         """The generation moves on when the recorded outputs of the current one are missing or
-        altered, so that Prefect's cached result is not reused."""
+        altered, so that Prefect's cached result is not reused. Without a record (a first run, or
+        a dataset folder deleted with its ledger while Prefect's results stayed) the generation is
+        new, so a result cached for files that are gone is never taken."""
         entry = self._read().get(base)
         if entry is None:
-            return CacheKey(self.stage, base, 0)
+            return CacheKey(self.stage, base, time.time_ns())
         generation = entry["generation"]
         pull(self.config, *(a["path"] for a in entry["outputs"].values()))
         if not outputs_intact(entry["outputs"]):

@@ -189,6 +189,16 @@ def test_deleted_output_reruns_its_stage(prefect_server, demo_over_http, counter
     assert "prepare" not in counter.calls
     assert (config.parent / "ws/demo/graphs/knn_text.npz").exists()
 
+    # The whole dataset folder deleted, its ledger with it, Prefect's results kept: every stage
+    # runs again rather than taking a result whose files are gone.
+    import shutil
+
+    shutil.rmtree(config.parent / "ws/demo")
+    counter.reset()
+    summary = diffcl_flow(config=str(config))
+    assert all(counter.calls.get(s, 0) >= 1 for s in STAGES), counter.calls
+    assert summary["test"]["recall@20"] > 0
+
 
 def test_training_config_change_reruns_only_train_evaluate_publish(prefect_server, demo_over_http, counter):
     from flows.flow import diffcl_flow
