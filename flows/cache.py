@@ -27,6 +27,7 @@ from diffcl.core.config import (
 )
 from diffcl.core.io import sha256_file, write_json_atomic
 from diffcl.core.shared import shared_workspace
+from diffcl.core.workspace import DatasetDirs
 from pipeline.versions import STAGE_VERSIONS
 
 # The config fields each stage reads (dotted paths into the resolved config).
@@ -124,11 +125,21 @@ def _relative(config: dict[str, Any], items) -> list[str]:
     return rels
 
 
+def dataset_dirs(config: dict[str, Any]) -> DatasetDirs:
+    """The dataset's folders, from a task's config (its JSON dump)."""
+    return DatasetDirs.of(config["workspace"], config["dataset"]["name"])
+
+
+def is_shared(config: dict[str, Any]) -> bool:
+    """Whether the workspace is shared: what only a sync needs is computed only then."""
+    return bool(config.get("shared_workspace"))
+
+
 def model_inputs(config: dict[str, Any]) -> list[Path]:
     """What building a model reads (training, evaluating, rescoring a champion): the prepared
     tables, the feature files and the kNN graphs with their provenance sidecars."""
-    root = Path(config["workspace"]) / config["dataset"]["name"]
-    return [root / "prepared", root / "features" / "*.parquet", root / "graphs"]
+    dirs = dataset_dirs(config)
+    return [dirs.prepared, dirs.features / "*.parquet", dirs.graphs]
 
 
 def pull(config: dict[str, Any], *items) -> None:
@@ -145,7 +156,7 @@ def push(config: dict[str, Any], *items) -> None:
 
 class Ledger:
     def __init__(self, config: dict[str, Any], stage: str):
-        self.path = Path(config["workspace"]) / config["dataset"]["name"] / ".stages" / f"{stage}.json"
+        self.path = dataset_dirs(config).root / ".stages" / f"{stage}.json"
         self.config, self.stage = config, stage
 
     def _read(self) -> dict[str, Any]:

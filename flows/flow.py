@@ -37,6 +37,8 @@ from flows.cache import (
     StageResult,
     artifact,
     base_key,
+    dataset_dirs,
+    is_shared,
     model_inputs,
     pull,
     push,
@@ -71,10 +73,6 @@ def _finish(stage: str, config: dict[str, Any], inputs: dict[str, Artifact], out
     return StageResult(stage, str(key), outputs, info or {})
 
 
-def _dataset_root(config: dict[str, Any]) -> Path:
-    return Path(config["workspace"]) / config["dataset"]["name"]
-
-
 def is_transient(exc: BaseException | None) -> bool:
     """Failures that a later attempt may fix: the network or a server (connection errors, timeouts,
     5xx, 408, 429). A missing file, a 404, a bad config or bad data fail at once."""
@@ -105,7 +103,7 @@ def fetch_stage(config: dict[str, Any]) -> StageResult:
 
     from pipeline.prepare import acquire
 
-    raw = _dataset_root(config) / "raw"
+    raw = dataset_dirs(config).root / "raw"
     pull(config, raw)  # the dumps and their manifests: conditional requests see what another machine fetched
     acquired = acquire(load_config(config), progress=False)
     push(config, raw)
@@ -132,7 +130,7 @@ def prepare_stage(config: dict[str, Any], inputs: dict[str, Artifact], manifests
 def images_stage(config: dict[str, Any], inputs: dict[str, Artifact]) -> StageResult:
     from pipeline.embed import download_images
 
-    root = _dataset_root(config)
+    root = dataset_dirs(config).root
     synced = (root / "images", root / "features" / "image_sources.parquet")  # the URL-keyed image cache too
     pull(config, *inputs.values(), *synced)
     path = download_images(load_config(config), progress=False)
@@ -160,14 +158,13 @@ def _features_stage(stage: str, modality: str, config: dict[str, Any], inputs: d
                     keyed_by_modality: bool = False) -> StageResult:
     from dataclasses import asdict
 
-    from diffcl.core.workspace import DatasetDirs
     from pipeline.embed import modality_features
 
     cfg = load_config(config)
-    features = DatasetDirs.of(cfg.workspace, cfg.dataset.name).features
+    features = dataset_dirs(config).features
     cache = features / "cache"  # per-item embeddings, and the parts shards wrote elsewhere
     pull(config, *inputs.values(), cache)
-    if modality == "image":
+    if modality == "image" and is_shared(config):
         from pipeline.embed import images_to_encode
 
         pull(config, *images_to_encode(cfg))  # the images whose vectors the cache lacks
@@ -235,7 +232,6 @@ class TrainingProgress:
 @_stage("train")
 def train_stage(config: dict[str, Any], inputs: dict[str, Artifact]) -> StageResult:
     """The run folder is named after the cache key (:func:`pipeline.train.train_resuming`)."""
-    from diffcl.core.workspace import DatasetDirs
     from pipeline.train import train_resuming
 
     cfg = load_config(config)
@@ -244,7 +240,7 @@ def train_stage(config: dict[str, Any], inputs: dict[str, Artifact]) -> StageRes
     progress = TrainingProgress(cfg, logger)
     run_id = f"{cfg.model.name}-{key.base[:12]}"
     # The run's folders: run_id, or run_id-rN when it could not resume (pipeline.train).
-    run_folders = DatasetDirs.of(cfg.workspace, cfg.dataset.name).runs / f"{run_id}*"
+    run_folders = dataset_dirs(config).runs / f"{run_id}*"
     pull(config, *model_inputs(config), run_folders)  # a run interrupted on another machine resumes here
     try:
         result = train_resuming(cfg, run_id, progress.epoch, logger)
@@ -275,10 +271,9 @@ def publish_stage(config: dict[str, Any], inputs: dict[str, Artifact], run_dir: 
 
     from pipeline.publish import Registry, publish_run
 
-    registry = _dataset_root(config) / "registry.json"
+    registry = dataset_dirs(config).root / "registry.json"
     pull(config, inputs["evaluation"], registry)
-    champion = Registry(registry).production()
-    if champion is not None:
+    if is_shared(config) and (champion := Registry(registry).production()) is not None:
         pull(config, *model_inputs(config), champion["run_dir"])  # rescored on this data
     evaluation = json.loads(Path(inputs["evaluation"].path).read_text())
     decision = publish_run(load_config(config), Path(run_dir), evaluation, data_hash, id_tables or {})
@@ -372,10 +367,9 @@ def _run_stages(cfg: PipelineConfig, logger) -> dict[str, Any]:
     prepared = opt(prepare_stage)(data, fetched.outputs, fetched.info["manifests"])
     items = {"items": prepared.outputs["items"], "stats": _stats_content(prepared)}
     images = opt(images_stage)(data, items)  # records failed downloads, never raises on them: no task retries
-    shards = _shard_runner(cfg, logger)
-    shards("text")
+    _run_shards(cfg, "text", logger)
     text = opt(text_features_stage)(data, {**items, **_feature_file_inputs(cfg, "text")})
-    shards("image")
+    _run_shards(cfg, "image", logger)
     image = opt(image_features_stage)(data, {**items, **images.outputs, **_feature_file_inputs(cfg, "image")})
     features = {**text.outputs, **image.outputs}
     shipped = shipped_features(cfg, prepared.info["stats"])
@@ -405,17 +399,13 @@ def _run_stages(cfg: PipelineConfig, logger) -> dict[str, Any]:
     return summary
 
 
-def _shard_runner(cfg: PipelineConfig, logger):
-    """With ``features.shard_items``: a modality's shards, run on the configured task runner before
-    its features stage merges them (:mod:`flows.scaleout`)."""
+def _run_shards(cfg: PipelineConfig, modality: str, logger) -> None:
+    """With ``features.shard_items``: the modality's shards, run on the configured task runner
+    before its features stage merges them (:mod:`flows.scaleout`)."""
+    if cfg.features.shard_items:
+        from flows.scaleout import encode_shards
 
-    def run(modality: str) -> None:
-        if cfg.features.shard_items:
-            from flows.scaleout import encode_shards
-
-            logger.info("%s shards encoded %d item(s)", modality, encode_shards(cfg, modality))
-
-    return run
+        logger.info("%s shards encoded %d item(s)", modality, encode_shards(cfg, modality))
 
 
 def _stats_content(prepared: StageResult) -> Artifact:

@@ -12,8 +12,7 @@ from prefect import flow, task, unmapped
 from prefect.cache_policies import NONE
 
 from diffcl.core.config import PipelineConfig, load_config
-from diffcl.core.workspace import DatasetDirs
-from flows.cache import pull, push
+from flows.cache import dataset_dirs, is_shared, pull, push
 from pipeline.embed import encode_shard, images_to_encode, modality_shards
 
 
@@ -36,11 +35,11 @@ def task_runner(cfg: PipelineConfig):
 def shard_task(config: dict[str, Any], modality: str, start: int, stop: int) -> int:
     """On a worker of another machine, with a shared workspace: the inputs down, the part up."""
     cfg = load_config(config)
-    dirs = DatasetDirs.of(cfg.workspace, cfg.dataset.name)
+    dirs = dataset_dirs(config)
     # What this shard reads, no more: the items, the cache (not other shards' parts), its uncached images.
     cache_files = [dirs.features / "cache" / pattern for pattern in ("*.parquet", "*.json")]  # not *.parts/
     pull(config, dirs.prepared / "items.parquet", dirs.prepared / "stats.json", *cache_files)
-    if modality == "image":
+    if modality == "image" and is_shared(config):
         pull(config, dirs.features / "image_sources.parquet")
         pull(config, *images_to_encode(cfg, start, stop))
     encoded = encode_shard(cfg, modality, start, stop)

@@ -370,33 +370,35 @@ def _downloaded_images(sources: Path, start: int, stop: int | None) -> dict[str,
     return {row["sha256"]: row["path"] for row in rows.iter_rows(named=True) if row["status"] == "ok"}
 
 
-def images_to_encode(config: PipelineConfig, start: int = 0, stop: int | None = None) -> list[str]:
-    """The downloaded image files of items [start, stop) whose vectors the image cache lacks: what
-    encoding them reads (and a worker elsewhere must bring down first)."""
+def _uncached_images(config: PipelineConfig, start: int, stop: int | None):
+    """(CLIP spec, image cache, content hash -> file) for the downloaded images of items [start,
+    stop) whose vectors neither the cache nor a shard's unmerged part holds."""
     dirs = DatasetDirs.of(config.workspace, config.dataset.name)
+    spec, cache = _image_cache(config.features.image, dirs)
     sources = dirs.features / "image_sources.parquet"
     if not sources.exists():
-        return []
+        return spec, cache, {}
     path_of = _downloaded_images(sources, start, stop)
-    _, cache = _image_cache(config.features.image, dirs)
-    in_parts = set()  # encoded by shards, not merged yet
+    in_parts = set()
     for part in sorted(cache.parts_dir.glob("*.parquet")) if cache.parts_dir.is_dir() else []:
         in_parts.update(pl.read_parquet(part, columns=["key"]).get_column("key").to_list())
-    return sorted({path_of[k] for k in cache.missing(list(path_of)) if k not in in_parts})
+    return spec, cache, {k: path_of[k] for k in cache.missing(list(path_of)) if k not in in_parts}
+
+
+def images_to_encode(config: PipelineConfig, start: int = 0, stop: int | None = None) -> list[str]:
+    """The image files that encoding items [start, stop) reads (what a worker elsewhere must bring
+    down first)."""
+    return sorted(set(_uncached_images(config, start, stop)[2].values()))
 
 
 def _encode_image_shard(config: PipelineConfig, start: int, stop: int) -> int:
     """The downloaded images of items [start, stop) (``features/image_sources.parquet``, by item)."""
     from features.embedding_cache import write_part
 
-    ic = config.features.image
-    dirs = DatasetDirs.of(config.workspace, config.dataset.name)
-    path_of = _downloaded_images(dirs.features / "image_sources.parquet", start, stop)
-    spec, cache = _image_cache(ic, dirs)
-    todo = cache.missing(list(path_of))
+    spec, cache, todo = _uncached_images(config, start, stop)
     if todo:
-        write_part(cache, f"{start:012d}-{stop:012d}", todo,
-                   _encode_image_files(ic, spec, [path_of[k] for k in todo], progress=False))
+        write_part(cache, f"{start:012d}-{stop:012d}", list(todo),
+                   _encode_image_files(config.features.image, spec, list(todo.values()), progress=False))
     return len(todo)
 
 

@@ -190,6 +190,7 @@ class SharedWorkspace:
                 if seen and not (self.local / file_rel).exists() and seen.get("shared") == _stamp(info):
                     self.fs.rm_file(self._remote(file_rel))  # deleted here after the last sync
                     deleted.append(file_rel)
+            uploaded = []
             for path in self._local_files(rel):
                 file_rel = path.relative_to(self.local).as_posix()
                 # Untouched since the last sync: the shared copy is as new or newer, or was deleted
@@ -203,8 +204,12 @@ class SharedWorkspace:
                 partial = f"{parent}/.{name}.{secrets.token_hex(4)}.part"
                 self.fs.put_file(str(path), partial)
                 self.fs.mv(partial, remote)
-                # The stamp as a listing shows it (info() and find() may format a field differently).
-                synced[file_rel] = {"shared": _stamp(self._listing(file_rel)[file_rel]), "local": _local_stamp(path)}
+                uploaded.append((file_rel, path))
+            # The stamps as a listing shows them (info() and find() may format a field differently):
+            # one listing for everything this path sent.
+            listed = self._listing(rel) if uploaded else {}
+            for file_rel, path in uploaded:
+                synced[file_rel] = {"shared": _stamp(listed[file_rel]), "local": _local_stamp(path)}
         self._record(synced, deleted)
         return len(synced) + len(deleted)
 
