@@ -307,6 +307,34 @@ def test_generated_graphs_add_k_new_edges_per_user_and_train_their_denoiser():
     assert not off.generated_adjacency and off.loss(BATCH)["diff"].item() == 0.0
 
 
+def test_generated_vs_training_views_contrast_each_modality_over_both_graphs():
+    settings = {"alignment": False, "diffusion": {"target": "interactions", "views": "generated_vs_training", "graph_k": 2}}
+    _, model = _diffcl(settings, modalities=("audio",))  # one modality: the views still have a pair
+    assert model.loss(BATCH)["cl"].item() == 0.0  # before the first generation there is no second graph
+    model.start_epoch(3)
+    z = model.encode(model.branches, training=True)
+    base = z["audio"].on_training_graph
+    assert base is not None and z["id"].on_training_graph is None
+    assert model.encode(model.branches)["audio"].on_training_graph is None  # scoring never computes it
+    # The second view is the branch over the training graph: what the branch is before any generation.
+    generated = model.generated_adjacency.pop("audio")
+    with torch.no_grad():
+        torch.testing.assert_close(base.items, model.encode(model.branches)["audio"].items)
+    model.generated_adjacency["audio"] = generated
+    model.zero_grad()
+    parts = model.loss(BATCH)
+    assert parts["cl"].item() > 0
+    parts["cl"].backward()
+    assert model.projections["audio"][0].weight.grad.abs().sum() > 0
+    # The control: as many new edges per user, drawn at random, and no denoiser to train.
+    _, control = _diffcl({**settings, "diffusion": {**settings["diffusion"], "graph_source": "random"}})
+    control.start_epoch(3)
+    user_item = control.generated_adjacency["image"].to_dense()[: 30, 30 :] > 0
+    assert user_item.sum().item() == control.train_rows.nnz + 2 * 30
+    parts = control.loss(BATCH)
+    assert parts["diff"].item() == 0.0 and parts["cl"].item() > 0
+
+
 def test_modality_gates_and_the_id_block():
     _, own = _diffcl({"id_score": "own_block"})
     with torch.no_grad():
@@ -358,3 +386,5 @@ def test_view_settings_are_checked():
         ModelConfig(diffcl={"diffusion": {"target": "interactions", "views": "two_samples"}})
     with pytest.raises(ValueError, match="all_pairs needs diffusion.target interactions"):
         ModelConfig(diffcl={"diffusion": {"target": "per_modality", "views": "all_pairs"}})
+    with pytest.raises(ValueError, match="generated_vs_training needs diffusion.target interactions"):
+        ModelConfig(diffcl={"diffusion": {"target": "fused", "views": "generated_vs_training"}})

@@ -60,6 +60,9 @@ class BranchOutput:
 
     users: torch.Tensor | None  # users x d; None where nothing reads the branch's user rows
     items: torch.Tensor  # items x d
+    # The same branch over the training graph, where it propagates over a generated graph and the
+    # generated_vs_training views read both.
+    on_training_graph: BranchOutput | None = None
 
     def side(self, side: str) -> torch.Tensor:
         rows = self.users if side == USERS else self.items
@@ -226,12 +229,14 @@ class DiffCL(Recommender):
         reads_id = (self.plan.id_users_in_training or self.aligns) if training else self.plan.id_users_scored
         return self.branches if reads_id else self.modalities
 
-    def encode(self, branches: list[str]) -> dict[str, BranchOutput]:
-        """Per branch: its user and item rows after propagation and the item graph."""
+    def encode(self, branches: list[str], training: bool = False) -> dict[str, BranchOutput]:
+        """Per branch: its user and item rows after propagation and the item graph (in training with
+        the generated_vs_training views, a generated-graph branch's rows over the training graph too)."""
         out = {}
         layers, combine = self.settings.layers, self.settings.combine
+        both_graphs = training and self.settings.contrastive and self.settings.diffusion.views == "generated_vs_training"
         for b in branches:
-            normalize = self.normalizes(b)
+            normalize, base = self.normalizes(b), None
             # Each branch propagates on its own: three 64-column products beat one 192-column one.
             if b == "id" and self.id_items_only:
                 users = None
@@ -240,10 +245,15 @@ class DiffCL(Recommender):
                 ego_items = self.item_id if b == "id" else self.project(b)
                 adjacency = self.generated_adjacency.get(b, self.adjacency)
                 users, items = branch_propagate(adjacency, self.user_tables[b], ego_items, layers, combine, normalize)
-            if self.item_graph is not None:
-                items = items + self.item_graph @ items
-            out[b] = BranchOutput(users, items)
+                if both_graphs and b in self.generated_adjacency:
+                    base_users, base_items = branch_propagate(self.adjacency, self.user_tables[b], ego_items, layers,
+                                                              combine, normalize)
+                    base = BranchOutput(base_users, self._add_item_graph(base_items))
+            out[b] = BranchOutput(users, self._add_item_graph(items), base)
         return out
+
+    def _add_item_graph(self, items: torch.Tensor) -> torch.Tensor:
+        return items if self.item_graph is None else items + self.item_graph @ items
 
     def normalizes(self, branch: str) -> bool:
         mode = self.settings.normalize_inputs
@@ -318,7 +328,10 @@ class DiffCL(Recommender):
             for start in range(0, n_users, chunk):
                 users = np.arange(start, min(start + chunk, n_users))
                 x0 = self._dense_rows(users, device)
-                scores = diffusion.generate(x0, ds.graph_sample_steps, add_noise=False)
+                if ds.graph_source == "random":  # the control: as many edges, to items drawn uniformly
+                    scores = torch.rand(x0.shape, device=device)
+                else:
+                    scores = diffusion.generate(x0, ds.graph_sample_steps, add_noise=False)
                 if ds.graph_new_only:
                     scores = scores.masked_fill(x0 > 0, float("-inf"))
                 cols.append(scores.topk(ds.graph_k, dim=1).indices.cpu().numpy())
@@ -445,6 +458,15 @@ class DiffCL(Recommender):
         against each other modality's (cross_modal), or every pair of branches, the ID branch
         included (all_pairs); users and items."""
         s = self.settings
+        if s.diffusion.views == "generated_vs_training":
+            # Each modality over its generated graph against itself over the training graph: the
+            # generated edges are the augmentation (none before the first generation).
+            views = [(z[m], z[m].on_training_graph) for m in self.modalities if z[m].on_training_graph is not None]
+            total = torch.zeros((), device=users.device)
+            for generated, training in views:
+                for side, nodes in ((USERS, users), (ITEMS, items)):
+                    total = total + info_nce(generated.side(side)[nodes], training.side(side)[nodes], s.temperature)
+            return total / max(1, len(views))
         if s.diffusion.views == "id_anchor":
             pairs = [("id", m) for m in self.modalities]
         elif s.diffusion.views == "all_pairs":
@@ -479,7 +501,7 @@ class DiffCL(Recommender):
     # ------------------------------------------------------------------ objective (section 8)
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         s = self.settings
-        z = self.encode(self.branches_in_use(training=True))
+        z = self.encode(self.branches_in_use(training=True), training=True)
         users, items = self._nodes(batch.users), self._nodes(batch.positives)
         n = len(batch.users)
         if s.contrastive and s.negatives == "all_nodes":
@@ -500,7 +522,7 @@ class DiffCL(Recommender):
             l_cl, l_diff = self.contrastive_and_diffusion(z, fused, users, items)
             parts["cl"], parts["diff"] = l_cl, l_diff
             total = total + s.cl_weight * l_cl + s.diff_weight * l_diff
-        if self.interaction_diffusions and s.diffusion.enabled and s.diff_weight > 0:
+        if self.interaction_diffusions and s.diffusion.enabled and s.diffusion.graph_source == "denoiser" and s.diff_weight > 0:
             # The generator trains whether or not the contrastive loss is on.
             parts["diff"] = self.interaction_diffusion_loss(z, users)
             total = total + s.diff_weight * parts["diff"]

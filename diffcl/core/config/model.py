@@ -73,7 +73,8 @@ class DiffusionSettings(Strict):
         "propagates; the views are then the branches' own rows. Default since issue 11: the only generator "
         "whose removal costs accuracy in the probes (docs/model.md)"
     )
-    views: Literal["two_samples", "clean_vs_diffused", "cross_modal", "id_anchor", "all_pairs"] = Field(
+    views: Literal["two_samples", "clean_vs_diffused", "cross_modal", "id_anchor", "all_pairs",
+                   "generated_vs_training"] = Field(
         "cross_modal", description="the two contrastive views: two diffusion samples of the same rows, clean vs "
         "diffused, one modality's view vs another's (cross_modal), each modality's view vs the clean ID "
         "rows (id_anchor), or (target interactions only) every pair of branches, ID included (all_pairs); "
@@ -99,6 +100,10 @@ class DiffusionSettings(Strict):
     graph_new_only: bool = Field(
         True, description="target interactions: the top-k is taken among items the user has not interacted with "
         "(the generated edges add to the training graph); false: among all items (DiffMM)"
+    )
+    graph_source: Literal["denoiser", "random"] = Field(
+        "denoiser", description="target interactions: who picks the generated edges: the denoisers, or (the "
+        "control for w/o diffusion with the graph views) uniformly random new items, as many per user"
     )
     graph_every: int = Field(2, ge=1, description="target interactions: regenerate the graphs every this many epochs")
     graph_hidden: int = Field(256, ge=1, description="target interactions: width of the interaction denoiser")
@@ -196,10 +201,11 @@ class DiffCLConfig(Strict):
         views, target = self.diffusion.views, self.diffusion.target
         if views in ("cross_modal", "id_anchor") and target == "fused":
             raise ValueError(f"diffusion.views {views} needs diffusion.target per_modality or interactions")
-        if target == "interactions" and views not in ("cross_modal", "id_anchor", "all_pairs"):
-            raise ValueError("diffusion.target interactions needs diffusion.views cross_modal, id_anchor or all_pairs")
-        if views == "all_pairs" and target != "interactions":
-            raise ValueError("diffusion.views all_pairs needs diffusion.target interactions")
+        graph_views = ("cross_modal", "id_anchor", "all_pairs", "generated_vs_training")
+        if target == "interactions" and views not in graph_views:
+            raise ValueError(f"diffusion.target interactions needs diffusion.views one of {', '.join(graph_views)}")
+        if views in ("all_pairs", "generated_vs_training") and target != "interactions":
+            raise ValueError(f"diffusion.views {views} needs diffusion.target interactions")
         if self.diffusion.condition == "id" and (not self.id_branch or target == "interactions"):
             raise ValueError("diffusion.condition id needs the ID branch and target fused or per_modality")
         if self.modality_gate == "id_attention" and not self.id_branch:
