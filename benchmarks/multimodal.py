@@ -51,6 +51,8 @@ ABLATIONS = {
     "DiffCL (full)": [],
     # Embedding targets: Gaussian views of the same strength; target interactions: no generated graphs.
     "w/o diffusion": ["model.diffcl.diffusion.enabled=false"],
+    # The control for the generated graphs: as many new edges per user, drawn uniformly instead of by the denoisers.
+    "random edges instead of diffusion": ["model.diffcl.diffusion.graph_source=random"],
     "w/o contrastive loss": ["model.diffcl.contrastive=false"],
     "w/o alignment": ["model.diffcl.alignment=false"],
     "w/o item-item graph": ["model.diffcl.item_graph=false"],

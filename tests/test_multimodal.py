@@ -103,6 +103,10 @@ def test_loss_parts_shapes_and_gradient_reaches_encoder(demo_multimodal):
     trainer = _model(demo_multimodal)
     model = trainer.model
     assert model.branches == ["image", "text", "id"]
+    # The default views contrast each modality over its generated graph with itself over the training
+    # graph: there is a pair once the first graphs are generated.
+    assert model.loss(_batch(trainer))["cl"].item() == 0.0
+    model.start_epoch(3)
     parts = model.loss(_batch(trainer))
     assert {"loss", "bpr", "reg", "cl", "diff", "align"} <= set(parts)
     assert all(v.dim() == 0 and torch.isfinite(v) for v in parts.values())
@@ -112,11 +116,12 @@ def test_loss_parts_shapes_and_gradient_reaches_encoder(demo_multimodal):
     for name in ("projections.image.0.weight", "projections.text.0.weight", "user_tables.image"):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
-    assert model.item_id.grad is None  # the default cross-modal views contrast the modality branches only
+    assert model.item_id.grad is None  # the default views contrast the modality branches only
     fused_views = _model(demo_multimodal, "model.diffcl.diffusion.target=fused", "model.diffcl.diffusion.views=two_samples").model
     fused_views.loss(_batch(trainer))["cl"].backward()
     assert fused_views.item_id.grad.abs().sum() > 0  # the ID branch is in the score, so in the fused views
     guide_only = _model(demo_multimodal, "model.diffcl.id_in_score=false").model
+    guide_only.start_epoch(3)
     guide_only.loss(_batch(trainer))["cl"].backward()
     assert guide_only.item_id.grad is None  # scored without it, the ID branch guides through alignment only
     guide_only.zero_grad()
@@ -180,6 +185,12 @@ def test_switches_change_what_they_name(demo_multimodal):
 
     anchor = _model(demo_multimodal, "model.diffcl.alignment_mode=id_anchor_infonce").model
     assert anchor.loss(batch)["align"].item() > 0
+    # The stable guide: the alignment moves the modality rows, never the ID rows.
+    stable = _model(demo_multimodal, "model.diffcl.alignment_mode=stable_id_infonce").model
+    align = stable.loss(batch)["align"]
+    align.backward()
+    assert align.item() > 0 and stable.item_id.grad is None
+    assert stable.projections["image"][0].weight.grad.abs().sum() > 0
 
 
 def test_id_branch_is_computed_only_where_something_reads_it(demo_multimodal):

@@ -9,9 +9,12 @@ In the order a training step runs them (the defaults; each alternative is a mode
 3. item graph    items get S·Z added (S: frozen fused kNN graph of the modality features)
 4. fusion        e_i = [g_m Z_iᵐ + Z_iⁱᵈ]_m,  e_u = [w_uᵐ Z_uᵐ + Z_uⁱᵈ]_m (w: ``modality_gate``, g:
                  ``item_gate``; the ID term when ``id_in_score``, or as its own block: ``id_score``)
-5. diffusion     two views of the batch rows of e (or per modality), by forward noising and reverse
-                 denoising (optionally conditioned on the ID rows); or DiffMM's generated graphs
-6. contrastive   InfoNCE between the views (or each modality's view against the ID rows)
+5. diffusion     DiffMM's generator: per modality, a denoiser over users' interaction rows proposes
+                 new edges, and the modality branch propagates over the training graph plus them;
+                 or two views of the batch rows of e (or per modality) by forward noising and
+                 reverse denoising (optionally conditioned on the ID rows)
+6. contrastive   InfoNCE: each modality branch over its generated graph against itself over the
+                 training graph (or modality against modality, or against the ID rows)
 7. alignment     the ID view aligns the modality views (distribution level, or InfoNCE to ID)
 8. objective     BPR + λ_cl L_cl + λ_align L_align + λ_diff L_diff + λ_reg L_reg
 
@@ -454,9 +457,10 @@ class DiffCL(Recommender):
         return l_cl, l_diff
 
     def _branch_contrast(self, z: dict[str, BranchOutput], users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """With generated graphs: each modality branch's rows against the ID rows (id_anchor),
-        against each other modality's (cross_modal), or every pair of branches, the ID branch
-        included (all_pairs); users and items."""
+        """With generated graphs: each modality branch's rows against its own rows over the training
+        graph (generated_vs_training), against the ID rows (id_anchor), against each other
+        modality's (cross_modal), or every pair of branches, the ID branch included (all_pairs);
+        users and items."""
         s = self.settings
         if s.diffusion.views == "generated_vs_training":
             # Each modality over its generated graph against itself over the training graph: the
@@ -482,10 +486,12 @@ class DiffCL(Recommender):
     # ------------------------------------------------------------------ alignment (section 7)
     def alignment(self, z: dict[str, BranchOutput], fused_items: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         views = {m: z[m].items[items] for m in self.modalities}
-        if self.settings.alignment_mode == "id_anchor_infonce":
+        if self.settings.alignment_mode in ("id_anchor_infonce", "stable_id_infonce"):
             if not self.use_id:
                 return torch.zeros((), device=fused_items.device)
             anchor = z["id"].items[items]
+            if self.settings.alignment_mode == "stable_id_infonce":
+                anchor = anchor.detach()  # the ID rows guide the modality rows and are not pulled towards them
             return sum(info_nce(anchor, v, self.settings.temperature) for v in views.values())
         named = {**({"id": z["id"].items[items]} if self.use_id else {}), "fused": fused_items[items], **views}
         return distribution_alignment(named) if len(named) > 1 else torch.zeros((), device=fused_items.device)

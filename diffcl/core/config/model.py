@@ -75,11 +75,13 @@ class DiffusionSettings(Strict):
     )
     views: Literal["two_samples", "clean_vs_diffused", "cross_modal", "id_anchor", "all_pairs",
                    "generated_vs_training"] = Field(
-        "cross_modal", description="the two contrastive views: two diffusion samples of the same rows, clean vs "
-        "diffused, one modality's view vs another's (cross_modal), each modality's view vs the clean ID "
-        "rows (id_anchor), or (target interactions only) every pair of branches, ID included (all_pairs); "
-        "cross_modal and id_anchor need target per_modality or interactions, the first two fused or per_modality. "
-        "With target interactions and one modality, cross_modal has no pair: no contrastive term (logged)"
+        "generated_vs_training", description="the two contrastive views: two diffusion samples of the same rows, "
+        "clean vs diffused, one modality's view vs another's (cross_modal), each modality's view vs the clean ID "
+        "rows (id_anchor), or with target interactions only: every pair of branches, ID included (all_pairs), or "
+        "(the default since issue 11's last probes) each modality branch over its generated graph vs the same "
+        "branch over the training graph (generated_vs_training: a pair for any number of modalities, one "
+        "included). cross_modal and id_anchor need target per_modality or interactions, the first two fused or "
+        "per_modality. With target interactions and one modality, cross_modal has no pair: no contrastive term (logged)"
     )
     condition: Literal["none", "id"] = Field(
         "none", description="id: the embedding denoiser also reads the same node's ID-branch row (detached), so the "
@@ -188,10 +190,15 @@ class DiffCLConfig(Strict):
     )
     temperature: float = Field(0.2, gt=0, description="τ of InfoNCE")
     alignment: bool = Field(True, description="false: no alignment loss (ablation)")
-    alignment_mode: Literal["distribution", "id_anchor_infonce"] = Field("distribution", description="spec section 7")
+    alignment_mode: Literal["distribution", "id_anchor_infonce", "stable_id_infonce"] = Field(
+        "distribution", description="spec section 7: MENTOR's distribution alignment of the ID, fused and modality "
+        "item rows; InfoNCE of each modality's item rows against the ID rows; or the same with the ID rows "
+        "detached (the stable guide: only the modality rows move)"
+    )
     cl_weight: float = Field(
-        0.01, ge=0, description="λ_cl; 0.01 (the first spec's) with the generated graphs' cross-modal views; with the "
-        "embedding views 0.01 cost ~5% valid R@20 on TikTok and 0.001 was neutral (docs/model.md)"
+        0.05, ge=0, description="λ_cl; 0.05 with the generated-vs-training views (above 0.01 and level with 0.2 on "
+        "Scientific's validation split); with the embedding views 0.01 cost ~5% valid R@20 on TikTok and 0.001 was "
+        "neutral (docs/model.md)"
     )
     align_weight: float = Field(0.1, ge=0, description="λ_align")
     diff_weight: float = Field(1.0, ge=0, description="λ_diff")
