@@ -36,6 +36,11 @@ def test_search_runs_n_trials_never_reads_test_and_writes_an_overlay_load_config
     assert splits and set(splits) == {"valid"}  # the test split is never evaluated during a search
     assert result.count("complete", "pruned") == 3
     assert all(t.epochs <= 2 and set(t.params) == set(search_space("mf")) for t in result.trials)
+    # The first trial is the config's own setting: the search never ends below where it started.
+    first = result.trials[0]
+    assert first.note == "the config's values"
+    assert first.params == {"train.lr": config.train.lr, "model.reg_weight": config.model.reg_weight}
+    assert result.trials[1].params != first.params
     text = result.overlay_path.read_text()
     assert text.startswith("# diffcl tune") and "3 finished trials" in text and "at most 2 epochs" in text
     overlay = yaml.safe_load(text)

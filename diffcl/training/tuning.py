@@ -6,7 +6,8 @@ The study lives in ``<workspace>/<dataset>/tuning/<study>.db`` (Optuna's SQLite 
 search that was stopped resumes: ``trials`` counts finished (complete or pruned) trials of the
 whole study, and a trial that a killed process left running is marked failed and its parameters
 queued again. Trial ``n`` trains into ``runs/tune-<study>-<n>`` and never evaluates the test split:
-a search that saw test metrics would select on them. The best trial is written as a config overlay
+a search that saw test metrics would select on them. A new study's first trial is the config's own
+setting, so the search starts from it. The best trial is written as a config overlay
 (``tuning/<study>-best.yaml``, only the searched keys) for ``--overlay``.
 """
 
@@ -142,6 +143,24 @@ def trial_config(base: PipelineConfig, params: dict[str, Any], max_epochs: int |
     return load_config(base.model_dump(mode="json"), overrides)
 
 
+def starting_point(config: PipelineConfig, space: SearchSpace) -> dict[str, Any]:
+    """The config's own values of the searched keys that lie in their ranges: a new study's first
+    trial, so that a search's best is never a setting worse on validation than the one it started
+    from (out-of-range keys are left to the sampler)."""
+    params = {}
+    for key, spec in space.items():
+        value: Any = config
+        for part in key.split("."):
+            value = getattr(value, part)
+        if isinstance(spec, Choice):
+            inside = value in spec.options
+        else:
+            inside = spec.low <= value <= spec.high
+        if inside:
+            params[key] = value
+    return params
+
+
 def report_epoch(trial: optuna.Trial, row: dict[str, Any], metric: str) -> None:
     """Report an evaluation epoch's validation value to the trial; :class:`optuna.TrialPruned`
     when the pruner finds the curve trailing the other trials' at this epoch."""
@@ -246,6 +265,8 @@ def tune(config: PipelineConfig, budget: SearchBudget, study: str | None = None)
     try:
         with exclusive_lock(storage.with_suffix(".lock")):
             handle = open_study(storage, study, config, budget)
+            if not handle.trials:
+                handle.enqueue_trial(starting_point(config, space), user_attrs={"note": "the config's values"})
             requeue_interrupted(handle)
             remaining = budget.trials - len(handle.get_trials(deepcopy=False, states=FINISHED))
             if remaining > 0:
