@@ -236,8 +236,9 @@ class DiffCL(Recommender):
         """Per branch: its user and item rows after propagation and the item graph (in training with
         the generated_vs_training views, a generated-graph branch's rows over the training graph too)."""
         out = {}
-        layers, combine = self.settings.layers, self.settings.combine
-        both_graphs = training and self.settings.contrastive and self.settings.diffusion.views == "generated_vs_training"
+        s = self.settings
+        layers, combine = s.layers, s.combine
+        both_graphs = training and s.contrastive and s.cl_weight > 0 and s.diffusion.views == "generated_vs_training"
         for b in branches:
             normalize, base = self.normalizes(b), None
             # Each branch propagates on its own: three 64-column products beat one 192-column one.

@@ -65,7 +65,8 @@ class DiffusionSettings(Strict):
     """DiffCL's view generator (spec section 5)."""
 
     enabled: bool = Field(True, description="false: views are Gaussian perturbations of the same strength (w/o "
-                          "diffusion); with target interactions: no generated graphs, every branch on the training graph")
+                          "diffusion); with target interactions: no generated graphs, every branch on the training graph (so the "
+                          "generated_vs_training views have no pair)")
     target: Literal["fused", "per_modality", "interactions"] = Field(
         "interactions", description="what is diffused: the fused rows, each modality's rows, or (interactions, DiffMM's "
         "generator) each user's interaction row, once per modality: a denoiser conditioned on that modality's "
