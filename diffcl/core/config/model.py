@@ -130,7 +130,7 @@ class DiffCLConfig(Strict):
         "model.diffcl.align_weight": LogUniform(1e-3, 1.0),
         "model.diffcl.temperature": LogUniform(0.05, 1.0),
         "model.diffcl.diffusion.noise_scale": LogUniform(0.01, 0.5),
-        "model.diffcl.layers": IntRange(1, 3),
+        "model.diffcl.layers": IntRange(1, 4),  # the range LightGCN is searched over
     }
 
     modalities: list[Modality] = Field(
