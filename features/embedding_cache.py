@@ -56,11 +56,19 @@ class EmbeddingCache:
         next to this cache file, so that a part can only be merged into the encoder's own cache."""
         return self.path.with_suffix(".parts")
 
+    def part_files(self) -> list[Path]:
+        """The shard parts waiting to be merged, in part-name (item range) order."""
+        return sorted(self.parts_dir.glob("*.parquet")) if self.parts_dir.is_dir() else []
+
+    def part_keys(self) -> set[str]:
+        """The keys the waiting shard parts hold vectors for."""
+        return {key for part in self.part_files() for key in pl.read_parquet(part, columns=["key"]).get_column("key")}
+
     def merge_parts(self) -> int:
         """Add the vectors of every shard part, in part-name (item range) order so that the cache
         comes out the same whichever worker finished first; a key already cached keeps its vector.
         The parts are removed once merged. Returns the number of vectors added."""
-        parts = sorted(self.parts_dir.glob("*.parquet")) if self.parts_dir.is_dir() else []
+        parts = self.part_files()
         added = 0
         for part in parts:
             frame = pl.read_parquet(part)

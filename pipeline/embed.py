@@ -379,9 +379,7 @@ def _uncached_images(config: PipelineConfig, start: int, stop: int | None):
     if not sources.exists():
         return spec, cache, {}
     path_of = _downloaded_images(sources, start, stop)
-    in_parts = set()
-    for part in sorted(cache.parts_dir.glob("*.parquet")) if cache.parts_dir.is_dir() else []:
-        in_parts.update(pl.read_parquet(part, columns=["key"]).get_column("key").to_list())
+    in_parts = cache.part_keys()
     return spec, cache, {k: path_of[k] for k in cache.missing(list(path_of)) if k not in in_parts}
 
 

@@ -466,22 +466,16 @@ class DiffCL(Recommender):
         if s.diffusion.views == "generated_vs_training":
             # Each modality over its generated graph against itself over the training graph: the
             # generated edges are the augmentation (none before the first generation).
-            views = [(z[m], z[m].on_training_graph) for m in self.modalities if z[m].on_training_graph is not None]
-            total = torch.zeros((), device=users.device)
-            for generated, training in views:
-                for side, nodes in ((USERS, users), (ITEMS, items)):
-                    total = total + info_nce(generated.side(side)[nodes], training.side(side)[nodes], s.temperature)
-            return total / max(1, len(views))
-        if s.diffusion.views == "id_anchor":
-            pairs = [("id", m) for m in self.modalities]
-        elif s.diffusion.views == "all_pairs":
-            pairs = list(itertools.combinations(self.branches, 2))
+            pairs = [(z[m], z[m].on_training_graph) for m in self.modalities if z[m].on_training_graph is not None]
+        elif s.diffusion.views == "id_anchor":
+            pairs = [(z["id"], z[m]) for m in self.modalities]
         else:
-            pairs = list(itertools.combinations(self.modalities, 2))
+            names = self.branches if s.diffusion.views == "all_pairs" else self.modalities
+            pairs = [(z[a], z[b]) for a, b in itertools.combinations(names, 2)]
         total = torch.zeros((), device=users.device)
         for first, second in pairs:
             for side, nodes in ((USERS, users), (ITEMS, items)):
-                total = total + info_nce(z[first].side(side)[nodes], z[second].side(side)[nodes], s.temperature)
+                total = total + info_nce(first.side(side)[nodes], second.side(side)[nodes], s.temperature)
         return total / max(1, len(pairs))
 
     # ------------------------------------------------------------------ alignment (section 7)

@@ -47,8 +47,8 @@ def seed_everything(seed: int, device: torch.device | None = None) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if device is not None and device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    if device is not None:  # a process-wide switch: set for every run, so a CPU run's never leaks into a CUDA one
+        torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
 
 
 def pick_device(name: str) -> torch.device:
