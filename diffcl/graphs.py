@@ -39,6 +39,28 @@ def normalized_adjacency(train: sp.csr_matrix) -> sp.csr_matrix:
     return out
 
 
+class DegreeSensitivePruner:
+    """FREEDOM's degree-sensitive edge pruning of the interaction graph: each epoch keeps a share of
+    the training edges, drawn without replacement with probability ∝ 1/√(deg_u · deg_i), so edges
+    between popular nodes are pruned first. One implementation for every model that prunes."""
+
+    def __init__(self, train: sp.spmatrix):
+        coo = sp.coo_matrix(train)
+        self.shape = coo.shape
+        self.rows, self.cols = coo.row, coo.col
+        deg_u = np.bincount(self.rows, minlength=self.shape[0])
+        deg_i = np.bincount(self.cols, minlength=self.shape[1])
+        w = 1.0 / np.sqrt(deg_u[self.rows] * deg_i[self.cols])
+        self.edge_p = w / w.sum()
+
+    def sample(self, dropout: float, seed: int) -> sp.csr_matrix:
+        """The kept edges as a binary user x item matrix (``dropout``: the share pruned)."""
+        rng = np.random.default_rng(seed)
+        n_keep = int(len(self.edge_p) * (1.0 - dropout))
+        keep = rng.choice(len(self.edge_p), size=n_keep, replace=False, p=self.edge_p)
+        return sp.csr_matrix((np.ones(n_keep, dtype=np.float32), (self.rows[keep], self.cols[keep])), shape=self.shape)
+
+
 def adjacency_blocks(adj: sp.csr_matrix, n_users: int) -> tuple[sp.csr_matrix, sp.csr_matrix]:
     """(R̂, R̂ᵀ) with R̂ = D_u^-1/2 R D_i^-1/2: the two off-diagonal blocks of the normalised Â."""
     r_hat = adj[:n_users, n_users:].tocsr()

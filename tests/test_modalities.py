@@ -335,6 +335,31 @@ def test_generated_vs_training_views_contrast_each_modality_over_both_graphs():
     assert parts["diff"].item() == 0.0 and parts["cl"].item() > 0
 
 
+def test_edge_dropout_prunes_the_training_graphs_only():
+    settings = {"alignment": False, "edge_dropout": 0.5,
+                "diffusion": {"target": "interactions", "views": "generated_vs_training", "graph_k": 2}}
+    ctx, model = _diffcl(settings)
+    _, unpruned = _diffcl({**settings, "edge_dropout": 0.0})
+    unpruned.load_state_dict(model.state_dict())
+    model.start_epoch(3)
+    unpruned.start_epoch(3)
+    train_nnz = ctx.data.train.nnz
+    pruned_edges = model.graphs(training=True)[0].to_dense()[: ctx.n_users, ctx.n_users :] > 0
+    assert pruned_edges.sum().item() == train_nnz // 2
+    assert model.graphs(training=False)[0] is model.adjacency  # evaluation propagates over every edge
+    # The generated graphs in training: the kept edges plus the same generated ones.
+    for m in ("image", "text"):
+        generated = model.generated_adjacency[m].to_dense()[: ctx.n_users, ctx.n_users :] > 0
+        in_training = model.graphs(training=True)[1][m].to_dense()[: ctx.n_users, ctx.n_users :] > 0
+        assert in_training.sum() < generated.sum() and not (in_training & ~generated).any()
+    # Scores are those of the unpruned model; a training pass differs and still reaches every branch.
+    torch.testing.assert_close(model.embeddings()[1], unpruned.embeddings()[1])
+    z, z_full = model.encode(model.branches, training=True), unpruned.encode(unpruned.branches, training=True)
+    assert not torch.allclose(z["id"].items, z_full["id"].items)
+    model.loss(BATCH)["loss"].backward()
+    assert model.user_tables["image"].grad.abs().sum() > 0 and model.item_id.grad.abs().sum() > 0
+
+
 def test_modality_gates_and_the_id_block():
     _, own = _diffcl({"id_score": "own_block"})
     with torch.no_grad():

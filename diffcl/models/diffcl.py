@@ -36,6 +36,8 @@ from torch import nn
 
 from diffcl.core.device import dense_autocast, dense_dtype
 from diffcl.graphs import (
+    DegreeSensitivePruner,
+    adjacency_blocks,
     branch_propagate,
     branch_propagate_items,
     normalized_adjacency,
@@ -202,6 +204,13 @@ class DiffCL(Recommender):
         for m in self.interaction_diffusions:
             self.register_buffer(f"generated_{m}", torch.full((ctx.n_users, ds.graph_k), -1, dtype=torch.long))
         self.generated_adjacency: dict[str, torch.Tensor] = {}
+        # FREEDOM's edge pruning (edge_dropout): the graphs a training step propagates over, resampled
+        # every epoch; evaluation keeps the full ones above.
+        self.pruner = DegreeSensitivePruner(ctx.data.train) if s.edge_dropout > 0 else None
+        self.kept_rows: sp.csr_matrix | None = None
+        self.training_adjacency: torch.Tensor | None = None
+        self.training_generated: dict[str, torch.Tensor] = {}
+        self.training_blocks: tuple[torch.Tensor, torch.Tensor] | None = None
         self.register_load_state_dict_post_hook(lambda module, _keys: module._build_generated_adjacency())
 
     def describe(self) -> str:
@@ -244,17 +253,26 @@ class DiffCL(Recommender):
             # Each branch propagates on its own: three 64-column products beat one 192-column one.
             if b == "id" and self.id_items_only:
                 users = None
-                items = branch_propagate_items(self.adjacency_blocks, self.user_tables[b], self.item_id, layers, combine, normalize)
+                blocks = self.training_blocks if training and self.training_blocks is not None else self.adjacency_blocks
+                items = branch_propagate_items(blocks, self.user_tables[b], self.item_id, layers, combine, normalize)
             else:
                 ego_items = self.item_id if b == "id" else self.project(b)
-                adjacency = self.generated_adjacency.get(b, self.adjacency)
+                interactions, generated = self.graphs(training)
+                adjacency = generated.get(b, interactions)
                 users, items = branch_propagate(adjacency, self.user_tables[b], ego_items, layers, combine, normalize)
-                if both_graphs and b in self.generated_adjacency:
-                    base_users, base_items = branch_propagate(self.adjacency, self.user_tables[b], ego_items, layers,
+                if both_graphs and b in generated:
+                    base_users, base_items = branch_propagate(interactions, self.user_tables[b], ego_items, layers,
                                                               combine, normalize)
                     base = BranchOutput(base_users, self._add_item_graph(base_items))
             out[b] = BranchOutput(users, self._add_item_graph(items), base)
         return out
+
+    def graphs(self, training: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the interaction adjacency, each modality's generated adjacency) a pass propagates over:
+        in training with edge_dropout, the epoch's pruned ones."""
+        if training and self.training_adjacency is not None:
+            return self.training_adjacency, self.training_generated
+        return self.adjacency, self.generated_adjacency
 
     def _add_item_graph(self, items: torch.Tensor) -> torch.Tensor:
         return items if self.item_graph is None else items + self.item_graph @ items
@@ -315,6 +333,14 @@ class DiffCL(Recommender):
         ds = self.settings.diffusion
         if ds.target == "interactions" and ds.enabled and epoch > 1 and (epoch - 1) % ds.graph_every == 0:
             self.generate_graphs()
+        if self.pruner is not None:
+            self.kept_rows = self.pruner.sample(self.settings.edge_dropout, seed=epoch)  # a resumed run prunes alike
+            device = self.user_weight_logits.device
+            normalized = normalized_adjacency(self.kept_rows)
+            self.training_adjacency = to_torch_csr(normalized, device)
+            if self.id_items_only:
+                self.training_blocks = tuple(to_torch_csr(b, device) for b in adjacency_blocks(normalized, self.n_users))
+            self.training_generated = self._generated_adjacency(self.kept_rows)
 
     def _dense_rows(self, users: np.ndarray, device: torch.device) -> torch.Tensor:
         return torch.from_numpy(self.train_rows[users].toarray()).to(device)
@@ -343,10 +369,16 @@ class DiffCL(Recommender):
         self._build_generated_adjacency()
 
     def _build_generated_adjacency(self) -> None:
-        """Each modality's normalised adjacency from its generated edges (none before the first generation)."""
+        self.generated_adjacency = self._generated_adjacency(self.train_rows) if self.interaction_diffusions else {}
+        if self.kept_rows is not None:
+            self.training_generated = self._generated_adjacency(self.kept_rows)
+
+    def _generated_adjacency(self, interactions: sp.csr_matrix) -> dict[str, torch.Tensor]:
+        """Each modality's normalised adjacency from its generated edges and ``interactions`` (none
+        before the first generation)."""
         ds = self.settings.diffusion
         n_users, n_items = self.n_users, self.n_items
-        self.generated_adjacency = {}
+        out = {}
         for m in self.interaction_diffusions:
             edges = getattr(self, f"generated_{m}")
             if bool((edges < 0).any()):
@@ -354,9 +386,10 @@ class DiffCL(Recommender):
             cols = edges.cpu().numpy().ravel()
             rows = np.repeat(np.arange(n_users), edges.shape[1])
             generated = sp.csr_matrix((np.ones(rows.size, dtype=np.float32), (rows, cols)), shape=(n_users, n_items))
-            graph = generated if ds.graph_mode == "replace" else self.train_rows + generated
+            graph = generated if ds.graph_mode == "replace" else interactions + generated
             graph.data[:] = 1.0
-            self.generated_adjacency[m] = to_torch_csr(normalized_adjacency(graph), edges.device)
+            out[m] = to_torch_csr(normalized_adjacency(graph), edges.device)
+        return out
 
     def interaction_diffusion_loss(self, z: dict[str, BranchOutput], users: torch.Tensor) -> torch.Tensor:
         """The interaction denoisers' loss on (at most ``graph_users`` of) the batch's users' rows,

@@ -12,12 +12,16 @@ Unlike the reference code, only the batch's rows of the raw features are project
 
 from __future__ import annotations
 
-import numpy as np
-import scipy.sparse as sp
 import torch
 from torch import nn
 
-from diffcl.graphs import normalized_adjacency, propagate, propagate_rows, to_torch_csr
+from diffcl.graphs import (
+    DegreeSensitivePruner,
+    normalized_adjacency,
+    propagate,
+    propagate_rows,
+    to_torch_csr,
+)
 from diffcl.models import register
 from diffcl.models.base import (
     Batch,
@@ -41,17 +45,12 @@ class Freedom(Recommender):
         self.modalities = ctx.modalities(s.modalities)
         self.device = ctx.device
         self.full_adjacency = ctx.adjacency
-        self.train_matrix = ctx.data.train.tocoo()
         self.ego = stacked_embeddings(ctx.n_users, ctx.n_items, d)
         self.register_features(ctx, self.modalities)
         self.projections = nn.ModuleDict({m: nn.Linear(ctx.features[m].shape[1], d) for m in self.modalities})
         self.item_graph = ctx.item_graph(self.modalities)
         self.pruned = self.full_adjacency
-        # Degree-sensitive sampling weights: edges between low-degree nodes are kept more often.
-        deg_u = np.bincount(self.train_matrix.row, minlength=ctx.n_users)
-        deg_i = np.bincount(self.train_matrix.col, minlength=ctx.n_items)
-        w = 1.0 / np.sqrt(deg_u[self.train_matrix.row] * deg_i[self.train_matrix.col])
-        self.edge_p = w / w.sum()
+        self.pruner = DegreeSensitivePruner(ctx.data.train)
 
     def describe(self) -> str:
         mods = "+".join(self.modalities) or "no modality features: ID only"
@@ -62,13 +61,7 @@ class Freedom(Recommender):
         if self.settings.dropout <= 0:
             self.pruned = self.full_adjacency
             return
-        rng = np.random.default_rng(epoch)  # seeded by the epoch: a resumed run prunes the same way
-        n_keep = int(len(self.edge_p) * (1.0 - self.settings.dropout))
-        keep = rng.choice(len(self.edge_p), size=n_keep, replace=False, p=self.edge_p)
-        kept = sp.csr_matrix(
-            (np.ones(n_keep, dtype=np.float32), (self.train_matrix.row[keep], self.train_matrix.col[keep])),
-            shape=(self.n_users, self.n_items),
-        )
+        kept = self.pruner.sample(self.settings.dropout, seed=epoch)  # by the epoch: a resumed run prunes the same way
         self.pruned = to_torch_csr(normalized_adjacency(kept), self.device)
 
     def item_graph_embeddings(self) -> torch.Tensor | None:

@@ -176,6 +176,11 @@ class DiffCLConfig(Strict):
         0.0, ge=0, lt=1, description="training only: each user row's modality block is dropped with this "
         "probability (the kept ones scaled by 1/(1-p)), so the score cannot lean on one modality alone"
     )
+    edge_dropout: float = Field(
+        0.0, ge=0, lt=1, description="training only: this share of the interaction edges is pruned each epoch, "
+        "degree-sensitively as FREEDOM does (its 0.8-0.9 on Amazon data); every branch and generated graph "
+        "propagates over the kept edges, evaluation over all of them. 0: no pruning"
+    )
     id_branch: bool = Field(True, description="false: no item-ID branch (ablation w/o ID)")
     id_in_score: bool = Field(
         True, description="add the ID branch to every block of the scored representation (false: the first "
