@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from diffcl.models.contrastive import distribution_alignment, info_nce, info_nce_against
+from diffcl.models.contrastive import (
+    distribution_alignment,
+    info_nce,
+    info_nce_against,
+    relational_alignment,
+)
 from diffcl.models.diffusion import Diffusion, GaussianSchedule
 from diffcl.training.run import build_run
 
@@ -83,6 +88,20 @@ def test_distribution_alignment_invariants():
     assert shifted.item() == pytest.approx(1.0, rel=1e-4)
     three = distribution_alignment({"a": a, "b": a * 2, "c": a})
     assert three.item() > 0
+
+
+def test_relational_alignment_matches_neighbourhoods_not_rows():
+    torch.manual_seed(0)
+    guide = torch.randn(32, 8)
+    rotation, _ = torch.linalg.qr(torch.randn(8, 8))
+    # Rotated and scaled rows have the guide's cosine neighbourhoods: nothing to align.
+    assert relational_alignment(guide, 3.0 * guide @ rotation, 0.2).item() == pytest.approx(0.0, abs=1e-5)
+    student = torch.randn(32, 8, requires_grad=True)
+    loss = relational_alignment(guide.requires_grad_(), student, 0.2)
+    assert loss.item() > 0
+    loss.backward()
+    assert student.grad.abs().sum() > 0 and guide.grad is None  # the ID guide is not pulled
+    assert relational_alignment(guide[:2], student[:2], 0.2).item() == 0.0  # too few rows for a neighbourhood
 
 
 # ----------------------------------------------------------------------------- model switches
@@ -191,6 +210,12 @@ def test_switches_change_what_they_name(demo_multimodal):
     align.backward()
     assert align.item() > 0 and stable.item_id.grad is None
     assert stable.projections["image"][0].weight.grad.abs().sum() > 0
+    # The relational guide likewise: the modality rows move towards the ID rows' neighbourhoods.
+    relational = _model(demo_multimodal, "model.diffcl.alignment_mode=id_relational").model
+    align = relational.loss(batch)["align"]
+    align.backward()
+    assert align.item() > 0 and relational.item_id.grad is None
+    assert relational.projections["text"][0].weight.grad.abs().sum() > 0
 
 
 def test_id_branch_is_computed_only_where_something_reads_it(demo_multimodal):

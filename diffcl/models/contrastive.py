@@ -30,3 +30,21 @@ def distribution_alignment(named: dict[str, torch.Tensor]) -> torch.Tensor:
     for a, b in itertools.combinations(stats, 2):
         total = total + (stats[a][0] - stats[b][0]).abs() + (stats[a][1] - stats[b][1]).abs()
     return total
+
+
+def relational_alignment(guide: torch.Tensor, student: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(P_guide ‖ P_student) averaged over rows, where P_x(i, ·) is the softmax over the other rows
+    j ≠ i of cos(x_i, x_j)/τ: the student's rows are pulled to the guide's neighbourhood structure,
+    not onto the guide's rows themselves. The guide is detached (it is the stable side)."""
+    n = guide.shape[0]
+    if n < 3:
+        return torch.zeros((), device=guide.device)
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=guide.device)
+
+    def log_neighbours(x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(x, dim=1)
+        logits = (x @ x.T / temperature)[off_diagonal].view(n, n - 1)
+        return F.log_softmax(logits, dim=1)
+
+    target = log_neighbours(guide.detach())
+    return F.kl_div(log_neighbours(student), target, log_target=True, reduction="batchmean")

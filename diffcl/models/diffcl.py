@@ -45,7 +45,12 @@ from diffcl.graphs import (
 )
 from diffcl.models import register
 from diffcl.models.base import Batch, ModelContext, Recommender, bpr_loss, l2_reg
-from diffcl.models.contrastive import distribution_alignment, info_nce, info_nce_against
+from diffcl.models.contrastive import (
+    distribution_alignment,
+    info_nce,
+    info_nce_against,
+    relational_alignment,
+)
 from diffcl.models.diffusion import Diffusion
 
 log = logging.getLogger(__name__)
@@ -514,6 +519,11 @@ class DiffCL(Recommender):
     # ------------------------------------------------------------------ alignment (section 7)
     def alignment(self, z: dict[str, BranchOutput], fused_items: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         views = {m: z[m].items[items] for m in self.modalities}
+        if self.settings.alignment_mode == "id_relational":
+            if not self.use_id or not views:
+                return torch.zeros((), device=fused_items.device)
+            guide = z["id"].items[items]
+            return sum(relational_alignment(guide, v, self.settings.temperature) for v in views.values()) / len(views)
         if self.settings.alignment_mode in ("id_anchor_infonce", "stable_id_infonce"):
             if not self.use_id:
                 return torch.zeros((), device=fused_items.device)

@@ -196,10 +196,12 @@ class DiffCLConfig(Strict):
     )
     temperature: float = Field(0.2, gt=0, description="τ of InfoNCE")
     alignment: bool = Field(True, description="false: no alignment loss (ablation)")
-    alignment_mode: Literal["distribution", "id_anchor_infonce", "stable_id_infonce"] = Field(
+    alignment_mode: Literal["distribution", "id_anchor_infonce", "stable_id_infonce", "id_relational"] = Field(
         "distribution", description="spec section 7: MENTOR's distribution alignment of the ID, fused and modality "
-        "item rows; InfoNCE of each modality's item rows against the ID rows; or the same with the ID rows "
-        "detached (the stable guide: only the modality rows move)"
+        "item rows; InfoNCE of each modality's item rows against the ID rows; the same with the ID rows "
+        "detached (the stable guide: only the modality rows move); or (id_relational) each modality's item "
+        "neighbourhoods in the batch (a softmax over cosine similarities, τ) pulled towards the detached ID rows' "
+        "by KL divergence: the ID rows guide which items a modality sees as alike, not where its rows lie"
     )
     cl_weight: float = Field(
         0.05, ge=0, description="λ_cl; 0.05 with the generated-vs-training views (above 0.01 and level with 0.2 on "
