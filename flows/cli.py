@@ -247,6 +247,8 @@ def tune(
     study: Annotated[str | None, typer.Option(help="study name (default: model.name); tuning/<study>.db in the dataset folder")] = None,
     max_epochs: Annotated[int | None, typer.Option(help="cap on train.epochs per trial")] = None,
     timeout: Annotated[float | None, typer.Option(help="start no trial after this many seconds")] = None,
+    prune_warmup: Annotated[int, typer.Option(help="no trial is pruned before this epoch; raise it for models that "
+                                              "learn slowly and peak late (DiffCL on Scientific: epoch ~100)")] = 5,
     set_: SetOpt = None,
     overlay: OverlayOpt = None,
 ) -> None:
@@ -264,7 +266,7 @@ def tune(
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger("diffcl.training.trainer").setLevel(logging.WARNING)  # per-epoch lines with --verbose
     try:
-        result = run_tune(cfg, SearchBudget(trials, max_epochs, timeout), study)
+        result = run_tune(cfg, SearchBudget(trials, max_epochs, timeout, prune_warmup_epochs=prune_warmup), study)
     except (TuneError, TrainError, ConfigError) as err:
         _fail(str(err))
     console.print(trials_table(result, cfg.model.name))

@@ -140,11 +140,14 @@ def test_cli_tune_prints_trials_and_the_overlay_as_set(demo_workspace, tmp_path)
     args = ["tune", str(config_file), "--trials", "2", "--max-epochs", "2", "--study", "cli", "--overlay", str(overlay)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    for text in ("study cli", "complete", "2 finished trials", "at most 2 epochs", "cli-best.yaml", "--set train.lr="):
+    for text in ("study cli", "complete", "2 finished trials", "at most 2 epochs", "pruning from epoch 5",
+                 "cli-best.yaml", "--set train.lr="):
         assert text in result.output, text
     bad = CliRunner().invoke(app, [*args[:3], "0"])
     assert bad.exit_code == 2 and "--trials must be at least 1" in bad.output
     bad = CliRunner().invoke(app, [*args, "--max-epochs", "0"])
     assert bad.exit_code == 2 and "--max-epochs must be at least 1" in bad.output
+    bad = CliRunner().invoke(app, [*args, "--prune-warmup", "-1"])
+    assert bad.exit_code == 2 and "--prune-warmup must be at least 0" in bad.output
     bad = CliRunner().invoke(app, [*args, "--study", "../x"])
     assert bad.exit_code == 2 and "invalid study name '../x'" in bad.output

@@ -60,7 +60,7 @@ class SearchBudget:
     max_epochs: int | None = None
     timeout_s: float | None = None
     prune_startup_trials: int = 3  # trials finished before any is pruned
-    prune_warmup_epochs: int = 5  # the first epoch whose evaluation may prune a trial
+    prune_warmup_epochs: int = 5  # no trial is pruned before this epoch
 
 
 @dataclass
@@ -86,6 +86,7 @@ class TuneResult:
     overlay_path: Path | None
     overlay: dict[str, Any] = field(default_factory=dict)
     epoch_caps: list[int] = field(default_factory=list)
+    prune_warmups: list[int] = field(default_factory=list)
 
     def count(self, *states: str) -> int:
         return sum(t.state in states for t in self.trials)
@@ -181,6 +182,7 @@ def _objective(base: PipelineConfig, space: SearchSpace, study: str, budget: Sea
         run_id = trial_run_id(study, trial.number)
         trial.set_user_attr("run_id", run_id)
         trial.set_user_attr("max_epochs", config.train.epochs)
+        trial.set_user_attr("prune_warmup", budget.prune_warmup_epochs)
         trainer = build_run(config, run_id, on_epoch=lambda row: report_epoch(trial, row, metric), evaluate_test=False)
         if trainer.run_dir.exists():  # trial numbers only grow: this folder is from a study since removed
             raise TuneError(f"{trainer.run_dir} already exists (from an earlier study {study!r} whose database "
@@ -255,6 +257,8 @@ def tune(config: PipelineConfig, budget: SearchBudget, study: str | None = None)
         raise TuneError(f"--trials must be at least 1 (got {budget.trials})")
     if budget.max_epochs is not None and budget.max_epochs < 1:
         raise TuneError(f"--max-epochs must be at least 1 (got {budget.max_epochs})")
+    if budget.prune_warmup_epochs < 0:
+        raise TuneError(f"--prune-warmup must be at least 0 (got {budget.prune_warmup_epochs})")
     study = study or config.model.name
     try:
         check_run_id(study, "study name")  # it names files and run folders
@@ -295,8 +299,9 @@ def summarize(study: optuna.Study, storage: Path, overlay_path: Path, config: Pi
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     caps = sorted({t.user_attrs["max_epochs"] for t in trials if "max_epochs" in t.user_attrs})
+    warmups = sorted({t.user_attrs["prune_warmup"] for t in trials if "prune_warmup" in t.user_attrs})
     result = TuneResult(study.study_name, storage, config.train.metric, space, [_summary(t) for t in trials],
-                        best=None, overlay_path=None, epoch_caps=caps)
+                        best=None, overlay_path=None, epoch_caps=caps, prune_warmups=warmups)
     if complete:
         best = study.best_trial
         result.best, result.overlay = _summary(best), nest(best.params)
@@ -306,11 +311,13 @@ def summarize(study: optuna.Study, storage: Path, overlay_path: Path, config: Pi
 
 
 def budget_line(result: TuneResult) -> str:
-    """The budget beside every tuned number: trials by state and the epoch cap per trial."""
+    """The budget beside every tuned number: trials by state, the epoch cap per trial and the epoch
+    pruning may start at."""
     caps = "/".join(str(c) for c in result.epoch_caps) or "?"
+    warmups = "/".join(str(w) for w in result.prune_warmups) or "?"
     return (f"{result.count('complete', 'pruned')} finished trials ({result.count('complete')} complete, "
             f"{result.count('pruned')} pruned, {result.count('fail')} failed), at most {caps} epochs per trial, "
-            f"TPE + median pruning on valid {result.metric}")
+            f"TPE + median pruning from epoch {warmups} on valid {result.metric}")
 
 
 def overlay_text(result: TuneResult, config: PipelineConfig) -> str:
