@@ -253,6 +253,7 @@ class DiffCL(Recommender):
         s = self.settings
         layers, combine = s.layers, s.combine
         both_graphs = training and s.contrastive and s.cl_weight > 0 and s.diffusion.views == "generated_vs_training"
+        interactions, generated = self.graphs(training)
         for b in branches:
             normalize, base = self.normalizes(b), None
             # Each branch propagates on its own: three 64-column products beat one 192-column one.
@@ -262,7 +263,6 @@ class DiffCL(Recommender):
                 items = branch_propagate_items(blocks, self.user_tables[b], self.item_id, layers, combine, normalize)
             else:
                 ego_items = self.item_id if b == "id" else self.project(b)
-                interactions, generated = self.graphs(training)
                 adjacency = generated.get(b, interactions)
                 users, items = branch_propagate(adjacency, self.user_tables[b], ego_items, layers, combine, normalize)
                 if both_graphs and b in generated:
