@@ -358,6 +358,15 @@ def test_edge_dropout_prunes_the_training_graphs_only():
     assert not torch.allclose(z["id"].items, z_full["id"].items)
     model.loss(BATCH)["loss"].backward()
     assert model.user_tables["image"].grad.abs().sum() > 0 and model.item_id.grad.abs().sum() > 0
+    # An ID branch read for its item rows only (not scored) propagates over the kept edges as well.
+    guide_only = {**settings, "alignment": True, "id_in_score": False}
+    _, items_only = _diffcl(guide_only)
+    _, items_only_full = _diffcl({**guide_only, "edge_dropout": 0.0})
+    items_only_full.load_state_dict(items_only.state_dict())
+    assert items_only.id_items_only
+    items_only.start_epoch(3)
+    pruned_id = items_only.encode(items_only.branches, training=True)["id"].items
+    assert not torch.allclose(pruned_id, items_only_full.encode(items_only_full.branches, training=True)["id"].items)
 
 
 def test_modality_gates_and_the_id_block():
@@ -413,3 +422,8 @@ def test_view_settings_are_checked():
         ModelConfig(diffcl={"diffusion": {"target": "per_modality", "views": "all_pairs"}})
     with pytest.raises(ValueError, match="generated_vs_training needs diffusion.target interactions"):
         ModelConfig(diffcl={"diffusion": {"target": "fused", "views": "generated_vs_training"}})
+    for mode in ("stable_id_infonce", "id_relational"):  # a detached guide nothing else trains
+        with pytest.raises(ValueError, match=f"{mode} guides with the detached ID rows"):
+            ModelConfig(diffcl={"alignment_mode": mode, "id_in_score": False})
+    ModelConfig(diffcl={"alignment_mode": "id_relational", "id_in_score": False,
+                        "diffusion": {"target": "interactions", "views": "id_anchor"}})  # the ID-anchored views train them

@@ -137,10 +137,11 @@ def test_cli_tune_prints_trials_and_the_overlay_as_set(demo_workspace, tmp_path)
     config_file.write_text(dump_config(demo_workspace()))
     overlay = tmp_path / "fast.yaml"
     overlay.write_text(yaml.safe_dump({"model": {"name": "mf"}, "train": {"batch_size": 1024, "threads": 2}}))
-    args = ["tune", str(config_file), "--trials", "2", "--max-epochs", "2", "--study", "cli", "--overlay", str(overlay)]
+    args = ["tune", str(config_file), "--trials", "2", "--max-epochs", "2", "--study", "cli", "--overlay", str(overlay),
+            "--prune-warmup", "2"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    for text in ("study cli", "complete", "2 finished trials", "at most 2 epochs", "pruning from epoch 5",
+    for text in ("study cli", "complete", "2 finished trials", "at most 2 epochs", "pruning from epoch 2",
                  "cli-best.yaml", "--set train.lr="):
         assert text in result.output, text
     bad = CliRunner().invoke(app, [*args[:3], "0"])

@@ -212,7 +212,7 @@ class DiffCL(Recommender):
         # FREEDOM's edge pruning (edge_dropout): the graphs a training step propagates over, resampled
         # every epoch; evaluation keeps the full ones above.
         self.pruner = DegreeSensitivePruner(ctx.data.train) if s.edge_dropout > 0 else None
-        self.kept_rows: sp.csr_matrix | None = None
+        self.kept_edges: sp.csr_matrix | None = None
         self.training_adjacency: torch.Tensor | None = None
         self.training_generated: dict[str, torch.Tensor] = {}
         self.training_blocks: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -336,16 +336,17 @@ class DiffCL(Recommender):
     # ------------------------------------------------------------------ generated graphs (DiffMM)
     def start_epoch(self, epoch: int) -> None:
         ds = self.settings.diffusion
-        if ds.target == "interactions" and ds.enabled and epoch > 1 and (epoch - 1) % ds.graph_every == 0:
-            self.generate_graphs()
-        if self.pruner is not None:
-            self.kept_rows = self.pruner.sample(self.settings.edge_dropout, seed=epoch)  # a resumed run prunes alike
+        if self.pruner is not None:  # first, so that a generation below builds its training graphs from these edges
+            self.kept_edges = self.pruner.sample(self.settings.edge_dropout, seed=epoch)  # a resumed run prunes alike
             device = self.user_weight_logits.device
-            normalized = normalized_adjacency(self.kept_rows)
+            normalized = normalized_adjacency(self.kept_edges)
             self.training_adjacency = to_torch_csr(normalized, device)
             if self.id_items_only:
                 self.training_blocks = tuple(to_torch_csr(b, device) for b in adjacency_blocks(normalized, self.n_users))
-            self.training_generated = self._generated_adjacency(self.kept_rows)
+        if ds.target == "interactions" and ds.enabled and epoch > 1 and (epoch - 1) % ds.graph_every == 0:
+            self.generate_graphs()
+        elif self.kept_edges is not None:
+            self.training_generated = self._generated_adjacency(self.kept_edges)
 
     def _dense_rows(self, users: np.ndarray, device: torch.device) -> torch.Tensor:
         return torch.from_numpy(self.train_rows[users].toarray()).to(device)
@@ -374,9 +375,10 @@ class DiffCL(Recommender):
         self._build_generated_adjacency()
 
     def _build_generated_adjacency(self) -> None:
+        """The generated graphs over all training edges and, with edge_dropout, over the kept ones."""
         self.generated_adjacency = self._generated_adjacency(self.train_rows) if self.interaction_diffusions else {}
-        if self.kept_rows is not None:
-            self.training_generated = self._generated_adjacency(self.kept_rows)
+        if self.kept_edges is not None:
+            self.training_generated = self._generated_adjacency(self.kept_edges)
 
     def _generated_adjacency(self, interactions: sp.csr_matrix) -> dict[str, torch.Tensor]:
         """Each modality's normalised adjacency from its generated edges and ``interactions`` (none

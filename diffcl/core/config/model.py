@@ -179,7 +179,8 @@ class DiffCLConfig(Strict):
     edge_dropout: float = Field(
         0.0, ge=0, lt=1, description="training only: this share of the interaction edges is pruned each epoch, "
         "degree-sensitively as FREEDOM does (its 0.8-0.9 on Amazon data); every branch and generated graph "
-        "propagates over the kept edges, evaluation over all of them. 0: no pruning"
+        "propagates over the kept edges, evaluation over all of them (with graph_mode replace the generated "
+        "graphs hold no training edge, so only the training graph is pruned). 0: no pruning"
     )
     id_branch: bool = Field(True, description="false: no item-ID branch (ablation w/o ID)")
     id_in_score: bool = Field(
@@ -201,7 +202,8 @@ class DiffCLConfig(Strict):
         "item rows; InfoNCE of each modality's item rows against the ID rows; the same with the ID rows "
         "detached (the stable guide: only the modality rows move); or (id_relational) each modality's item "
         "neighbourhoods in the batch (a softmax over cosine similarities, τ) pulled towards the detached ID rows' "
-        "by KL divergence: the ID rows guide which items a modality sees as alike, not where its rows lie"
+        "by KL divergence, averaged over the modalities: the ID rows guide which items a modality sees as alike, "
+        "not where its rows lie"
     )
     cl_weight: float = Field(
         0.05, ge=0, description="λ_cl; 0.05 with the generated-vs-training views (above 0.01 and level with 0.2 on "
@@ -223,6 +225,10 @@ class DiffCLConfig(Strict):
             raise ValueError(f"diffusion.views {views} needs diffusion.target interactions")
         if self.diffusion.condition == "id" and (not self.id_branch or target == "interactions"):
             raise ValueError("diffusion.condition id needs the ID branch and target fused or per_modality")
+        detached_guide = self.alignment and self.alignment_mode in ("stable_id_infonce", "id_relational")
+        if detached_guide and self.id_branch and not self.id_in_score and views not in ("id_anchor", "all_pairs"):
+            raise ValueError(f"alignment_mode {self.alignment_mode} guides with the detached ID rows, and with "
+                             "id_in_score false nothing else trains them: set id_in_score true or another alignment_mode")
         if self.modality_gate == "id_attention" and not self.id_branch:
             raise ValueError("modality_gate id_attention needs the ID branch")
         if views == "cross_modal" and len(self.modalities) < 2 and target != "interactions":
