@@ -70,6 +70,13 @@ def adjacency_blocks(adj: sp.csr_matrix, n_users: int) -> tuple[sp.csr_matrix, s
     return r_hat, r_hat_t
 
 
+def torch_adjacency_blocks(adj: sp.csr_matrix, n_users: int,
+                           device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`adjacency_blocks` as CSR tensors on ``device``."""
+    r_hat, r_hat_t = adjacency_blocks(adj, n_users)
+    return to_torch_csr(r_hat, device), to_torch_csr(r_hat_t, device)
+
+
 def to_torch_csr(matrix: sp.spmatrix, device: torch.device | str = "cpu") -> torch.Tensor:
     m = sp.csr_matrix(matrix, dtype=np.float32)
     m.sort_indices()

@@ -22,10 +22,10 @@ from diffcl.core.config import DEFAULT_MODALITY_WEIGHTS, ModelConfig
 from diffcl.data import InteractionData
 from diffcl.graphs import (
     FrozenGraph,
-    adjacency_blocks,
     fuse_item_graphs,
     normalized_adjacency,
     to_torch_csr,
+    torch_adjacency_blocks,
 )
 
 
@@ -78,8 +78,7 @@ class ModelContext:
     @functools.cached_property
     def adjacency_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(R̂, R̂ᵀ): the user-item and item-user blocks of the normalised adjacency, built once."""
-        r_hat, r_hat_t = adjacency_blocks(self._normalized, self.n_users)
-        return to_torch_csr(r_hat, self.device), to_torch_csr(r_hat_t, self.device)
+        return torch_adjacency_blocks(self._normalized, self.n_users, self.device)
 
 
 class Recommender(nn.Module, ABC):

@@ -28,6 +28,7 @@ import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -37,11 +38,11 @@ from torch import nn
 from diffcl.core.device import dense_autocast, dense_dtype
 from diffcl.graphs import (
     DegreeSensitivePruner,
-    adjacency_blocks,
     branch_propagate,
     branch_propagate_items,
     normalized_adjacency,
     to_torch_csr,
+    torch_adjacency_blocks,
 )
 from diffcl.models import register
 from diffcl.models.base import Batch, ModelContext, Recommender, bpr_loss, l2_reg
@@ -78,6 +79,15 @@ class BranchOutput:
         rows = self.users if side == USERS else self.items
         assert rows is not None, f"this branch's {side} rows were not computed"
         return rows
+
+
+class PassGraphs(NamedTuple):
+    """What a pass propagates over: the interaction adjacency, each modality's generated adjacency,
+    and the interaction adjacency's two blocks (only where the ID branch propagates item rows alone)."""
+
+    interactions: torch.Tensor
+    generated: dict[str, torch.Tensor]
+    blocks: tuple[torch.Tensor, torch.Tensor] | None
 
 
 @dataclass
@@ -213,9 +223,7 @@ class DiffCL(Recommender):
         # every epoch; evaluation keeps the full ones above.
         self.pruner = DegreeSensitivePruner(ctx.data.train) if s.edge_dropout > 0 else None
         self.kept_edges: sp.csr_matrix | None = None
-        self.training_adjacency: torch.Tensor | None = None
-        self.training_generated: dict[str, torch.Tensor] = {}
-        self.training_blocks: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.pruned: PassGraphs | None = None
         self.register_load_state_dict_post_hook(lambda module, _keys: module._build_generated_adjacency())
 
     def describe(self) -> str:
@@ -253,31 +261,29 @@ class DiffCL(Recommender):
         s = self.settings
         layers, combine = s.layers, s.combine
         both_graphs = training and s.contrastive and s.cl_weight > 0 and s.diffusion.views == "generated_vs_training"
-        interactions, generated = self.graphs(training)
+        graphs = self.graphs(training)
         for b in branches:
             normalize, base = self.normalizes(b), None
             # Each branch propagates on its own: three 64-column products beat one 192-column one.
             if b == "id" and self.id_items_only:
                 users = None
-                blocks = self.training_blocks if training and self.training_blocks is not None else self.adjacency_blocks
-                items = branch_propagate_items(blocks, self.user_tables[b], self.item_id, layers, combine, normalize)
+                items = branch_propagate_items(graphs.blocks, self.user_tables[b], self.item_id, layers, combine, normalize)
             else:
                 ego_items = self.item_id if b == "id" else self.project(b)
-                adjacency = generated.get(b, interactions)
+                adjacency = graphs.generated.get(b, graphs.interactions)
                 users, items = branch_propagate(adjacency, self.user_tables[b], ego_items, layers, combine, normalize)
-                if both_graphs and b in generated:
-                    base_users, base_items = branch_propagate(interactions, self.user_tables[b], ego_items, layers,
+                if both_graphs and b in graphs.generated:
+                    base_users, base_items = branch_propagate(graphs.interactions, self.user_tables[b], ego_items, layers,
                                                               combine, normalize)
                     base = BranchOutput(base_users, self._add_item_graph(base_items))
             out[b] = BranchOutput(users, self._add_item_graph(items), base)
         return out
 
-    def graphs(self, training: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(the interaction adjacency, each modality's generated adjacency) a pass propagates over:
-        in training with edge_dropout, the epoch's pruned ones."""
-        if training and self.training_adjacency is not None:
-            return self.training_adjacency, self.training_generated
-        return self.adjacency, self.generated_adjacency
+    def graphs(self, training: bool) -> PassGraphs:
+        """The graphs a pass propagates over: in training with edge_dropout, the epoch's pruned ones."""
+        if training and self.pruned is not None:
+            return self.pruned
+        return PassGraphs(self.adjacency, self.generated_adjacency, self.adjacency_blocks)
 
     def _add_item_graph(self, items: torch.Tensor) -> torch.Tensor:
         return items if self.item_graph is None else items + self.item_graph @ items
@@ -336,17 +342,16 @@ class DiffCL(Recommender):
     # ------------------------------------------------------------------ generated graphs (DiffMM)
     def start_epoch(self, epoch: int) -> None:
         ds = self.settings.diffusion
-        if self.pruner is not None:  # first, so that a generation below builds its training graphs from these edges
+        if self.pruner is not None:  # first, so that a generation below builds its pruned graphs from these edges
             self.kept_edges = self.pruner.sample(self.settings.edge_dropout, seed=epoch)  # a resumed run prunes alike
             device = self.user_weight_logits.device
             normalized = normalized_adjacency(self.kept_edges)
-            self.training_adjacency = to_torch_csr(normalized, device)
-            if self.id_items_only:
-                self.training_blocks = tuple(to_torch_csr(b, device) for b in adjacency_blocks(normalized, self.n_users))
+            blocks = torch_adjacency_blocks(normalized, self.n_users, device) if self.id_items_only else None
+            self.pruned = PassGraphs(to_torch_csr(normalized, device), {}, blocks)
         if ds.target == "interactions" and ds.enabled and epoch > 1 and (epoch - 1) % ds.graph_every == 0:
             self.generate_graphs()
-        elif self.kept_edges is not None:
-            self.training_generated = self._generated_adjacency(self.kept_edges)
+        elif self.pruned is not None:
+            self.pruned = self.pruned._replace(generated=self._generated_adjacency(self.kept_edges))
 
     def _dense_rows(self, users: np.ndarray, device: torch.device) -> torch.Tensor:
         return torch.from_numpy(self.train_rows[users].toarray()).to(device)
@@ -377,8 +382,8 @@ class DiffCL(Recommender):
     def _build_generated_adjacency(self) -> None:
         """The generated graphs over all training edges and, with edge_dropout, over the kept ones."""
         self.generated_adjacency = self._generated_adjacency(self.train_rows) if self.interaction_diffusions else {}
-        if self.kept_edges is not None:
-            self.training_generated = self._generated_adjacency(self.kept_edges)
+        if self.pruned is not None:
+            self.pruned = self.pruned._replace(generated=self._generated_adjacency(self.kept_edges))
 
     def _generated_adjacency(self, interactions: sp.csr_matrix) -> dict[str, torch.Tensor]:
         """Each modality's normalised adjacency from its generated edges and ``interactions`` (none

@@ -298,10 +298,9 @@ def summarize(study: optuna.Study, storage: Path, overlay_path: Path, config: Pi
               space: SearchSpace) -> TuneResult:
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    caps = sorted({t.user_attrs["max_epochs"] for t in trials if "max_epochs" in t.user_attrs})
-    warmups = sorted({t.user_attrs["prune_warmup"] for t in trials if "prune_warmup" in t.user_attrs})
     result = TuneResult(study.study_name, storage, config.train.metric, space, [_summary(t) for t in trials],
-                        best=None, overlay_path=None, epoch_caps=caps, prune_warmups=warmups)
+                        best=None, overlay_path=None, epoch_caps=_recorded(trials, "max_epochs"),
+                        prune_warmups=_recorded(trials, "prune_warmup"))
     if complete:
         best = study.best_trial
         result.best, result.overlay = _summary(best), nest(best.params)
@@ -310,11 +309,15 @@ def summarize(study: optuna.Study, storage: Path, overlay_path: Path, config: Pi
     return result
 
 
+def _recorded(trials: list[FrozenTrial], attr: str) -> list[int]:
+    """The distinct values of a per-trial budget setting over the study (a resumed study may mix them)."""
+    return sorted({t.user_attrs[attr] for t in trials if attr in t.user_attrs})
+
+
 def budget_line(result: TuneResult) -> str:
     """The budget beside every tuned number: trials by state, the epoch cap per trial and the epoch
     pruning may start at."""
-    caps = "/".join(str(c) for c in result.epoch_caps) or "?"
-    warmups = "/".join(str(w) for w in result.prune_warmups) or "?"
+    caps, warmups = ("/".join(map(str, values)) or "?" for values in (result.epoch_caps, result.prune_warmups))
     return (f"{result.count('complete', 'pruned')} finished trials ({result.count('complete')} complete, "
             f"{result.count('pruned')} pruned, {result.count('fail')} failed), at most {caps} epochs per trial, "
             f"TPE + median pruning from epoch {warmups} on valid {result.metric}")
