@@ -42,9 +42,13 @@ def normalized_adjacency(train: sp.csr_matrix) -> sp.csr_matrix:
 class DegreeSensitivePruner:
     """FREEDOM's degree-sensitive edge pruning of the interaction graph: each epoch keeps a share of
     the training edges, drawn without replacement with probability ∝ 1/√(deg_u · deg_i), so edges
-    between popular nodes are pruned first. One implementation for every model that prunes."""
+    between popular nodes are pruned first. One implementation for every model that prunes.
 
-    def __init__(self, train: sp.spmatrix):
+    Each epoch's draw comes from (``seed``, epoch): a resumed run prunes as the interrupted one
+    would have, and runs with different seeds prune differently (so a seed sd includes the pruning)."""
+
+    def __init__(self, train: sp.spmatrix, seed: int):
+        self.seed = seed
         coo = sp.coo_matrix(train)
         self.shape = coo.shape
         self.rows, self.cols = coo.row, coo.col
@@ -53,9 +57,9 @@ class DegreeSensitivePruner:
         w = 1.0 / np.sqrt(deg_u[self.rows] * deg_i[self.cols])
         self.edge_p = w / w.sum()
 
-    def sample(self, dropout: float, seed: int) -> sp.csr_matrix:
-        """The kept edges as a binary user x item matrix (``dropout``: the share pruned)."""
-        rng = np.random.default_rng(seed)
+    def sample(self, dropout: float, epoch: int) -> sp.csr_matrix:
+        """Epoch ``epoch``'s kept edges as a binary user x item matrix (``dropout``: the share pruned)."""
+        rng = np.random.default_rng([self.seed, epoch])
         n_keep = int(len(self.edge_p) * (1.0 - dropout))
         keep = rng.choice(len(self.edge_p), size=n_keep, replace=False, p=self.edge_p)
         return sp.csr_matrix((np.ones(n_keep, dtype=np.float32), (self.rows[keep], self.cols[keep])), shape=self.shape)

@@ -211,13 +211,16 @@ def test_degree_sensitive_pruning_keeps_the_share_and_prunes_popular_edges_first
     rows = np.array([0, 0, 0, 0, 1, 2, 3, 4, 1, 2, 3, 4])
     cols = np.array([0, 1, 2, 3, 0, 0, 0, 0, 5, 6, 7, 8])
     train = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(5, 9))
-    pruner = DegreeSensitivePruner(train)
-    kept = pruner.sample(0.5, seed=3)
+    pruner = DegreeSensitivePruner(train, seed=7)
+    kept = pruner.sample(0.5, epoch=3)
     assert kept.nnz == 6 and set(kept.data) == {1.0}
     assert not (kept - kept.multiply(train)).nnz  # only training edges are kept
-    torch.testing.assert_close(torch.from_numpy(pruner.sample(0.5, seed=3).toarray()), torch.from_numpy(kept.toarray()))
+    # The same (seed, epoch) draws the same edges (a resumed run); another run seed draws others.
+    torch.testing.assert_close(torch.from_numpy(pruner.sample(0.5, epoch=3).toarray()), torch.from_numpy(kept.toarray()))
+    other_seeds = [DegreeSensitivePruner(train, seed=s).sample(0.5, epoch=3).toarray() for s in range(8, 14)]
+    assert any((draw != kept.toarray()).any() for draw in other_seeds)
     cold = [(u, i) for u, i in zip(rows, cols, strict=True) if i >= 5]
     hub = (0, 0)
-    draws = [pruner.sample(0.5, seed=s).toarray() for s in range(200)]
+    draws = [pruner.sample(0.5, epoch=e).toarray() for e in range(200)]
     kept_cold = np.mean([d[u, i] for d in draws for u, i in cold])
     assert kept_cold > 0.6 and np.mean([d[hub] for d in draws]) < 0.4  # 1/sqrt(deg_u deg_i): 0.71 vs 0.2

@@ -46,6 +46,7 @@ class ModelContext:
     knn_graphs: dict[str, sp.csr_matrix] = field(default_factory=dict)  # modality -> frozen kNN graph
     # graphs.modality_weights: w_m of the fused item-item graph, before renormalisation
     modality_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MODALITY_WEIGHTS))
+    seed: int = 0  # train.seed: seeds a model's own per-epoch draws (the pruned edges), apart from torch's stream
 
     def modalities(self, wanted: list[str]) -> list[str]:
         """The wanted modalities that have features, in the order of ``wanted`` (repeats dropped)."""

@@ -221,7 +221,7 @@ class DiffCL(Recommender):
         self.generated_adjacency: dict[str, torch.Tensor] = {}
         # FREEDOM's edge pruning (edge_dropout): the graphs a training step propagates over, resampled
         # every epoch; evaluation keeps the full ones above.
-        self.pruner = DegreeSensitivePruner(ctx.data.train) if s.edge_dropout > 0 else None
+        self.pruner = DegreeSensitivePruner(ctx.data.train, ctx.seed) if s.edge_dropout > 0 else None
         self.kept_edges: sp.csr_matrix | None = None
         self.pruned: PassGraphs | None = None
         self.register_load_state_dict_post_hook(lambda module, _keys: module._build_generated_adjacency())
@@ -343,7 +343,7 @@ class DiffCL(Recommender):
     def start_epoch(self, epoch: int) -> None:
         ds = self.settings.diffusion
         if self.pruner is not None:  # first, so that a generation below builds its pruned graphs from these edges
-            self.kept_edges = self.pruner.sample(self.settings.edge_dropout, seed=epoch)  # a resumed run prunes alike
+            self.kept_edges = self.pruner.sample(self.settings.edge_dropout, epoch)
             device = self.user_weight_logits.device
             normalized = normalized_adjacency(self.kept_edges)
             blocks = torch_adjacency_blocks(normalized, self.n_users, device) if self.id_items_only else None

@@ -50,7 +50,7 @@ class Freedom(Recommender):
         self.projections = nn.ModuleDict({m: nn.Linear(ctx.features[m].shape[1], d) for m in self.modalities})
         self.item_graph = ctx.item_graph(self.modalities)
         self.pruned = self.full_adjacency
-        self.pruner = DegreeSensitivePruner(ctx.data.train)
+        self.pruner = DegreeSensitivePruner(ctx.data.train, ctx.seed)
 
     def describe(self) -> str:
         mods = "+".join(self.modalities) or "no modality features: ID only"
@@ -61,7 +61,7 @@ class Freedom(Recommender):
         if self.settings.dropout <= 0:
             self.pruned = self.full_adjacency
             return
-        kept = self.pruner.sample(self.settings.dropout, seed=epoch)  # by the epoch: a resumed run prunes the same way
+        kept = self.pruner.sample(self.settings.dropout, epoch)
         self.pruned = to_torch_csr(normalized_adjacency(kept), self.device)
 
     def item_graph_embeddings(self) -> torch.Tensor | None:

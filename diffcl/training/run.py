@@ -72,7 +72,7 @@ def build_context(config: PipelineConfig, dirs: DatasetDirs, data: InteractionDa
     """The data, the features of the modalities the model reads and their kNN graphs (built by the
     graphs stage): a missing or unusable feature or graph file is a TrainError naming it."""
     gc = config.graphs
-    ctx = ModelContext(data=data, device=device, modality_weights=gc.modality_weights)
+    ctx = ModelContext(data=data, device=device, modality_weights=gc.modality_weights, seed=config.train.seed)
     try:
         for modality, path in model_feature_files(config, dirs.features).items():  # none for ID-only models
             matrix, meta = read_item_features(path, data.n_items)
