@@ -347,6 +347,37 @@ def knn_graph(
     return neighbour_graph(exact_neighbours(x, np.arange(n), k_eff, include_self, chunk), n)
 
 
+def user_cooccurrence_graph(train: sp.spmatrix, k: int, chunk: int = 2048) -> sp.csr_matrix:
+    """DRAGON's user-user graph: each user's ``k`` users with the most items in common (ties by
+    index, no self-loops), edge values the common-item counts normalised to sum 1 per row, so
+    ``U @ x`` is a weighted mean of the neighbours' rows. Frozen, from the training split only.
+
+    In row chunks of R Rᵀ: memory O(chunk x U) at worst, never U x U."""
+    r = sp.csr_matrix(train, dtype=np.float32)
+    r.data[:] = 1.0
+    n = r.shape[0]
+    rows, cols, vals = [], [], []
+    for start in range(0, n, chunk):
+        block = (r[start : start + chunk] @ r.T).tocsr()
+        for offset in range(block.shape[0]):
+            user = start + offset
+            lo, hi = block.indptr[offset], block.indptr[offset + 1]
+            neighbours, counts = block.indices[lo:hi], block.data[lo:hi]
+            keep = (neighbours != user) & (counts > 0)
+            neighbours, counts = neighbours[keep], counts[keep]
+            if len(neighbours) > k:
+                top = np.lexsort((neighbours, -counts))[:k]
+                neighbours, counts = neighbours[top], counts[top]
+            if len(neighbours):
+                rows.append(np.full(len(neighbours), user))
+                cols.append(neighbours)
+                vals.append(counts / counts.sum())
+    if not rows:
+        return sp.csr_matrix((n, n), dtype=np.float32)
+    return sp.csr_matrix((np.concatenate(vals).astype(np.float32), (np.concatenate(rows), np.concatenate(cols))),
+                         shape=(n, n))
+
+
 def fusion_weights(modalities: list[str], configured: Mapping[str, float]) -> dict[str, float]:
     """The weight of each fused modality: its configured weight (1/n where none is listed, n the number
     fused), renormalised over the modalities fused so that the weights sum to 1."""

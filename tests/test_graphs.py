@@ -10,6 +10,7 @@ from diffcl.graphs import (
     normalized_adjacency,
     propagate_rows,
     to_torch_csr,
+    user_cooccurrence_graph,
 )
 
 
@@ -224,3 +225,14 @@ def test_degree_sensitive_pruning_keeps_the_share_and_prunes_popular_edges_first
     draws = [pruner.sample(0.5, epoch=e).toarray() for e in range(200)]
     kept_cold = np.mean([d[u, i] for d in draws for u, i in cold])
     assert kept_cold > 0.6 and np.mean([d[hub] for d in draws]) < 0.4  # 1/sqrt(deg_u deg_i): 0.71 vs 0.2
+
+
+def test_user_cooccurrence_graph_keeps_each_users_top_k_by_common_items():
+    train = sp.csr_matrix(np.array([[1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 1, 1], [0, 1, 0, 0], [0, 0, 0, 0]], dtype=np.float32))
+    graph = user_cooccurrence_graph(train, k=2, chunk=2).toarray()  # chunks smaller than the users
+    # User 0 shares two items with user 1 and one with user 3; never itself.
+    np.testing.assert_allclose(graph[0], [0, 2 / 3, 0, 1 / 3, 0], rtol=1e-6)
+    np.testing.assert_allclose(graph[2], [0, 1, 0, 0, 0])  # one co-interacting user only
+    assert not graph[4].any() and not np.diag(graph).any()  # a user without items has no neighbours
+    np.testing.assert_allclose(graph.sum(axis=1), [1, 1, 1, 1, 0], rtol=1e-6)
+    assert ((graph > 0).sum(axis=1) <= 2).all()

@@ -313,9 +313,9 @@ def test_generated_vs_training_views_contrast_each_modality_over_both_graphs():
     assert model.loss(BATCH)["cl"].item() == 0.0  # before the first generation there is no second graph
     model.start_epoch(3)
     z = model.encode(model.branches, training=True)
-    base = z["audio"].on_training_graph
-    assert base is not None and z["id"].on_training_graph is None
-    assert model.encode(model.branches)["audio"].on_training_graph is None  # scoring never computes it
+    base = z["audio"].view
+    assert base is not None and z["id"].view is None
+    assert model.encode(model.branches)["audio"].view is None  # scoring never computes it
     # The second view is the branch over the training graph: what the branch is before any generation.
     generated = model.generated_adjacency.pop("audio")
     with torch.no_grad():
@@ -333,6 +333,77 @@ def test_generated_vs_training_views_contrast_each_modality_over_both_graphs():
     assert user_item.sum().item() == control.train_rows.nnz + 2 * 30
     parts = control.loss(BATCH)
     assert parts["diff"].item() == 0.0 and parts["cl"].item() > 0
+
+
+def test_score_graph_training_scores_over_the_training_graph_and_views_over_the_generated_one():
+    settings = {"alignment": False, "diffusion": {"target": "interactions", "views": "generated_vs_training",
+                                                  "graph_k": 2, "score_graph": "training"}}
+    _, model = _diffcl(settings, modalities=("audio",))
+    with torch.no_grad():
+        before = model.embeddings()
+    model.start_epoch(3)
+    with torch.no_grad():
+        for after, was in zip(model.embeddings(), before, strict=True):
+            torch.testing.assert_close(after, was)  # the generated graph never reaches the scores
+    z = model.encode(model.branches, training=True)
+    assert z["audio"].view is not None and not torch.allclose(z["audio"].view.items, z["audio"].items)
+    assert model.loss(BATCH)["cl"].item() > 0
+
+
+def test_id_view_contrasts_the_id_branch_over_the_union_of_the_generated_graphs():
+    settings = {"alignment": False, "diffusion": {"target": "interactions", "views": "generated_vs_training",
+                                                  "graph_k": 2, "id_view": True}}
+    _, model = _diffcl(settings)
+    _, without = _diffcl({**settings, "diffusion": {**settings["diffusion"], "id_view": False}})
+    without.load_state_dict(model.state_dict())
+    model.start_epoch(3)
+    without.start_epoch(3)
+    # The ID view's graph: the training edges plus every modality's generated edges.
+    user_item = model.generated_adjacency["id"].to_dense()[: 30, 30 :] > 0
+    expected = model.train_rows.toarray() > 0
+    for m in ("image", "text"):
+        expected[np.arange(30)[:, None], getattr(model, f"generated_{m}").numpy()] = True
+    assert torch.equal(user_item, torch.from_numpy(expected))
+    z = model.encode(model.branches, training=True)
+    assert z["id"].view is not None and not torch.allclose(z["id"].view.items, z["id"].items)
+    # The ID branch is still scored over the training graph: the scores do not change.
+    torch.testing.assert_close(model.embeddings()[1], without.embeddings()[1])
+    model.zero_grad()
+    model.loss(BATCH)["cl"].backward()
+    assert model.item_id.grad.abs().sum() > 0  # the ID rows now take part in the contrast
+    with pytest.raises(ValueError, match="id_view needs"):
+        ModelConfig(name="diffcl", diffcl={"diffusion": {"views": "generated_vs_training", "id_view": True},
+                                           "id_in_score": False})
+
+
+def test_model_source_generates_each_branchs_own_top_new_items():
+    settings = {"alignment": False, "diffusion": {"target": "interactions", "views": "generated_vs_training",
+                                                  "graph_k": 2, "graph_source": "model"}}
+    _, model = _diffcl(settings)
+    with torch.no_grad():
+        z = model.encode(model.modalities)  # before the generation: every branch over the training graph
+    model.start_epoch(3)
+    seen = torch.from_numpy(model.train_rows.toarray() > 0)
+    for m in ("image", "text"):
+        scores = (z[m].users @ z[m].items.T).masked_fill(seen, float("-inf"))
+        expected = scores.topk(2, dim=1).indices.sort(dim=1).values
+        assert torch.equal(getattr(model, f"generated_{m}").sort(dim=1).values, expected)
+    parts = model.loss(BATCH)
+    assert parts["diff"].item() == 0.0 and parts["cl"].item() > 0  # no denoiser trains
+
+
+def test_user_graph_adds_the_co_interacting_users_rows_to_every_branchs_user_rows():
+    _, model = _diffcl({"user_graph_k": 3})
+    _, without = _diffcl({"user_graph_k": 0})
+    without.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        z, plain = model.encode(model.branches), without.encode(without.branches)
+        for b in model.branches:
+            torch.testing.assert_close(z[b].items, plain[b].items)  # item rows: untouched
+            torch.testing.assert_close(z[b].users, plain[b].users + model.user_graph @ plain[b].users)
+    assert model.user_graph.matrix.to_dense().count_nonzero(dim=1).max() <= 3
+    model.loss(BATCH)["loss"].backward()
+    assert model.user_tables["image"].grad.abs().sum() > 0
 
 
 def test_edge_dropout_prunes_the_training_graphs_only():

@@ -38,11 +38,13 @@ from torch import nn
 from diffcl.core.device import dense_autocast, dense_dtype
 from diffcl.graphs import (
     DegreeSensitivePruner,
+    FrozenGraph,
     branch_propagate,
     branch_propagate_items,
     normalized_adjacency,
     to_torch_csr,
     torch_adjacency_blocks,
+    user_cooccurrence_graph,
 )
 from diffcl.models import register
 from diffcl.models.base import Batch, ModelContext, Recommender, bpr_loss, l2_reg
@@ -71,9 +73,9 @@ class BranchOutput:
 
     users: torch.Tensor | None  # users x d; None where nothing reads the branch's user rows
     items: torch.Tensor  # items x d
-    # The same branch over the training graph, where it propagates over a generated graph and the
-    # generated_vs_training views read both.
-    on_training_graph: BranchOutput | None = None
+    # The same branch over its other graph, where the generated_vs_training views read both (which
+    # graph is scored and which is the view: DiffCL._branch_graphs).
+    view: BranchOutput | None = None
 
     def side(self, side: str) -> torch.Tensor:
         rows = self.users if side == USERS else self.items
@@ -82,8 +84,9 @@ class BranchOutput:
 
 
 class PassGraphs(NamedTuple):
-    """What a pass propagates over: the interaction adjacency, each modality's generated adjacency,
-    and the interaction adjacency's two blocks (only where the ID branch propagates item rows alone)."""
+    """What a pass propagates over: the interaction adjacency, each modality's generated adjacency
+    (with id_view also "id": the interactions plus every generated edge), and the interaction
+    adjacency's two blocks (only where the ID branch propagates item rows alone)."""
 
     interactions: torch.Tensor
     generated: dict[str, torch.Tensor]
@@ -183,6 +186,9 @@ class DiffCL(Recommender):
             self.item_id = nn.Parameter(nn.init.xavier_uniform_(torch.empty(ctx.n_items, d)))
         self.user_weight_logits = nn.Parameter(torch.zeros(ctx.n_users, max(len(self.modalities), 1)))
         self.item_graph = ctx.item_graph(self.modalities) if s.item_graph else None
+        self.user_graph = None
+        if s.user_graph_k:
+            self.user_graph = FrozenGraph(user_cooccurrence_graph(ctx.data.train, s.user_graph_k), ctx.device)
 
         ds = s.diffusion
         self.start_step = ds.steps if ds.start_step is None else ds.start_step
@@ -256,28 +262,41 @@ class DiffCL(Recommender):
 
     def encode(self, branches: list[str], training: bool = False) -> dict[str, BranchOutput]:
         """Per branch: its user and item rows after propagation and the item graph (in training with
-        the generated_vs_training views, a generated-graph branch's rows over the training graph too)."""
+        the generated_vs_training views, its rows over its other graph too: see :meth:`_branch_graphs`)."""
         out = {}
         s = self.settings
         layers, combine = s.layers, s.combine
         both_graphs = training and s.contrastive and s.cl_weight > 0 and s.diffusion.views == "generated_vs_training"
         graphs = self.graphs(training)
         for b in branches:
-            normalize, base = self.normalizes(b), None
+            normalize, view = self.normalizes(b), None
             # Each branch propagates on its own: three 64-column products beat one 192-column one.
             if b == "id" and self.id_items_only:
                 users = None
                 items = branch_propagate_items(graphs.blocks, self.user_tables[b], self.item_id, layers, combine, normalize)
             else:
                 ego_items = self.item_id if b == "id" else self.project(b)
-                adjacency = graphs.generated.get(b, graphs.interactions)
-                users, items = branch_propagate(adjacency, self.user_tables[b], ego_items, layers, combine, normalize)
-                if both_graphs and b in graphs.generated:
-                    base_users, base_items = branch_propagate(graphs.interactions, self.user_tables[b], ego_items, layers,
-                                                              combine, normalize)
-                    base = BranchOutput(base_users, self._add_item_graph(base_items))
-            out[b] = BranchOutput(users, self._add_item_graph(items), base)
+                scored, other = self._branch_graphs(b, graphs)
+                users, items = branch_propagate(scored, self.user_tables[b], ego_items, layers, combine, normalize)
+                if both_graphs and other is not None:
+                    view_users, view_items = branch_propagate(other, self.user_tables[b], ego_items, layers, combine, normalize)
+                    view = BranchOutput(self._add_user_graph(view_users), self._add_item_graph(view_items))
+            out[b] = BranchOutput(self._add_user_graph(users), self._add_item_graph(items), view)
         return out
+
+    def _branch_graphs(self, branch: str, graphs: PassGraphs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the graph a branch is scored over, the graph of its other view or None): a modality branch
+        is scored over its generated graph and viewed over the training graph (``score_graph:
+        training`` swaps the two); the ID branch is scored over the training graph and (id_view)
+        viewed over the union of the generated graphs."""
+        if branch == "id":
+            return graphs.interactions, graphs.generated.get("id")
+        if branch in graphs.generated:
+            generated = graphs.generated[branch]
+            if self.settings.diffusion.score_graph == "training":
+                return graphs.interactions, generated
+            return generated, graphs.interactions
+        return graphs.interactions, None
 
     def graphs(self, training: bool) -> PassGraphs:
         """The graphs a pass propagates over: in training with edge_dropout, the epoch's pruned ones."""
@@ -287,6 +306,9 @@ class DiffCL(Recommender):
 
     def _add_item_graph(self, items: torch.Tensor) -> torch.Tensor:
         return items if self.item_graph is None else items + self.item_graph @ items
+
+    def _add_user_graph(self, users: torch.Tensor | None) -> torch.Tensor | None:
+        return users if self.user_graph is None or users is None else users + self.user_graph @ users
 
     def normalizes(self, branch: str) -> bool:
         mode = self.settings.normalize_inputs
@@ -364,6 +386,8 @@ class DiffCL(Recommender):
         ds = self.settings.diffusion
         device = self.user_weight_logits.device
         n_users = self.train_rows.shape[0]
+        # The self-training control scores with each modality branch as it stands (its current graph).
+        z = self.encode(self.modalities) if ds.graph_source == "model" else None
         for m, diffusion in self.interaction_diffusions.items():
             cols = []
             for start in range(0, n_users, chunk):
@@ -371,6 +395,8 @@ class DiffCL(Recommender):
                 x0 = self._dense_rows(users, device)
                 if ds.graph_source == "random":  # the control: as many edges, to items drawn uniformly
                     scores = torch.rand(x0.shape, device=device)
+                elif z is not None:
+                    scores = z[m].users[start : start + len(users)] @ z[m].items.T
                 else:
                     scores = diffusion.generate(x0, ds.graph_sample_steps, add_noise=False)
                 if ds.graph_new_only:
@@ -390,7 +416,7 @@ class DiffCL(Recommender):
         before the first generation)."""
         ds = self.settings.diffusion
         n_users, n_items = self.n_users, self.n_items
-        out = {}
+        out, all_generated = {}, None
         for m in self.interaction_diffusions:
             edges = getattr(self, f"generated_{m}")
             if bool((edges < 0).any()):
@@ -401,6 +427,11 @@ class DiffCL(Recommender):
             graph = generated if ds.graph_mode == "replace" else interactions + generated
             graph.data[:] = 1.0
             out[m] = to_torch_csr(normalized_adjacency(graph), edges.device)
+            all_generated = generated if all_generated is None else all_generated + generated
+        if ds.id_view and all_generated is not None and self.use_id:
+            graph = interactions + all_generated
+            graph.data[:] = 1.0
+            out["id"] = to_torch_csr(normalized_adjacency(graph), edges.device)
         return out
 
     def interaction_diffusion_loss(self, z: dict[str, BranchOutput], users: torch.Tensor) -> torch.Tensor:
@@ -503,15 +534,16 @@ class DiffCL(Recommender):
         return l_cl, l_diff
 
     def _branch_contrast(self, z: dict[str, BranchOutput], users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """With generated graphs: each modality branch's rows against its own rows over the training
-        graph (generated_vs_training), against the ID rows (id_anchor), against each other
-        modality's (cross_modal), or every pair of branches, the ID branch included (all_pairs);
-        users and items."""
+        """With generated graphs: each modality branch's rows against its own rows over its other
+        graph (generated_vs_training; with id_view the ID branch's too), against the ID rows
+        (id_anchor), against each other modality's (cross_modal), or every pair of branches, the ID
+        branch included (all_pairs); users and items."""
         s = self.settings
         if s.diffusion.views == "generated_vs_training":
-            # Each modality over its generated graph against itself over the training graph: the
-            # generated edges are the augmentation (none before the first generation).
-            pairs = [(z[m], z[m].on_training_graph) for m in self.modalities if z[m].on_training_graph is not None]
+            # Each branch over a graph with generated edges against itself without them: the
+            # generated edges are the augmentation (none before the first generation; the ID branch
+            # only with id_view).
+            pairs = [(out, out.view) for out in z.values() if out.view is not None]
         elif s.diffusion.views == "id_anchor":
             pairs = [(z["id"], z[m]) for m in self.modalities]
         else:

@@ -84,6 +84,16 @@ class DiffusionSettings(Strict):
         "included). cross_modal and id_anchor need target per_modality or interactions, the first two fused or "
         "per_modality. With target interactions and one modality, cross_modal has no pair: no contrastive term (logged)"
     )
+    score_graph: Literal["generated", "training"] = Field(
+        "generated", description="target interactions: the graph a modality branch is scored over once generated "
+        "graphs exist: its generated graph (DiffMM), or the training graph, the generated one then serving only as "
+        "the other contrastive view (generated_vs_training), as an augmentation does"
+    )
+    id_view: bool = Field(
+        False, description="generated_vs_training views: the ID branch is contrasted too, its rows over the "
+        "training graph (those it is scored with) against its rows over the training graph plus every modality's "
+        "generated edges (needs the ID branch)"
+    )
     condition: Literal["none", "id"] = Field(
         "none", description="id: the embedding denoiser also reads the same node's ID-branch row (detached), so the "
         "generated views carry ID-guided semantics (targets fused and per_modality; needs the ID branch)"
@@ -104,9 +114,10 @@ class DiffusionSettings(Strict):
         True, description="target interactions: the top-k is taken among items the user has not interacted with "
         "(the generated edges add to the training graph); false: among all items (DiffMM)"
     )
-    graph_source: Literal["denoiser", "random"] = Field(
-        "denoiser", description="target interactions: who picks the generated edges: the denoisers, or (the "
-        "control for w/o diffusion with the graph views) uniformly random new items, as many per user"
+    graph_source: Literal["denoiser", "random", "model"] = Field(
+        "denoiser", description="target interactions: who picks the generated edges: the denoisers; or, as "
+        "controls with as many new items per user: uniformly random ones (for w/o diffusion with the graph views), "
+        "or each modality branch's own current top-scored ones (model: self-training, no denoiser)"
     )
     graph_every: int = Field(2, ge=1, description="target interactions: regenerate the graphs every this many epochs")
     graph_hidden: int = Field(256, ge=1, description="target interactions: width of the interaction denoiser")
@@ -188,6 +199,10 @@ class DiffCLConfig(Strict):
         "spec, where the ID branch only guides through the alignment loss)"
     )
     item_graph: bool = Field(True, description="false: no frozen item-item graph (ablation)")
+    user_graph_k: int = Field(
+        0, ge=0, description="DRAGON's frozen user-user graph: every branch's user rows get the weighted mean of "
+        "their k users with the most items in common added, as item rows get the item-item graph's; 0: none"
+    )
     diffusion: DiffusionSettings = Field(default_factory=DiffusionSettings)
     contrastive: bool = Field(True, description="false: no contrastive loss (ablation w/o CL)")
     negatives: Literal["in_batch", "all_nodes"] = Field("in_batch", description="InfoNCE candidates")
@@ -223,6 +238,9 @@ class DiffCLConfig(Strict):
             raise ValueError(f"diffusion.target interactions needs diffusion.views one of {', '.join(graph_views)}")
         if views in ("all_pairs", "generated_vs_training") and target != "interactions":
             raise ValueError(f"diffusion.views {views} needs diffusion.target interactions")
+        if self.diffusion.id_view and (views != "generated_vs_training" or not (self.id_branch and self.id_in_score)):
+            raise ValueError("diffusion.id_view needs diffusion.views generated_vs_training and the scored ID branch "
+                             "(id_branch and id_in_score true)")
         if self.diffusion.condition == "id" and (not self.id_branch or target == "interactions"):
             raise ValueError("diffusion.condition id needs the ID branch and target fused or per_modality")
         detached_guide = self.alignment and self.alignment_mode in ("stable_id_infonce", "id_relational")
