@@ -289,7 +289,8 @@ class _FrozenProduct(torch.autograd.Function):
 
 
 class FrozenGraph:
-    """A frozen sparse graph (the item-item kNN graph) to multiply trainable tensors with."""
+    """A frozen sparse graph (the item-item kNN graph, DiffCL's user-user graph) to multiply
+    trainable tensors with."""
 
     def __init__(self, matrix: sp.spmatrix, device: torch.device | str = "cpu"):
         self.matrix = to_torch_csr(matrix, device)
@@ -353,7 +354,7 @@ def user_cooccurrence_graph(train: sp.spmatrix, k: int, chunk: int = 2048) -> sp
     ``U @ x`` is a weighted mean of the neighbours' rows. Frozen, from the training split only.
 
     In row chunks of R Rᵀ: memory O(chunk x U) at worst, never U x U."""
-    r = sp.csr_matrix(train, dtype=np.float32)
+    r = sp.csr_matrix(train, dtype=np.float32, copy=True)  # the caller's matrix keeps its values
     r.data[:] = 1.0
     n = r.shape[0]
     rows, cols, vals = [], [], []

@@ -235,7 +235,9 @@ def trials_table(result, model: str) -> Table:
         table.add_row(f"{t.number}{' *' if t.number == best else ''}", t.state,
                       "-" if t.value is None else f"{t.value:.4f}", params, "-" if t.epochs is None else str(t.epochs),
                       "-" if t.seconds is None else f"{t.seconds:.1f}", *((t.note,) if notes else ()))
-    table.caption = "value: best valid metric of the trial (pruned: at the last evaluation); * best trial"
+    from diffcl.training.tuning import score_label
+
+    table.caption = f"value: the trial's valid metric {score_label(result)} (pruned: at the last evaluation); * best trial"
     return table
 
 
@@ -249,6 +251,11 @@ def tune(
     timeout: Annotated[float | None, typer.Option(help="start no trial after this many seconds")] = None,
     prune_warmup: Annotated[int, typer.Option(help="no trial is pruned before this epoch; raise it for models that "
                                               "learn slowly and peak late (DiffCL on Scientific: epoch ~100)")] = 5,
+    select_window: Annotated[int, typer.Option(help="score a trial by its best mean validation over this many "
+                                               "consecutive evaluations (K x train.eval_every epochs; all of them where "
+                                               "a trial has fewer; 1: its best one): a noisy curve's one lucky epoch "
+                                               "then cannot win. Fixed per study. A run of the overlay still keeps its "
+                                               "single best epoch")] = 1,
     set_: SetOpt = None,
     overlay: OverlayOpt = None,
 ) -> None:
@@ -266,7 +273,8 @@ def tune(
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger("diffcl.training.trainer").setLevel(logging.WARNING)  # per-epoch lines with --verbose
     try:
-        result = run_tune(cfg, SearchBudget(trials, max_epochs, timeout, prune_warmup_epochs=prune_warmup), study)
+        result = run_tune(cfg, SearchBudget(trials, max_epochs, timeout, prune_warmup_epochs=prune_warmup,
+                                             select_window=select_window), study)
     except (TuneError, TrainError, ConfigError) as err:
         _fail(str(err))
     console.print(trials_table(result, cfg.model.name))

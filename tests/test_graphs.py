@@ -232,6 +232,9 @@ def test_user_cooccurrence_graph_keeps_each_users_top_k_by_common_items():
     graph = user_cooccurrence_graph(train, k=2, chunk=2).toarray()  # chunks smaller than the users
     # User 0 shares two items with user 1 and one with user 3; never itself.
     np.testing.assert_allclose(graph[0], [0, 2 / 3, 0, 1 / 3, 0], rtol=1e-6)
+    # User 1 shares 2 items with user 0 and 1 each with users 2 and 3: the top 2 keep the most
+    # common items, the tie going to the lower index.
+    np.testing.assert_allclose(graph[1], [2 / 3, 0, 1 / 3, 0, 0], rtol=1e-6)
     np.testing.assert_allclose(graph[2], [0, 1, 0, 0, 0])  # one co-interacting user only
     assert not graph[4].any() and not np.diag(graph).any()  # a user without items has no neighbours
     np.testing.assert_allclose(graph.sum(axis=1), [1, 1, 1, 1, 0], rtol=1e-6)

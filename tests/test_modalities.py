@@ -348,6 +348,8 @@ def test_score_graph_training_scores_over_the_training_graph_and_views_over_the_
     z = model.encode(model.branches, training=True)
     assert z["audio"].view is not None and not torch.allclose(z["audio"].view.items, z["audio"].items)
     assert model.loss(BATCH)["cl"].item() > 0
+    with pytest.raises(ValueError, match="score_graph training leaves the generated graphs to the contrastive views"):
+        ModelConfig(name="diffcl", diffcl={"diffusion": {"views": "cross_modal", "score_graph": "training"}})
 
 
 def test_id_view_contrasts_the_id_branch_over_the_union_of_the_generated_graphs():

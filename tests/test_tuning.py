@@ -10,7 +10,15 @@ from diffcl.core.config import dump_config, load_config, overlay_overrides, sear
 from diffcl.training.errors import DivergedError
 from diffcl.training.evaluator import Evaluator
 from diffcl.training.trainer import Trainer
-from diffcl.training.tuning import SearchBudget, report_epoch, study_paths, suggest, tune
+from diffcl.training.tuning import (
+    SearchBudget,
+    TuneError,
+    report_epoch,
+    study_paths,
+    suggest,
+    tune,
+    windowed_best,
+)
 from flows.cli import app
 
 FAST = ["model.name=mf", "train.batch_size=1024", "train.threads=2", "train.patience=2"]
@@ -90,6 +98,31 @@ def test_report_epoch_reports_evaluations_and_prunes_when_told():
         report_epoch(StubTrial(prune=True), {"epoch": 4, "valid_recall@20": 0.01}, "recall@20")
 
 
+def test_windowed_best_is_the_best_mean_of_consecutive_evaluations():
+    noisy = [0.20, 0.31, 0.18, 0.24, 0.25, 0.26, 0.25]  # one lucky epoch
+    assert windowed_best(noisy, 1) == 0.31
+    assert windowed_best(noisy, 3) == pytest.approx((0.25 + 0.26 + 0.25) / 3)  # the sustained level wins
+    assert windowed_best([0.1, 0.3], 5) == pytest.approx(0.2)  # shorter than the window: the mean of all
+    with pytest.raises(ValueError, match="no validation value"):
+        windowed_best([], 3)
+
+
+def test_a_windowed_search_scores_each_trial_by_its_curve(demo_workspace):
+    import json
+
+    config = demo_workspace(*FAST, "train.patience=3")
+    result = tune(config, SearchBudget(trials=2, max_epochs=5, prune_startup_trials=5, select_window=3), study="window")
+    assert "a trial scored by its best mean over 3 evaluations" in result.overlay_path.read_text()
+    with pytest.raises(TuneError, match="scored its trials with --select-window 3, not 1"):
+        tune(config, SearchBudget(trials=3, max_epochs=5), study="window")  # values of two windows do not compare
+    runs = config.workspace / config.dataset.name / "runs"
+    for trial in result.trials:
+        history = json.loads((runs / f"tune-window-{trial.number}" / "history.json").read_text())
+        curve = [row[f"valid_{config.train.metric}"] for row in history if f"valid_{config.train.metric}" in row]
+        assert trial.value == pytest.approx(windowed_best(curve, 3))
+        assert len(curve) >= 3
+
+
 def test_a_curve_far_below_the_others_is_pruned():
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=2))
 
@@ -150,5 +183,7 @@ def test_cli_tune_prints_trials_and_the_overlay_as_set(demo_workspace, tmp_path)
     assert bad.exit_code == 2 and "--max-epochs must be at least 1" in bad.output
     bad = CliRunner().invoke(app, [*args, "--prune-warmup", "-1"])
     assert bad.exit_code == 2 and "--prune-warmup must be at least 0" in bad.output
+    bad = CliRunner().invoke(app, [*args, "--select-window", "0"])
+    assert bad.exit_code == 2 and "--select-window must be at least 1" in bad.output
     bad = CliRunner().invoke(app, [*args, "--study", "../x"])
     assert bad.exit_code == 2 and "invalid study name '../x'" in bad.output

@@ -6,15 +6,19 @@ In the order a training step runs them (the defaults; each alternative is a mode
 2. encoder       Xᵐ = [Pᵐ; x̃ᵐ] (L2-row-normalised for the modality branches), Zᵐ = mean_{l≤L} Âˡ Xᵐ
                  (Â: the training graph, or with diffusion.target interactions the modality's
                  generated graph)
-3. item graph    items get S·Z added (S: frozen fused kNN graph of the modality features)
+3. item graph    items get S·Z added (S: frozen fused kNN graph of the modality features);
+                 with ``user_graph_k`` users get U·Z added (U: frozen user co-occurrence graph)
 4. fusion        e_i = [g_m Z_iᵐ + Z_iⁱᵈ]_m,  e_u = [w_uᵐ Z_uᵐ + Z_uⁱᵈ]_m (w: ``modality_gate``, g:
                  ``item_gate``; the ID term when ``id_in_score``, or as its own block: ``id_score``)
 5. diffusion     DiffMM's generator: per modality, a denoiser over users' interaction rows proposes
-                 new edges, and the modality branch propagates over the training graph plus them;
+                 new edges, and the modality branch propagates over the training graph plus them
+                 (``score_graph: training``: it is scored over the training graph, the generated
+                 graph only its contrastive view);
                  or two views of the batch rows of e (or per modality) by forward noising and
                  reverse denoising (optionally conditioned on the ID rows)
 6. contrastive   InfoNCE: each modality branch over its generated graph against itself over the
-                 training graph (or modality against modality, or against the ID rows)
+                 training graph (``id_view``: the ID branch too; or modality against modality, or
+                 against the ID rows)
 7. alignment     the ID view aligns the modality views (distribution level, or InfoNCE to ID)
 8. objective     BPR + λ_cl L_cl + λ_align L_align + λ_diff L_diff + λ_reg L_reg
 
@@ -238,7 +242,16 @@ class DiffCL(Recommender):
         if not self.modalities:
             parts.append("NO modality features: ID branch alone")
         parts.append(f"item graph {'on' if self.item_graph is not None else 'off'}")
-        parts.append(f"diffusion {s.diffusion.target}/{s.diffusion.views}" if s.diffusion.enabled else "Gaussian views (no diffusion)")
+        ds = s.diffusion
+        if self.user_graph is not None:
+            parts.append(f"user graph k={s.user_graph_k}")
+        if not ds.enabled:
+            parts.append("Gaussian views (no diffusion)")
+        else:
+            extras = [f"edges by {ds.graph_source}" if ds.graph_source != "denoiser" else "",
+                      "scored over the training graph" if ds.score_graph == "training" else "",
+                      "ID view" if ds.id_view else ""]
+            parts.append(f"diffusion {ds.target}/{ds.views}" + "".join(f", {e}" for e in extras if e))
         parts.append("contrastive on" if s.contrastive else "contrastive off")
         parts.append(f"gate {s.modality_gate}{' + item gate' if s.item_gate else ''}, ID {s.id_score}")
         parts.append(f"dense MLPs in {'bf16' if self.dense_dtype is not None else 'fp32'}")
@@ -413,9 +426,10 @@ class DiffCL(Recommender):
 
     def _generated_adjacency(self, interactions: sp.csr_matrix) -> dict[str, torch.Tensor]:
         """Each modality's normalised adjacency from its generated edges and ``interactions`` (none
-        before the first generation)."""
+        before the first generation); with id_view also "id", ``interactions`` plus every modality's
+        generated edges (whatever graph_mode: the ID branch's view adds edges, it never replaces them)."""
         ds = self.settings.diffusion
-        n_users, n_items = self.n_users, self.n_items
+        n_users, n_items, device = self.n_users, self.n_items, self.user_weight_logits.device
         out, all_generated = {}, None
         for m in self.interaction_diffusions:
             edges = getattr(self, f"generated_{m}")
@@ -424,14 +438,10 @@ class DiffCL(Recommender):
             cols = edges.cpu().numpy().ravel()
             rows = np.repeat(np.arange(n_users), edges.shape[1])
             generated = sp.csr_matrix((np.ones(rows.size, dtype=np.float32), (rows, cols)), shape=(n_users, n_items))
-            graph = generated if ds.graph_mode == "replace" else interactions + generated
-            graph.data[:] = 1.0
-            out[m] = to_torch_csr(normalized_adjacency(graph), edges.device)
+            out[m] = _binary_adjacency(generated if ds.graph_mode == "replace" else interactions + generated, device)
             all_generated = generated if all_generated is None else all_generated + generated
         if ds.id_view and all_generated is not None and self.use_id:
-            graph = interactions + all_generated
-            graph.data[:] = 1.0
-            out["id"] = to_torch_csr(normalized_adjacency(graph), edges.device)
+            out["id"] = _binary_adjacency(interactions + all_generated, device)
         return out
 
     def interaction_diffusion_loss(self, z: dict[str, BranchOutput], users: torch.Tensor) -> torch.Tensor:
@@ -614,6 +624,12 @@ class DiffCL(Recommender):
             parts["align"] = l_align
             total = total + s.align_weight * l_align
         return {"loss": total, **parts}
+
+
+def _binary_adjacency(graph: sp.csr_matrix, device: torch.device) -> torch.Tensor:
+    """The normalised adjacency of ``graph``'s edges, each counted once (a sum of edge sets may hold 2s)."""
+    graph.data[:] = 1.0
+    return to_torch_csr(normalized_adjacency(graph), device)
 
 
 @dataclass

@@ -61,6 +61,9 @@ class SearchBudget:
     timeout_s: float | None = None
     prune_startup_trials: int = 3  # trials finished before any is pruned
     prune_warmup_epochs: int = 5  # no trial is pruned before this epoch
+    # A trial's value: the best mean validation over this many consecutive evaluations (1: its best
+    # evaluation). Wider windows stop a noisy curve's one lucky epoch from winning the search.
+    select_window: int = 1
 
 
 @dataclass
@@ -87,6 +90,7 @@ class TuneResult:
     overlay: dict[str, Any] = field(default_factory=dict)
     epoch_caps: list[int] = field(default_factory=list)
     prune_warmups: list[int] = field(default_factory=list)
+    select_window: int = 1  # a trial's value: its best mean over this many consecutive evaluations
 
     def count(self, *states: str) -> int:
         return sum(t.state in states for t in self.trials)
@@ -162,15 +166,26 @@ def starting_point(config: PipelineConfig, space: SearchSpace) -> dict[str, Any]
     return params
 
 
-def report_epoch(trial: optuna.Trial, row: dict[str, Any], metric: str) -> None:
-    """Report an evaluation epoch's validation value to the trial; :class:`optuna.TrialPruned`
-    when the pruner finds the curve trailing the other trials' at this epoch."""
+def report_epoch(trial: optuna.Trial, row: dict[str, Any], metric: str, curve: list[float] | None = None) -> None:
+    """Report an evaluation epoch's validation value to the trial (and append it to ``curve``);
+    :class:`optuna.TrialPruned` when the pruner finds the curve trailing the other trials' at this epoch."""
     value = row.get(f"valid_{metric}")
     if value is None:  # not an evaluation epoch
         return
+    if curve is not None:
+        curve.append(value)
     trial.report(value, step=row["epoch"])
     if trial.should_prune():
         raise optuna.TrialPruned(f"pruned at epoch {row['epoch']} ({metric} {value:.4f})")
+
+
+def windowed_best(curve: list[float], window: int) -> float:
+    """The best mean over ``window`` consecutive values of ``curve`` (the mean of all of them where
+    the curve is shorter)."""
+    if not curve:
+        raise ValueError("no validation value was reported")
+    width = min(window, len(curve))
+    return max(sum(curve[i : i + width]) / width for i in range(len(curve) - width + 1))
 
 
 def _objective(base: PipelineConfig, space: SearchSpace, study: str, budget: SearchBudget) -> Callable[[optuna.Trial], float]:
@@ -183,7 +198,9 @@ def _objective(base: PipelineConfig, space: SearchSpace, study: str, budget: Sea
         trial.set_user_attr("run_id", run_id)
         trial.set_user_attr("max_epochs", config.train.epochs)
         trial.set_user_attr("prune_warmup", budget.prune_warmup_epochs)
-        trainer = build_run(config, run_id, on_epoch=lambda row: report_epoch(trial, row, metric), evaluate_test=False)
+        curve: list[float] = []
+        trainer = build_run(config, run_id, on_epoch=lambda row: report_epoch(trial, row, metric, curve),
+                            evaluate_test=False)
         if trainer.run_dir.exists():  # trial numbers only grow: this folder is from a study since removed
             raise TuneError(f"{trainer.run_dir} already exists (from an earlier study {study!r} whose database "
                             f"was removed?); remove the {trial_run_id(study, '*')} run folders or use another --study")
@@ -191,6 +208,8 @@ def _objective(base: PipelineConfig, space: SearchSpace, study: str, budget: Sea
         try:
             metrics = trainer.fit().metrics
             trial.set_user_attr("best_epoch", metrics["best_epoch"])
+            if budget.select_window > 1:
+                return windowed_best(curve, budget.select_window)
             return metrics["valid"][metric]
         except DivergedError as err:
             trial.set_user_attr("note", "diverged")
@@ -216,7 +235,8 @@ def make_sampler(seed: int, trials_so_far: int, budget: SearchBudget) -> optuna.
 
 
 def open_study(storage: Path, study: str, config: PipelineConfig, budget: SearchBudget) -> optuna.Study:
-    """Create the study or load it; a loaded one must have searched the same model and metric."""
+    """Create the study or load it; a loaded one must have searched the same model and metric and
+    scored its trials the same way (``select_window``: values of two windows do not compare)."""
     pruner = optuna.pruners.MedianPruner(n_startup_trials=budget.prune_startup_trials,
                                          n_warmup_steps=budget.prune_warmup_epochs)
     result = optuna.create_study(storage=f"sqlite:///{storage}", study_name=study, direction="maximize",
@@ -230,6 +250,13 @@ def open_study(storage: Path, study: str, config: PipelineConfig, budget: Search
     elif recorded != identity:
         raise TuneError(f"study {study!r} in {storage} searched {recorded['model']} on valid {recorded['metric']}, "
                         f"not {identity['model']} on {identity['metric']}; use another --study")
+    # Studies from before --select-window scored single evaluations: window 1.
+    window = result.user_attrs.get("select_window", 1 if result.trials else None)
+    if window is None:
+        result.set_user_attr("select_window", budget.select_window)
+    elif window != budget.select_window:
+        raise TuneError(f"study {study!r} in {storage} scored its trials with --select-window {window}, not "
+                        f"{budget.select_window}: the two do not compare; use --select-window {window} or another --study")
     return result
 
 
@@ -259,6 +286,8 @@ def tune(config: PipelineConfig, budget: SearchBudget, study: str | None = None)
         raise TuneError(f"--max-epochs must be at least 1 (got {budget.max_epochs})")
     if budget.prune_warmup_epochs < 0:
         raise TuneError(f"--prune-warmup must be at least 0 (got {budget.prune_warmup_epochs})")
+    if budget.select_window < 1:
+        raise TuneError(f"--select-window must be at least 1 (got {budget.select_window})")
     study = study or config.model.name
     try:
         check_run_id(study, "study name")  # it names files and run folders
@@ -300,7 +329,8 @@ def summarize(study: optuna.Study, storage: Path, overlay_path: Path, config: Pi
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     result = TuneResult(study.study_name, storage, config.train.metric, space, [_summary(t) for t in trials],
                         best=None, overlay_path=None, epoch_caps=_recorded(trials, "max_epochs"),
-                        prune_warmups=_recorded(trials, "prune_warmup"))
+                        prune_warmups=_recorded(trials, "prune_warmup"),
+                        select_window=study.user_attrs.get("select_window", 1))
     if complete:
         best = study.best_trial
         result.best, result.overlay = _summary(best), nest(best.params)
@@ -315,19 +345,27 @@ def _recorded(trials: list[FrozenTrial], attr: str) -> list[int]:
 
 
 def budget_line(result: TuneResult) -> str:
-    """The budget beside every tuned number: trials by state, the epoch cap per trial and the epoch
-    pruning may start at."""
+    """The budget beside every tuned number: trials by state, the epoch cap per trial, the epoch
+    pruning may start at, and how a trial is scored."""
     caps, warmups = ("/".join(map(str, values)) or "?" for values in (result.epoch_caps, result.prune_warmups))
+    scored = f", a trial scored by its best mean over {result.select_window} evaluations" if result.select_window > 1 else ""
     return (f"{result.count('complete', 'pruned')} finished trials ({result.count('complete')} complete, "
             f"{result.count('pruned')} pruned, {result.count('fail')} failed), at most {caps} epochs per trial, "
-            f"TPE + median pruning from epoch {warmups} on valid {result.metric}")
+            f"TPE + median pruning from epoch {warmups} on valid {result.metric}{scored}")
+
+
+def score_label(result: TuneResult) -> str:
+    """What a trial's value is, in words."""
+    if result.select_window > 1:
+        return f"(its best mean over {result.select_window} consecutive evaluations)"
+    return "(its best evaluation)"
 
 
 def overlay_text(result: TuneResult, config: PipelineConfig) -> str:
     assert result.best is not None
     header = [
         f"diffcl tune: best trial of study {result.study!r} ({config.model.name} on {config.dataset.name})",
-        f"trial {result.best.number}: valid {result.metric} {result.best.value:.4f} at epoch "
+        f"trial {result.best.number}: valid {result.metric} {result.best.value:.4f} {score_label(result)}, best epoch "
         f"{result.best.best_epoch} of {result.best.epochs} (the test split was not evaluated)",
         f"budget: {budget_line(result)}",
         "use: diffcl train CONFIG --overlay THIS_FILE",

@@ -92,7 +92,7 @@ class DiffusionSettings(Strict):
     id_view: bool = Field(
         False, description="generated_vs_training views: the ID branch is contrasted too, its rows over the "
         "training graph (those it is scored with) against its rows over the training graph plus every modality's "
-        "generated edges (needs the ID branch)"
+        "generated edges, whatever graph_mode (needs the scored ID branch)"
     )
     condition: Literal["none", "id"] = Field(
         "none", description="id: the embedding denoiser also reads the same node's ID-branch row (detached), so the "
@@ -238,6 +238,9 @@ class DiffCLConfig(Strict):
             raise ValueError(f"diffusion.target interactions needs diffusion.views one of {', '.join(graph_views)}")
         if views in ("all_pairs", "generated_vs_training") and target != "interactions":
             raise ValueError(f"diffusion.views {views} needs diffusion.target interactions")
+        if self.diffusion.score_graph == "training" and (views != "generated_vs_training" or target != "interactions"):
+            raise ValueError("diffusion.score_graph training leaves the generated graphs to the contrastive views: it "
+                             "needs diffusion.target interactions and diffusion.views generated_vs_training")
         if self.diffusion.id_view and (views != "generated_vs_training" or not (self.id_branch and self.id_in_score)):
             raise ValueError("diffusion.id_view needs diffusion.views generated_vs_training and the scored ID branch "
                              "(id_branch and id_in_score true)")
