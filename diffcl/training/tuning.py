@@ -90,7 +90,7 @@ class TuneResult:
     overlay: dict[str, Any] = field(default_factory=dict)
     epoch_caps: list[int] = field(default_factory=list)
     prune_warmups: list[int] = field(default_factory=list)
-    select_window: int = 1  # a trial's value: its best mean over this many consecutive evaluations
+    select_window: int = 1  # the study's SearchBudget.select_window
 
     def count(self, *states: str) -> int:
         return sum(t.state in states for t in self.trials)
