@@ -248,10 +248,9 @@ class DiffCL(Recommender):
         if not ds.enabled:
             parts.append("Gaussian views (no diffusion)")
         else:
-            extras = [f"edges by {ds.graph_source}" if ds.graph_source != "denoiser" else "",
-                      "scored over the training graph" if ds.score_graph == "training" else "",
-                      "ID view" if ds.id_view else ""]
-            parts.append(f"diffusion {ds.target}/{ds.views}" + "".join(f", {e}" for e in extras if e))
+            switches = {f"edges by {ds.graph_source}": ds.graph_source != "denoiser",
+                        "scored over the training graph": ds.score_graph == "training", "ID view": ds.id_view}
+            parts.append(", ".join([f"diffusion {ds.target}/{ds.views}", *(text for text, on in switches.items() if on)]))
         parts.append("contrastive on" if s.contrastive else "contrastive off")
         parts.append(f"gate {s.modality_gate}{' + item gate' if s.item_gate else ''}, ID {s.id_score}")
         parts.append(f"dense MLPs in {'bf16' if self.dense_dtype is not None else 'fp32'}")

@@ -242,19 +242,20 @@ def open_study(storage: Path, study: str, config: PipelineConfig, budget: Search
     result = optuna.create_study(storage=f"sqlite:///{storage}", study_name=study, direction="maximize",
                                  pruner=pruner, load_if_exists=True)
     result.sampler = make_sampler(config.train.seed, len(result.trials), budget)
-    identity = {"model": config.model.name, "metric": config.train.metric}
+    identity = {"model": config.model.name, "metric": config.train.metric, "select_window": budget.select_window}
     recorded = {key: result.user_attrs.get(key) for key in identity}
     if not result.trials and not any(recorded.values()):
         for key, value in identity.items():
             result.set_user_attr(key, value)
-    elif recorded != identity:
+        return result
+    if recorded["select_window"] is None:  # the study predates --select-window: its trials scored single evaluations
+        recorded["select_window"] = 1 if result.trials else budget.select_window
+        result.set_user_attr("select_window", recorded["select_window"])
+    if (recorded["model"], recorded["metric"]) != (identity["model"], identity["metric"]):
         raise TuneError(f"study {study!r} in {storage} searched {recorded['model']} on valid {recorded['metric']}, "
                         f"not {identity['model']} on {identity['metric']}; use another --study")
-    # Studies from before --select-window scored single evaluations: window 1.
-    window = result.user_attrs.get("select_window", 1 if result.trials else None)
-    if window is None:
-        result.set_user_attr("select_window", budget.select_window)
-    elif window != budget.select_window:
+    if recorded["select_window"] != identity["select_window"]:
+        window = recorded["select_window"]
         raise TuneError(f"study {study!r} in {storage} scored its trials with --select-window {window}, not "
                         f"{budget.select_window}: the two do not compare; use --select-window {window} or another --study")
     return result
