@@ -51,9 +51,10 @@ def test_run_folder_contents(demo_workspace):
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_resume_after_interrupt_matches_uninterrupted_run(demo_workspace):
-    overrides = [*FAST, "train.epochs=6", "model.name=lightgcn"]
-    full = train(demo_workspace(*overrides), run_id="full")
+@pytest.mark.parametrize("ema", ["0", "0.9"])
+def test_resume_after_interrupt_matches_uninterrupted_run(demo_workspace, ema):
+    overrides = [*FAST, "train.epochs=6", "model.name=lightgcn", f"train.ema_decay={ema}"]
+    full = train(demo_workspace(*overrides), run_id=f"full-ema{ema}")
 
     class Interrupt(Exception):
         pass
@@ -63,8 +64,8 @@ def test_resume_after_interrupt_matches_uninterrupted_run(demo_workspace):
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        build_run(demo_workspace(*overrides), run_id="resumed", on_epoch=stop_after_three).fit()
-    resumed = build_run(demo_workspace(*overrides), run_id="resumed").fit()
+        build_run(demo_workspace(*overrides), run_id=f"resumed-ema{ema}", on_epoch=stop_after_three).fit()
+    resumed = build_run(demo_workspace(*overrides), run_id=f"resumed-ema{ema}").fit()
     assert resumed.metrics["best_epoch"] == full.metrics["best_epoch"]
     assert resumed.metrics["test"] == pytest.approx(full.metrics["test"], abs=1e-7)
     a = torch.load(full.run_dir / "best.pt", weights_only=True)
@@ -92,8 +93,10 @@ def test_unknown_model_is_a_clear_error(demo_workspace):
         demo_workspace("model.name=nope")
 
 
-def test_load_model_and_evaluate_again(demo_workspace):
-    result = train(demo_workspace(*FAST, "train.epochs=2"), run_id="reload")
+@pytest.mark.parametrize("ema", ["0", "0.9"])
+def test_load_model_and_evaluate_again(demo_workspace, ema):
+    # With a weight average, best.pt holds the averaged weights that validation scored.
+    result = train(demo_workspace(*FAST, "train.epochs=2", f"train.ema_decay={ema}"), run_id=f"reload-ema{ema}")
     loaded = load_model(result.run_dir)
     assert evaluate_model(loaded.model, loaded.evaluator, "test") == pytest.approx(result.metrics["test"])
     assert isinstance(loaded.evaluator, Evaluator)
@@ -125,3 +128,49 @@ def test_trainer_trains_on_in_memory_data_without_a_run_folder(tmp_path, monkeyp
     # A random ranking finds the one test item among a user's unseen items with probability 5/unseen.
     unseen = data.n_items - np.diff((data.train + data.valid).tocsr().indptr)
     assert result.metrics["test"]["recall@5"] > 2 * float(np.mean(5 / unseen))
+
+
+def test_weight_average_follows_the_steps_and_is_only_lent_for_evaluation():
+    from diffcl.training.averaging import WeightAverage
+
+    model = torch.nn.Linear(3, 2)
+    model.register_buffer("graph", torch.ones(2))
+    average = WeightAverage(model, decay=0.5)
+    expected = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for step in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        decay = min(0.5, (1 + step) / (10 + step))  # the warm-up, then the decay
+        for name, p in model.named_parameters():
+            expected[name] = decay * expected[name] + (1 - decay) * p.detach()
+        average.update()
+    own = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with average.applied():
+        for name, p in model.named_parameters():
+            assert torch.allclose(p, expected[name]) and not torch.allclose(p, own[name])
+        model.graph.mul_(3)  # buffers are the live ones, not averaged or restored
+    assert all(torch.equal(p, own[name]) for name, p in model.named_parameters())
+    assert torch.equal(model.graph, torch.full((2,), 3.0))
+    restored = WeightAverage(model, decay=0.5)
+    restored.load_state_dict(average.state_dict())
+    assert restored.steps == 4 and all(torch.equal(a, b) for a, b in zip(restored.average, average.average, strict=True))
+
+
+def test_weight_average_decay_out_of_range_is_a_config_error(demo_workspace):
+    with pytest.raises(ConfigError, match="train.ema_decay"):
+        demo_workspace("train.ema_decay=1")
+
+
+def test_validation_and_best_weights_are_the_weight_average(demo_workspace):
+    overrides = [*FAST, "train.epochs=1", "model.name=lightgcn"]
+    raw = train(demo_workspace(*overrides), run_id="avg-raw")
+    averaged = train(demo_workspace(*overrides, "train.ema_decay=0.9"), run_id="avg-ema")
+    # The average does not touch training (the same steps, the same losses); validation scores it.
+    assert raw.history["loss"].to_list() == averaged.history["loss"].to_list()
+    assert raw.history["valid_recall@20"].to_list() != averaged.history["valid_recall@20"].to_list()
+    best = torch.load(averaged.run_dir / "best.pt", weights_only=True)
+    last = torch.load(averaged.run_dir / "last.pt", weights_only=True)
+    mean = last["weight_average"]["average"]
+    assert mean and all(torch.equal(best[name], value) for name, value in mean.items())
+    assert not all(torch.equal(last["model"][name], value) for name, value in mean.items())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from diffcl.core.config import TrainConfig
 from diffcl.core.io import atomic_path, write_json_atomic, write_parquet_atomic
 from diffcl.core.locks import LockBusy, exclusive_lock
 from diffcl.models import Batch, Recommender
+from diffcl.training.averaging import WeightAverage
 from diffcl.training.errors import DivergedError, TrainError
 from diffcl.training.evaluator import Evaluator, evaluate_model
 from diffcl.training.run_folder import RunFolder, load_checkpoint
@@ -66,6 +68,7 @@ class Trainer:
         self.model, self.sampler, self.evaluator, self.settings = model, sampler, evaluator, settings
         self.device = evaluator.device
         self.optimizer = make_optimizer(model, settings.lr)
+        self.average = WeightAverage(model, settings.ema_decay) if settings.ema_decay > 0 else None
         self.run = run
         self.on_epoch = on_epoch
         self.evaluate_test = evaluate_test
@@ -102,6 +105,7 @@ class Trainer:
             "bad_evals": self.bad_evals,
             "sampler_rng": self.sampler.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
+            **({"weight_average": self.average.state_dict()} if self.average else {}),
         }
 
     def _save(self, name: str, obj: Any) -> None:
@@ -132,6 +136,8 @@ class Trainer:
         self.best_epoch, self.bad_evals = state["best_epoch"], state["bad_evals"]
         self.sampler.rng.bit_generator.state = state["sampler_rng"]
         torch.set_rng_state(state["torch_rng"])
+        if self.average:  # the run's config, checked by resumable_state, says the checkpoint holds one
+            self.average.load_state_dict(state["weight_average"])
         self.run.record_config()
         log.info("resuming %s after epoch %d", self.run_id, self.epoch)
         return True
@@ -153,6 +159,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             self.optimizer.step()
+            if self.average:
+                self.average.update()
             for key, value in parts.items():
                 sums[key] = sums[key] + value.detach().double() if key in sums else value.detach().double()
             steps += 1
@@ -167,6 +175,10 @@ class Trainer:
 
     def evaluate(self, split: str) -> dict[str, float]:
         return evaluate_model(self.model, self.evaluator, split)
+
+    def _evaluated_weights(self) -> AbstractContextManager[None]:
+        """The weights that validation scores and best.pt keeps: the average, where there is one."""
+        return self.average.applied() if self.average else nullcontext()
 
     def fit(self) -> TrainResult:
         if self.run is None:
@@ -193,16 +205,17 @@ class Trainer:
             train_s = time.perf_counter() - start
             row: dict[str, Any] = {"epoch": self.epoch, **losses, "train_seconds": train_s}
             if self.epoch % tc.eval_every == 0 or self.epoch == tc.epochs:
-                start = time.perf_counter()
-                valid = self.evaluate("valid")
-                row["eval_seconds"] = time.perf_counter() - start
-                row.update({f"valid_{k}": v for k, v in valid.items()})
-                value = valid[tc.metric]
-                if value > self.best_value:
-                    self.best_value, self.best_epoch, self.bad_evals = value, self.epoch, 0
-                    self._save_best()
-                else:
-                    self.bad_evals += 1
+                with self._evaluated_weights():
+                    start = time.perf_counter()
+                    valid = self.evaluate("valid")
+                    row["eval_seconds"] = time.perf_counter() - start
+                    row.update({f"valid_{k}": v for k, v in valid.items()})
+                    value = valid[tc.metric]
+                    if value > self.best_value:
+                        self.best_value, self.best_epoch, self.bad_evals = value, self.epoch, 0
+                        self._save_best()
+                    else:
+                        self.bad_evals += 1
             self.history.append(row)
             self._save_progress()
             self._log_epoch(row)

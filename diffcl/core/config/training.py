@@ -21,6 +21,9 @@ class TrainConfig(Strict):
     epochs: int = Field(1000, ge=1, description="upper bound on training epochs")
     batch_size: int = Field(2048, ge=1, description="positive pairs per step (one negative each)")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description=(
+        "per-step decay of an exponential moving average of the weights, which validation, test and the "
+        "saved model use (0.99: about the last 100 steps); 0: the raw weights"))
     seed: int = Field(2024, description="seed of Python, numpy and torch")
     patience: int = Field(20, ge=1, description="stop after this many evaluations without a better valid metric")
     eval_every: int = Field(1, ge=1, description="evaluate on validation every this many epochs")
