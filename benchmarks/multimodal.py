@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from diffcl.core.config import load_config
-from diffcl.core.feature_files import write_features
+from diffcl.core.feature_files import model_feature_files, write_features
 from diffcl.core.workspace import DatasetDirs
 from diffcl.training.run import build_run
 from diffcl.training.trainer import Trainer
@@ -76,16 +76,20 @@ def run(config_path: str | Path, overrides: list[str], overlays: list[Path] | No
     return metrics
 
 
-def _prepared(dataset: str, workspace: str) -> Path | None:
-    """The dataset's config after its data and features are prepared in ``workspace``; None when
-    its files under ../shared/data are absent."""
+def _prepared(dataset: str, workspace: str, extra: list[str], random_split: bool = False) -> Path | None:
+    """The dataset's config after its data and features are prepared in ``workspace`` (with the
+    ``--set`` overrides); None when its files under ../shared/data are absent, or when
+    ``random_split`` asks for a random split of a dataset that ships its own."""
     config = ROOT / DATASETS[dataset][0]
-    cfg = load_config(config, [f"workspace={workspace}"])
+    cfg = load_config(config, [f"workspace={workspace}", *extra])
     source = cfg.dataset.path or cfg.dataset.interactions
     if not Path(source).exists():
         console.print(f"skipped: {source} is absent")
         return None
-    prepare(cfg, progress=False)
+    stats = prepare(cfg, progress=False).stats
+    if random_split and stats["split"] != "random":
+        console.print(f"skipped: {dataset} is split as {stats['split']!r}; --split-seeds needs a random split")
+        return None
     run_features(cfg, progress=False)
     build_graphs(cfg)
     return config
@@ -97,40 +101,88 @@ def _mean_sd(values: list[float]) -> str:
 
 
 def _seed_table(title: str, first: str, rows: dict[str, list[str]], config: Path, workspace: str, seeds: list[int],
-                extra: list[str], overlays: dict[str, Path]) -> None:
-    """One row per variant: test metrics at the best validation epoch, mean ± sd over ``seeds``."""
+                extra: list[str], overlays: dict[str, Path]) -> dict[str, list[dict]]:
+    """One row per variant: test metrics at the best validation epoch, mean ± sd over ``seeds``.
+    Returns each row's runs (their metrics)."""
     table = Table(title=f"{title}: test at the best valid epoch, mean ± sd over seeds {seeds}")
     for col in (first, *METRICS, "valid R@20", "best epochs", "s/run"):
         table.add_column(col, justify="right")
+    results = {}
     for name, overrides in rows.items():
         runs = [run(config, [f"workspace={workspace}", f"train.seed={s}", *overrides, *extra],
                     [overlays[name]] if name in overlays else None) for s in seeds]
-        tuned = " (tuned)" if name in overlays else ""
-        table.add_row(name + tuned, *(_mean_sd([r["test"][k] for r in runs]) for k in METRICS),
+        results[name] = runs
+        table.add_row(_row_name(name, overlays), *(_mean_sd([r["test"][k] for r in runs]) for k in METRICS),
                       _mean_sd([r["valid"]["recall@20"] for r in runs]),
                       ",".join(str(r["best_epoch"]) for r in runs), f"{statistics.mean(r['wall'] for r in runs):.0f}")
         console.print(table)
+    return results
+
+
+def _row_name(name: str, overlays: dict[str, Path]) -> str:
+    return name + (" (tuned)" if name in overlays else "")
+
+
+def _split_overrides(dataset: str, split_seed: int | None) -> list[str]:
+    """Another random split of the dataset: its own seed and dataset name, so that each split is
+    prepared (and its features and graphs built) once, beside the others in the workspace."""
+    if split_seed is None:
+        return []
+    name = load_config(ROOT / DATASETS[dataset][0]).dataset.name
+    return [f"prepare.seed={split_seed}", f"dataset.name={name}-split{split_seed}"]
+
+
+# The columns of the table over splits: the test metrics, then validation R@20.
+_COLUMNS = {**{k: (lambda r, k=k: r["test"][k]) for k in METRICS}, "valid R@20": lambda r: r["valid"]["recall@20"]}
+
+
+def _splits_table(title: str, first: str, per_split: dict[int, dict[str, list[dict]]], overlays: dict[str, Path]) -> None:
+    """Each row over every split: the mean of the split means, ± the sd of the split means."""
+    splits = list(per_split)
+    table = Table(title=f"{title}: mean over random splits {splits} of each split's seed mean, ± sd over the splits")
+    for col in (first, *_COLUMNS):
+        table.add_column(col, justify="right")
+    for name in per_split[splits[0]]:
+        split_means = [{key: statistics.mean(value(r) for r in per_split[s][name]) for key, value in _COLUMNS.items()}
+                       for s in splits]
+        table.add_row(_row_name(name, overlays), *(_mean_sd([m[key] for m in split_means]) for key in _COLUMNS))
+    console.print(table)
 
 
 def part_accuracy(dataset: str, workspace: str, seeds: list[int], extra: list[str], models: list[str] | None,
-                  overlays: dict[str, Path]) -> None:
-    config = _prepared(dataset, workspace)
-    if config is not None:
-        rows = {name: o for name, o in MODELS.items() if not models or name in models}
-        _seed_table(DATASETS[dataset][1], "model", rows, config, workspace, seeds, extra, overlays)
+                  overlays: dict[str, Path], split_seeds: list[int] | None = None) -> None:
+    rows = {name: o for name, o in MODELS.items() if not models or name in models}
+    per_split = {}
+    for split_seed in split_seeds or [None]:
+        split = _split_overrides(dataset, split_seed)
+        config = _prepared(dataset, workspace, [*split, *extra], random_split=split_seed is not None)
+        if config is None:
+            return
+        title = DATASETS[dataset][1] + (f", random split {split_seed}" if split_seed is not None else "")
+        per_split[split_seed] = _seed_table(title, "model", rows, config, workspace, seeds, [*split, *extra], overlays)
+    if split_seeds and len(split_seeds) > 1:
+        _splits_table(DATASETS[dataset][1], "model", per_split, overlays)
 
 
 def part_ablations(dataset: str, workspace: str, seeds: list[int], extra: list[str], overlays: dict[str, Path],
-                   variants: list[str] | None = None) -> None:
-    config = _prepared(dataset, workspace)
-    if config is None:
-        return
-    modalities = load_config(config, [f"workspace={workspace}"]).model.diffcl.modalities
-    rows = {name: ["model.name=diffcl", *o] for name, o in ablations_for(modalities).items()
-            if not variants or name in variants}
+                   variants: list[str] | None = None, split_seeds: list[int] | None = None) -> None:
+    per_split = {}
     # The ablations run at DiffCL's tuned settings when there are any.
-    tuned = {name: overlays["DiffCL"] for name in rows} if "DiffCL" in overlays else {}
-    _seed_table(f"DiffCL ablations, {DATASETS[dataset][1]}", "variant", rows, config, workspace, seeds, extra, tuned)
+    for split_seed in split_seeds or [None]:
+        split = _split_overrides(dataset, split_seed)
+        config = _prepared(dataset, workspace, [*split, *extra], random_split=split_seed is not None)
+        if config is None:
+            return
+        cfg = load_config(config, [f"workspace={workspace}", *split, *extra, "model.name=diffcl"])
+        # The modalities with features (Scientific has text only, though DiffCL's default asks for image too).
+        modalities = list(model_feature_files(cfg, DatasetDirs.of(cfg.workspace, cfg.dataset.name).features))
+        rows = {name: ["model.name=diffcl", *o] for name, o in ablations_for(modalities).items()
+                if not variants or name in variants}
+        tuned = {name: overlays["DiffCL"] for name in rows} if "DiffCL" in overlays else {}
+        title = f"DiffCL ablations, {DATASETS[dataset][1]}" + (f", random split {split_seed}" if split_seed is not None else "")
+        per_split[split_seed] = _seed_table(title, "variant", rows, config, workspace, seeds, [*split, *extra], tuned)
+    if split_seeds and len(split_seeds) > 1:
+        _splits_table(f"DiffCL ablations, {DATASETS[dataset][1]}", "variant", per_split, tuned)
 
 
 def part_timing(workspace: str, epochs: int, extra: list[str]) -> None:
@@ -246,6 +298,9 @@ def main() -> None:
     parser.add_argument("--overlay", action="append", default=[], metavar="MODEL=FILE",
                         help="train a model row at the settings of a `diffcl tune` overlay")
     parser.add_argument("--seeds", type=int, nargs="+", default=[2024, 2025, 2026])
+    parser.add_argument("--split-seeds", type=int, nargs="+", metavar="SEED",
+                        help="accuracy / ablations: repeat on these random splits (prepare.seed; the config's own "
+                             "seed is 2024) and add a table over the splits; not for datasets that ship a split")
     parser.add_argument("--timing-epochs", type=int, default=4)
     parser.add_argument("--workspace", default=None, help="default: a temporary folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
@@ -261,10 +316,10 @@ def main() -> None:
         for part in parts:
             if part == "accuracy":
                 for dataset in datasets:
-                    part_accuracy(dataset, workspace, args.seeds, args.overrides, args.models, overlays)
+                    part_accuracy(dataset, workspace, args.seeds, args.overrides, args.models, overlays, args.split_seeds)
             elif part == "ablations":
                 for dataset in datasets:
-                    part_ablations(dataset, workspace, args.seeds, args.overrides, overlays, args.variants)
+                    part_ablations(dataset, workspace, args.seeds, args.overrides, overlays, args.variants, args.split_seeds)
             elif part == "timing":
                 part_timing(workspace, args.timing_epochs, args.overrides)
             else:

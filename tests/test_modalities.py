@@ -308,7 +308,9 @@ def test_generated_graphs_add_k_new_edges_per_user_and_train_their_denoiser():
 
 
 def test_generated_vs_training_views_contrast_each_modality_over_both_graphs():
-    settings = {"alignment": False, "diffusion": {"target": "interactions", "views": "generated_vs_training", "graph_k": 2}}
+    # Scored over the generated graph (DiffMM's use; the default scores over the training graph, next test).
+    settings = {"alignment": False, "diffusion": {"target": "interactions", "views": "generated_vs_training",
+                                                  "graph_k": 2, "score_graph": "generated"}}
     _, model = _diffcl(settings, modalities=("audio",))  # one modality: the views still have a pair
     assert model.loss(BATCH)["cl"].item() == 0.0  # before the first generation there is no second graph
     model.start_epoch(3)
@@ -335,9 +337,11 @@ def test_generated_vs_training_views_contrast_each_modality_over_both_graphs():
     assert parts["diff"].item() == 0.0 and parts["cl"].item() > 0
 
 
-def test_score_graph_training_scores_over_the_training_graph_and_views_over_the_generated_one():
+@pytest.mark.parametrize("score_graph", ["training", "auto"])
+def test_score_graph_training_scores_over_the_training_graph_and_views_over_the_generated_one(score_graph):
+    # auto, the default, is training with these views.
     settings = {"alignment": False, "diffusion": {"target": "interactions", "views": "generated_vs_training",
-                                                  "graph_k": 2, "score_graph": "training"}}
+                                                  "graph_k": 2, "score_graph": score_graph}}
     _, model = _diffcl(settings, modalities=("audio",))
     with torch.no_grad():
         before = model.embeddings()
@@ -350,6 +354,9 @@ def test_score_graph_training_scores_over_the_training_graph_and_views_over_the_
     assert model.loss(BATCH)["cl"].item() > 0
     with pytest.raises(ValueError, match="score_graph training leaves the generated graphs to the contrastive views"):
         ModelConfig(name="diffcl", diffcl={"diffusion": {"views": "cross_modal", "score_graph": "training"}})
+    # With the other views auto keeps the generated graph for the scores, as those views were measured.
+    cross_modal = ModelConfig(name="diffcl", diffcl={"diffusion": {"views": "cross_modal"}})
+    assert not cross_modal.diffcl.diffusion.scores_over_training_graph
 
 
 def test_id_view_contrasts_the_id_branch_over_the_union_of_the_generated_graphs():

@@ -4,16 +4,16 @@ In the order a training step runs them (the defaults; each alternative is a mode
 
 1. projections   x̃ᵐ = MLPₘ(fᵐ) for each modality m; the ID branch has learned tables instead
 2. encoder       Xᵐ = [Pᵐ; x̃ᵐ] (L2-row-normalised for the modality branches), Zᵐ = mean_{l≤L} Âˡ Xᵐ
-                 (Â: the training graph, or with diffusion.target interactions the modality's
+                 (Â: the training graph; with diffusion.score_graph generated, the modality's
                  generated graph)
 3. item graph    items get S·Z added (S: frozen fused kNN graph of the modality features);
                  with ``user_graph_k`` users get U·Z added (U: frozen user co-occurrence graph)
 4. fusion        e_i = [g_m Z_iᵐ + Z_iⁱᵈ]_m,  e_u = [w_uᵐ Z_uᵐ + Z_uⁱᵈ]_m (w: ``modality_gate``, g:
                  ``item_gate``; the ID term when ``id_in_score``, or as its own block: ``id_score``)
 5. diffusion     DiffMM's generator: per modality, a denoiser over users' interaction rows proposes
-                 new edges, and the modality branch propagates over the training graph plus them
-                 (``score_graph: training``: it is scored over the training graph, the generated
-                 graph only its contrastive view);
+                 new edges; the training graph plus them is the modality branch's contrastive view
+                 (it is scored over the training graph; ``score_graph: generated``: over them, as
+                 DiffMM does);
                  or two views of the batch rows of e (or per modality) by forward noising and
                  reverse denoising (optionally conditioned on the ID rows)
 6. contrastive   InfoNCE: each modality branch over its generated graph against itself over the
@@ -248,8 +248,9 @@ class DiffCL(Recommender):
         if not ds.enabled:
             parts.append("Gaussian views (no diffusion)")
         else:
+            scored_over_generated = ds.views == "generated_vs_training" and not ds.scores_over_training_graph
             switches = {f"edges by {ds.graph_source}": ds.graph_source != "denoiser",
-                        "scored over the training graph": ds.score_graph == "training", "ID view": ds.id_view}
+                        "scored over the generated graphs": scored_over_generated, "ID view": ds.id_view}
             parts.append(", ".join([f"diffusion {ds.target}/{ds.views}", *(text for text, on in switches.items() if on)]))
         parts.append("contrastive on" if s.contrastive else "contrastive off")
         parts.append(f"gate {s.modality_gate}{' + item gate' if s.item_gate else ''}, ID {s.id_score}")
@@ -298,14 +299,14 @@ class DiffCL(Recommender):
 
     def _branch_graphs(self, branch: str, graphs: PassGraphs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the graph a branch is scored over, the graph of its other view or None): a modality branch
-        is scored over its generated graph and viewed over the training graph (``score_graph:
-        training`` swaps the two); the ID branch is scored over the training graph and (id_view)
+        is scored over the training graph and viewed over its generated graph (``score_graph:
+        generated`` swaps the two); the ID branch is scored over the training graph and (id_view)
         viewed over the union of the generated graphs."""
         if branch == "id":
             return graphs.interactions, graphs.generated.get("id")
         if branch in graphs.generated:
             generated = graphs.generated[branch]
-            if self.settings.diffusion.score_graph == "training":
+            if self.settings.diffusion.scores_over_training_graph:
                 return graphs.interactions, generated
             return generated, graphs.interactions
         return graphs.interactions, None
