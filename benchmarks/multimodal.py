@@ -149,40 +149,48 @@ def _splits_table(title: str, first: str, per_split: dict[int, dict[str, list[di
     console.print(table)
 
 
+def _each_split(dataset: str, workspace: str, extra: list[str], split_seeds: list[int] | None):
+    """(split seed or None, config, overrides) for the dataset's own split or each of ``split_seeds``,
+    prepared; nothing more once the data is absent or the dataset ships its split."""
+    for split_seed in split_seeds or [None]:
+        overrides = [*_split_overrides(dataset, split_seed), *extra]
+        config = _prepared(dataset, workspace, overrides, random_split=split_seed is not None)
+        if config is None:
+            return
+        yield split_seed, config, overrides
+
+
+def _split_title(title: str, split_seed: int | None) -> str:
+    return title + (f", random split {split_seed}" if split_seed is not None else "")
+
+
 def part_accuracy(dataset: str, workspace: str, seeds: list[int], extra: list[str], models: list[str] | None,
                   overlays: dict[str, Path], split_seeds: list[int] | None = None) -> None:
     rows = {name: o for name, o in MODELS.items() if not models or name in models}
-    per_split = {}
-    for split_seed in split_seeds or [None]:
-        split = _split_overrides(dataset, split_seed)
-        config = _prepared(dataset, workspace, [*split, *extra], random_split=split_seed is not None)
-        if config is None:
-            return
-        title = DATASETS[dataset][1] + (f", random split {split_seed}" if split_seed is not None else "")
-        per_split[split_seed] = _seed_table(title, "model", rows, config, workspace, seeds, [*split, *extra], overlays)
-    if split_seeds and len(split_seeds) > 1:
-        _splits_table(DATASETS[dataset][1], "model", per_split, overlays)
+    title = DATASETS[dataset][1]
+    per_split = {split_seed: _seed_table(_split_title(title, split_seed), "model", rows, config, workspace, seeds,
+                                         overrides, overlays)
+                 for split_seed, config, overrides in _each_split(dataset, workspace, extra, split_seeds)}
+    if len(per_split) > 1:
+        _splits_table(title, "model", per_split, overlays)
 
 
 def part_ablations(dataset: str, workspace: str, seeds: list[int], extra: list[str], overlays: dict[str, Path],
                    variants: list[str] | None = None, split_seeds: list[int] | None = None) -> None:
-    per_split = {}
-    # The ablations run at DiffCL's tuned settings when there are any.
-    for split_seed in split_seeds or [None]:
-        split = _split_overrides(dataset, split_seed)
-        config = _prepared(dataset, workspace, [*split, *extra], random_split=split_seed is not None)
-        if config is None:
-            return
-        cfg = load_config(config, [f"workspace={workspace}", *split, *extra, "model.name=diffcl"])
+    title = f"DiffCL ablations, {DATASETS[dataset][1]}"
+    per_split, tuned = {}, {}
+    for split_seed, config, overrides in _each_split(dataset, workspace, extra, split_seeds):
+        cfg = load_config(config, [f"workspace={workspace}", *overrides, "model.name=diffcl"])
         # The modalities with features (Scientific has text only, though DiffCL's default asks for image too).
         modalities = list(model_feature_files(cfg, DatasetDirs.of(cfg.workspace, cfg.dataset.name).features))
         rows = {name: ["model.name=diffcl", *o] for name, o in ablations_for(modalities).items()
                 if not variants or name in variants}
+        # The ablations run at DiffCL's tuned settings when there are any.
         tuned = {name: overlays["DiffCL"] for name in rows} if "DiffCL" in overlays else {}
-        title = f"DiffCL ablations, {DATASETS[dataset][1]}" + (f", random split {split_seed}" if split_seed is not None else "")
-        per_split[split_seed] = _seed_table(title, "variant", rows, config, workspace, seeds, [*split, *extra], tuned)
-    if split_seeds and len(split_seeds) > 1:
-        _splits_table(f"DiffCL ablations, {DATASETS[dataset][1]}", "variant", per_split, tuned)
+        per_split[split_seed] = _seed_table(_split_title(title, split_seed), "variant", rows, config, workspace, seeds,
+                                            overrides, tuned)
+    if len(per_split) > 1:
+        _splits_table(title, "variant", per_split, tuned)
 
 
 def part_timing(workspace: str, epochs: int, extra: list[str]) -> None:
