@@ -91,6 +91,60 @@ class StageResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+# Where Prefect stores the stages' results, under the workspace (or the shared workspace's root).
+RESULTS_FOLDER = ".prefect-results"
+_STAGE_RESULT_CLASS = f"{StageResult.__module__}.{StageResult.__qualname__}"
+
+
+def screen_stored_result(config: dict[str, Any], key: str) -> bool:
+    """Prefect reads a stored result back with the serializer that the stored file itself names,
+    so a record naming pickle (planted, or left by a version that pickled) would be unpickled on
+    a cache hit and could run code; a JSON one could name other classes or decoders to import.
+    Before Prefect looks ``key`` up, a record under it that is not exactly what a stage writes
+    (JSON, Prefect's JSON decoder, a StageResult naming no other class) is moved aside to
+    ``<key>.refused``, so the stage runs again. Returns whether a record was refused."""
+    if (shared := shared_workspace(config)) is not None:
+        fs, path = shared.fs, f"{shared.root}/{RESULTS_FOLDER}/{key}"
+    else:
+        import fsspec
+
+        fs, path = fsspec.filesystem("file"), str(Path(config["workspace"]) / RESULTS_FOLDER / key)
+    try:
+        content = fs.cat_file(path)
+    except FileNotFoundError:
+        return False
+    if _is_stage_record(content):
+        return False
+    fs.mv(path, f"{path}.refused")
+    import logging
+
+    logging.getLogger(__name__).warning("refused the stored result %s: not a JSON stage result (kept as %s.refused); "
+                                        "the stage runs again", path, path)
+    return True
+
+
+def _is_stage_record(content: bytes) -> bool:
+    from prefect.serializers import JSONSerializer
+
+    try:
+        record = json.loads(content)
+        serializer, result = record["metadata"]["serializer"], json.loads(record["result"])
+    except (ValueError, KeyError, TypeError):
+        return False
+    return (serializer == JSONSerializer().model_dump(mode="json") and isinstance(result, dict)
+            and set(result) == {"__class__", "data"} and result["__class__"] == _STAGE_RESULT_CLASS
+            and not _names_a_class(result["data"]))
+
+
+def _names_a_class(value: Any) -> bool:
+    """Whether a decoded JSON value holds a ``__class__`` key, which Prefect's decoder would import."""
+    if isinstance(value, dict):
+        return "__class__" in value or any(_names_a_class(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_names_a_class(v) for v in value)
+    return False
+
+
 def _select(config: dict[str, Any], dotted: str, stage: str) -> Any:
     node: Any = config
     for part in dotted.split("."):

@@ -31,6 +31,7 @@ from diffcl.core.config import ENCODED_MODALITIES, PipelineConfig, dump_config, 
 from diffcl.core.locks import LockBusy, exclusive_lock
 from diffcl.core.shared import shared_workspace
 from flows.cache import (
+    RESULTS_FOLDER,
     Artifact,
     CacheKey,
     Ledger,
@@ -42,6 +43,7 @@ from flows.cache import (
     model_inputs,
     pull,
     push,
+    screen_stored_result,
 )
 from pipeline.demo import DEMO_CONFIG
 from pipeline.embed import feature_modalities, shipped_features
@@ -52,7 +54,9 @@ log = logging.getLogger(__name__)
 def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     stage = context.task.name
     config, inputs = parameters["config"], parameters["inputs"]
-    return str(Ledger(config, stage).key(base_key(stage, config, inputs, parameters.get("modality"))))
+    key = str(Ledger(config, stage).key(base_key(stage, config, inputs, parameters.get("modality"))))
+    screen_stored_result(config, key)  # before Prefect reads it back
+    return key
 
 
 def _current_key(stage: str, config: dict[str, Any], inputs: dict[str, Artifact], modality: str | None = None) -> CacheKey:
@@ -91,7 +95,8 @@ def transient_failure(task, task_run, state) -> bool:
 
 
 def _stage(name: str):
-    # Results are stored as JSON, never pickled: a file planted in the result storage cannot run code.
+    # Results are stored as JSON, never pickled, and a stored record is read back only if it is one
+    # (stage_cache_key screens it): a file planted in the result storage cannot run code.
     return task(name=name, cache_key_fn=stage_cache_key, persist_result=True, result_serializer="json")
 
 
@@ -343,15 +348,15 @@ def _result_storage(cfg: PipelineConfig):
     found by any machine that shares it. Prefect takes a remote location only as a saved block,
     and a file:// one (a shared mount) only as a plain path."""
     if cfg.shared_workspace is None:
-        return Path(cfg.workspace) / ".prefect-results"
+        return Path(cfg.workspace) / RESULTS_FOLDER
     shared = shared_workspace(cfg)
     if "file" in shared.fs.protocol:
-        return Path(shared.root) / ".prefect-results"
+        return Path(shared.root) / RESULTS_FOLDER
     import hashlib
 
     from prefect.filesystems import RemoteFileSystem
 
-    block = RemoteFileSystem(basepath=f"{shared.url}/.prefect-results")
+    block = RemoteFileSystem(basepath=f"{shared.url}/{RESULTS_FOLDER}")
     block.save(f"diffcl-results-{hashlib.sha256(shared.url.encode()).hexdigest()[:12]}", overwrite=True)
     return block
 

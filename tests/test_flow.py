@@ -200,6 +200,51 @@ def test_deleted_output_reruns_its_stage(prefect_server, demo_over_http, counter
     assert summary["test"]["recall@20"] > 0
 
 
+class _CreatesFile:
+    """Unpickled, it creates a file: the stand-in for code that a planted pickle would run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_planted_pickle_result_is_refused_not_unpickled(prefect_server, demo_over_http, counter):
+    """Prefect reads a stored result with the serializer the file names: a record under a stage's
+    cache key that names pickle must be moved aside and the stage rerun, never unpickled."""
+    import base64
+    import pickle
+
+    from flows.flow import diffcl_flow
+
+    config, _, _ = demo_over_http
+    diffcl_flow(config=str(config))
+    results = config.parent / "ws/.prefect-results"
+    (record,) = [p for p in results.iterdir() if p.name.startswith("graphs-")]
+    marker = config.parent / "payload-ran"
+    stored = json.loads(record.read_text())
+    stored["metadata"]["serializer"] = {"type": "pickle", "picklelib": "pickle", "picklelib_version": None}
+    stored["result"] = base64.b64encode(pickle.dumps(_CreatesFile(marker))).decode()
+    record.write_text(json.dumps(stored))
+    # A JSON record that names another class for Prefect's decoder to import is refused as well.
+    (features,) = [p for p in results.iterdir() if p.name.startswith("text_features-")]
+    stored = json.loads(features.read_text())
+    result = json.loads(stored["result"])
+    result["data"]["info"] = {"__class__": "subprocess.Popen", "data": {"args": ["true"]}}
+    stored["result"] = json.dumps(result)
+    features.write_text(json.dumps(stored))
+
+    counter.reset()
+    summary = diffcl_flow(config=str(config))
+    assert not marker.exists()
+    assert counter.calls.get("build_graphs") == 1 and counter.calls.get("modality_features") == 1
+    assert "prepare" not in counter.calls
+    assert (results / f"{record.name}.refused").exists() and (results / f"{features.name}.refused").exists()
+    assert json.loads(record.read_text())["metadata"]["serializer"]["type"] == "json"  # rewritten by the rerun
+    assert summary["test"]["recall@20"] > 0
+
+
 def test_training_config_change_reruns_only_train_evaluate_publish(prefect_server, demo_over_http, counter):
     from flows.flow import diffcl_flow
 
