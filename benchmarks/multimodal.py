@@ -126,10 +126,10 @@ def _row_name(name: str, overlays: dict[str, Path]) -> str:
 def _split_overrides(dataset: str, split_seed: int | None) -> list[str]:
     """Another random split of the dataset: its own seed and dataset name, so that each split is
     prepared (and its features and graphs built) once, beside the others in the workspace."""
-    if split_seed is None:
+    own = load_config(ROOT / DATASETS[dataset][0])
+    if split_seed is None or split_seed == own.prepare.seed:  # the config's own split: the dataset itself
         return []
-    name = load_config(ROOT / DATASETS[dataset][0]).dataset.name
-    return [f"prepare.seed={split_seed}", f"dataset.name={name}-split{split_seed}"]
+    return [f"prepare.seed={split_seed}", f"dataset.name={own.dataset.name}-split{split_seed}"]
 
 
 # The columns of the table over splits: the test metrics, then validation R@20.
@@ -151,10 +151,13 @@ def _splits_table(title: str, first: str, per_split: dict[int, dict[str, list[di
 
 def _each_split(dataset: str, workspace: str, extra: list[str], split_seeds: list[int] | None):
     """(split seed or None, config, overrides) for the dataset's own split or each of ``split_seeds``,
-    prepared; nothing more once the data is absent or the dataset ships its split."""
+    prepared; nothing when the data is absent or (with ``split_seeds``) the dataset ships its split,
+    which the config's own dataset, prepared first, tells."""
+    if split_seeds and _prepared(dataset, workspace, extra, random_split=True) is None:
+        return
     for split_seed in split_seeds or [None]:
         overrides = [*_split_overrides(dataset, split_seed), *extra]
-        config = _prepared(dataset, workspace, overrides, random_split=split_seed is not None)
+        config = _prepared(dataset, workspace, overrides)
         if config is None:
             return
         yield split_seed, config, overrides

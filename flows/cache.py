@@ -137,9 +137,10 @@ def _is_stage_record(content: bytes) -> bool:
 
 
 def _names_a_class(value: Any) -> bool:
-    """Whether a decoded JSON value holds a ``__class__`` key, which Prefect's decoder would import."""
+    """Whether a decoded JSON value holds a dunder key: Prefect's decoder imports what ``__class__``
+    and ``__exc_type__`` name (a stage result's data has neither)."""
     if isinstance(value, dict):
-        return "__class__" in value or any(_names_a_class(v) for v in value.values())
+        return any(key.startswith("__") for key in value) or any(_names_a_class(v) for v in value.values())
     if isinstance(value, list):
         return any(_names_a_class(v) for v in value)
     return False

@@ -227,11 +227,13 @@ def test_planted_pickle_result_is_refused_not_unpickled(prefect_server, demo_ove
     stored["metadata"]["serializer"] = {"type": "pickle", "picklelib": "pickle", "picklelib_version": None}
     stored["result"] = base64.b64encode(pickle.dumps(_CreatesFile(marker))).decode()
     record.write_text(json.dumps(stored))
-    # A JSON record that names another class for Prefect's decoder to import is refused as well.
+    # A JSON record that names a class or an exception type for Prefect's decoder to import is
+    # refused as well.
     (features,) = [p for p in results.iterdir() if p.name.startswith("text_features-")]
     stored = json.loads(features.read_text())
     result = json.loads(stored["result"])
-    result["data"]["info"] = {"__class__": "subprocess.Popen", "data": {"args": ["true"]}}
+    result["data"]["info"] = {"a": {"__class__": "subprocess.Popen", "data": {"args": ["true"]}},
+                              "b": {"__exc_type__": "json.JSONDecodeError", "message": "x"}}
     stored["result"] = json.dumps(result)
     features.write_text(json.dumps(stored))
 

@@ -10,8 +10,9 @@ import torch.multiprocessing as mp
 
 from diffcl.training.run import train
 
+# With a weight average, which every rank keeps from rank 0's broadcast weights.
 SETTINGS = ["model.name=mf", "train.epochs=6", "train.eval_every=2", "train.batch_size=512", "train.lr=0.01",
-            "train.patience=5", "train.threads=1", "train.device=cpu"]
+            "train.patience=5", "train.threads=1", "train.device=cpu", "train.ema_decay=0.5"]
 
 
 def _free_port() -> int:

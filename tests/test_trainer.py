@@ -71,12 +71,40 @@ def test_resume_after_interrupt_matches_uninterrupted_run(demo_workspace, ema):
     a = torch.load(full.run_dir / "best.pt", weights_only=True)
     b = torch.load(resumed.run_dir / "best.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    if ema != "0":  # the average itself went on from where it was interrupted
+        a, b = (torch.load(r.run_dir / "last.pt", weights_only=True)["weight_average"] for r in (full, resumed))
+        assert a["steps"] == b["steps"] and all(torch.equal(a["average"][k], b["average"][k]) for k in a["average"])
 
 
 def test_resume_with_another_config_is_refused(demo_workspace):
     train(demo_workspace(*FAST, "train.epochs=1"), run_id="cfg")
     with pytest.raises(TrainError, match="another config"):
         train(demo_workspace(*FAST, "train.epochs=2", "train.lr=0.5"), run_id="cfg")
+
+
+def test_resume_of_a_run_started_before_a_config_field_existed(demo_workspace):
+    # A field added since (at its default) is no change; a config this version cannot read is refused.
+    import yaml
+
+    overrides = [*FAST, "train.epochs=2", "model.name=mf"]
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(row):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        build_run(demo_workspace(*overrides), run_id="older", on_epoch=stop).fit()
+    path = demo_workspace().workspace / "demo/runs/older/config.yaml"
+    recorded = yaml.safe_load(path.read_text())
+    del recorded["train"]["ema_decay"]
+    path.write_text(yaml.safe_dump(recorded))
+    assert train(demo_workspace(*overrides), run_id="older").metrics["epochs"] == 2
+    recorded["train"]["unknown_knob"] = 1
+    path.write_text(yaml.safe_dump(recorded))
+    with pytest.raises(TrainError, match="not a config this version reads"):
+        train(demo_workspace(*overrides, "train.epochs=3"), run_id="older")
 
 
 def test_early_stopping_and_best_epoch(demo_workspace):

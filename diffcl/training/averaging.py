@@ -16,7 +16,7 @@ import torch
 class WeightAverage:
     """Per optimizer step, ``average += (1 - d_t) * (weights - average)`` over the floating-point
     parameters, with ``d_t = min(decay, (1 + t) / (10 + t))``: the warm-up keeps the first steps
-    from being dominated by the initial weights (the form timm's ModelEma uses). Buffers (e.g.
+    from being dominated by the initial weights (TensorFlow's ``num_updates`` form). Buffers (e.g.
     DiffCL's generated graphs) are not averaged: the average is evaluated with the live ones."""
 
     def __init__(self, model: torch.nn.Module, decay: float):

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from diffcl.models import Batch
+from diffcl.training.averaging import WeightAverage
 from diffcl.training.sampler import BPRSampler
 from diffcl.training.trainer import Trainer, TrainResult
 
@@ -64,6 +65,8 @@ class DistributedTrainer(Trainer):
             _LossModule(self.model), device_ids=[self.device.index] if use_cuda else None,
             find_unused_parameters=True,  # a model's loss may leave some parameters out of a step
         )
+        if self.average:  # from rank 0's weights, which DDP has just broadcast
+            self.average = WeightAverage(self.model, settings.ema_decay)
 
     @staticmethod
     def join(device_setting: str) -> torch.device:

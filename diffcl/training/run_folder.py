@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import yaml
+from pydantic import ValidationError
 
 from diffcl.core.config import (
     RESULT_NEUTRAL_TRAIN_FIELDS,
@@ -142,9 +143,15 @@ class RunFolder:
     def _check_same_config(self) -> None:
         config_path = self.path / "config.yaml"
         try:
-            started = training_identity(yaml.safe_load(config_path.read_text(encoding="utf-8")))
-        except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+            recorded = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
             raise ResumeRefused(f"{config_path}: missing or unreadable; the run cannot resume, use a new --run-id") from None
+        try:
+            # Validated, so that a field added since the run started compares at its default.
+            started = training_identity(PipelineConfig.model_validate(recorded))
+        except (ValidationError, TypeError) as err:
+            raise ResumeRefused(f"{config_path}: not a config this version reads ({str(err).splitlines()[0]}); "
+                                "the run cannot resume, use a new --run-id") from None
         current = training_identity(self.config)
         changed = [section for section in current if started.get(section) != current[section]]
         if changed:

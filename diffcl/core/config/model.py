@@ -70,9 +70,11 @@ class DiffusionSettings(Strict):
     target: Literal["fused", "per_modality", "interactions"] = Field(
         "interactions", description="what is diffused: the fused rows, each modality's rows, or (interactions, DiffMM's "
         "generator) each user's interaction row, once per modality: a denoiser conditioned on that modality's "
-        "item rows generates a modality-aware user-item graph (graph_* keys) over which the modality branch "
-        "propagates; the views are then the branches' own rows. Default since issue 11: the only generator "
-        "whose removal costs accuracy in the probes (docs/model.md)"
+        "item rows generates a modality-aware user-item graph (graph_* keys), over which the modality branch "
+        "propagates for its contrastive view (and, score_graph generated, for its scores); the views are then the "
+        "branches' own rows. Default since issue 11: the only generator whose removal costs accuracy in the probes "
+        "(docs/model.md). With the contrastive loss off and the scores over the training graph, the graphs are "
+        "still generated (as the ablation w/o contrastive loss was measured) but nothing reads them"
     )
     views: Literal["two_samples", "clean_vs_diffused", "cross_modal", "id_anchor", "all_pairs",
                    "generated_vs_training"] = Field(
@@ -109,8 +111,8 @@ class DiffusionSettings(Strict):
     time_dim: int = Field(10, ge=2, description="sinusoidal time embedding width")
     graph_k: int = Field(10, ge=1, description="target interactions: edges per user of each generated graph (top-k)")
     graph_mode: Literal["union", "replace"] = Field(
-        "union", description="target interactions: a modality branch propagates over the training graph plus its "
-        "generated edges (union), or over the generated graph alone (replace)"
+        "union", description="target interactions: a modality branch's generated graph is the training graph plus "
+        "its generated edges (union), or the generated edges alone (replace)"
     )
     graph_new_only: bool = Field(
         True, description="target interactions: the top-k is taken among items the user has not interacted with "
