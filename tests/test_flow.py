@@ -210,40 +210,54 @@ class _CreatesFile:
         return (open, (self.path, "w"))
 
 
-def test_planted_pickle_result_is_refused_not_unpickled(prefect_server, demo_over_http, counter):
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_planted_pickle_result_is_refused_not_unpickled(prefect_server, demo_over_http, counter, where):
     """Prefect reads a stored result with the serializer the file names: a record under a stage's
-    cache key that names pickle must be moved aside and the stage rerun, never unpickled."""
+    cache key that names pickle must be moved aside and the stage rerun, never unpickled; on a local
+    workspace and on a shared (fsspec) one, whose results Prefect reads from the shared root."""
     import base64
     import pickle
+
+    import fsspec
 
     from flows.flow import diffcl_flow
 
     config, _, _ = demo_over_http
-    diffcl_flow(config=str(config))
-    results = config.parent / "ws/.prefect-results"
-    (record,) = [p for p in results.iterdir() if p.name.startswith("graphs-")]
+    if where == "memory":
+        url = f"memory://diffcl-planted-{config.parent.name}/shared"
+        overrides = [f"shared_workspace={url}"]
+        fs, root = fsspec.core.url_to_fs(url)
+    else:
+        overrides, fs, root = [], fsspec.filesystem("file"), str(config.parent / "ws")
+    diffcl_flow(config=str(config), overrides=overrides)
+    results = f"{root}/.prefect-results"
+
+    def stored(stage: str) -> str:
+        (path,) = [p for p in fs.ls(results, detail=False) if p.rsplit("/", 1)[1].startswith(f"{stage}-")]
+        return path
+
+    record, features = stored("graphs"), stored("text_features")
     marker = config.parent / "payload-ran"
-    stored = json.loads(record.read_text())
-    stored["metadata"]["serializer"] = {"type": "pickle", "picklelib": "pickle", "picklelib_version": None}
-    stored["result"] = base64.b64encode(pickle.dumps(_CreatesFile(marker))).decode()
-    record.write_text(json.dumps(stored))
+    planted = json.loads(fs.cat_file(record))
+    planted["metadata"]["serializer"] = {"type": "pickle", "picklelib": "pickle", "picklelib_version": None}
+    planted["result"] = base64.b64encode(pickle.dumps(_CreatesFile(marker))).decode()
+    fs.pipe_file(record, json.dumps(planted).encode())
     # A JSON record that names a class or an exception type for Prefect's decoder to import is
     # refused as well.
-    (features,) = [p for p in results.iterdir() if p.name.startswith("text_features-")]
-    stored = json.loads(features.read_text())
-    result = json.loads(stored["result"])
+    planted = json.loads(fs.cat_file(features))
+    result = json.loads(planted["result"])
     result["data"]["info"] = {"a": {"__class__": "subprocess.Popen", "data": {"args": ["true"]}},
                               "b": {"__exc_type__": "json.JSONDecodeError", "message": "x"}}
-    stored["result"] = json.dumps(result)
-    features.write_text(json.dumps(stored))
+    planted["result"] = json.dumps(result)
+    fs.pipe_file(features, json.dumps(planted).encode())
 
     counter.reset()
-    summary = diffcl_flow(config=str(config))
+    summary = diffcl_flow(config=str(config), overrides=overrides)
     assert not marker.exists()
     assert counter.calls.get("build_graphs") == 1 and counter.calls.get("modality_features") == 1
     assert "prepare" not in counter.calls
-    assert (results / f"{record.name}.refused").exists() and (results / f"{features.name}.refused").exists()
-    assert json.loads(record.read_text())["metadata"]["serializer"]["type"] == "json"  # rewritten by the rerun
+    assert fs.exists(f"{record}.refused") and fs.exists(f"{features}.refused")
+    assert json.loads(fs.cat_file(record))["metadata"]["serializer"]["type"] == "json"  # rewritten by the rerun
     assert summary["test"]["recall@20"] > 0
 
 
