@@ -100,20 +100,23 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {sd:.4f}"
 
 
+# The metric columns of every table, read from a run's metrics: the test metrics, then validation R@20.
+_COLUMNS = {**{k: (lambda r, k=k: r["test"][k]) for k in METRICS}, "valid R@20": lambda r: r["valid"]["recall@20"]}
+
+
 def _seed_table(title: str, first: str, rows: dict[str, list[str]], config: Path, workspace: str, seeds: list[int],
                 extra: list[str], overlays: dict[str, Path]) -> dict[str, list[dict]]:
     """One row per variant: test metrics at the best validation epoch, mean ± sd over ``seeds``.
     Returns each row's runs (their metrics)."""
     table = Table(title=f"{title}: test at the best valid epoch, mean ± sd over seeds {seeds}")
-    for col in (first, *METRICS, "valid R@20", "best epochs", "s/run"):
+    for col in (first, *_COLUMNS, "best epochs", "s/run"):
         table.add_column(col, justify="right")
     results = {}
     for name, overrides in rows.items():
         runs = [run(config, [f"workspace={workspace}", f"train.seed={s}", *overrides, *extra],
                     [overlays[name]] if name in overlays else None) for s in seeds]
         results[name] = runs
-        table.add_row(_row_name(name, overlays), *(_mean_sd([r["test"][k] for r in runs]) for k in METRICS),
-                      _mean_sd([r["valid"]["recall@20"] for r in runs]),
+        table.add_row(_row_name(name, overlays), *(_mean_sd([value(r) for r in runs]) for value in _COLUMNS.values()),
                       ",".join(str(r["best_epoch"]) for r in runs), f"{statistics.mean(r['wall'] for r in runs):.0f}")
         console.print(table)
     return results
@@ -130,10 +133,6 @@ def _split_overrides(dataset: str, split_seed: int | None) -> list[str]:
     if split_seed is None or split_seed == own.prepare.seed:  # the config's own split: the dataset itself
         return []
     return [f"prepare.seed={split_seed}", f"dataset.name={own.dataset.name}-split{split_seed}"]
-
-
-# The columns of the table over splits: the test metrics, then validation R@20.
-_COLUMNS = {**{k: (lambda r, k=k: r["test"][k]) for k in METRICS}, "valid R@20": lambda r: r["valid"]["recall@20"]}
 
 
 def _splits_table(title: str, first: str, per_split: dict[int, dict[str, list[dict]]], overlays: dict[str, Path]) -> None:
@@ -153,14 +152,14 @@ def _each_split(dataset: str, workspace: str, extra: list[str], split_seeds: lis
     """(split seed or None, config, overrides) for the dataset's own split or each of ``split_seeds``,
     prepared; nothing when the data is absent or (with ``split_seeds``) the dataset ships its split,
     which the config's own dataset, prepared first, tells."""
-    if split_seeds and _prepared(dataset, workspace, extra, random_split=True) is None:
+    config = _prepared(dataset, workspace, extra, random_split=bool(split_seeds))
+    if config is None:
         return
     for split_seed in split_seeds or [None]:
-        overrides = [*_split_overrides(dataset, split_seed), *extra]
-        config = _prepared(dataset, workspace, overrides)
-        if config is None:
+        split = _split_overrides(dataset, split_seed)
+        if split and _prepared(dataset, workspace, [*split, *extra]) is None:  # the own split is prepared above
             return
-        yield split_seed, config, overrides
+        yield split_seed, config, [*split, *extra]
 
 
 def _split_title(title: str, split_seed: int | None) -> str:

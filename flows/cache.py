@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import fsspec
 
 import diffcl
 from diffcl.core.config import (
@@ -29,6 +32,8 @@ from diffcl.core.io import sha256_file, write_json_atomic
 from diffcl.core.shared import shared_workspace
 from diffcl.core.workspace import DatasetDirs
 from pipeline.versions import STAGE_VERSIONS
+
+log = logging.getLogger(__name__)
 
 # The config fields each stage reads (dotted paths into the resolved config).
 CONFIG_FIELDS = {
@@ -103,12 +108,8 @@ def screen_stored_result(config: dict[str, Any], key: str) -> bool:
     Before Prefect looks ``key`` up, a record under it that is not exactly what a stage writes
     (JSON, Prefect's JSON decoder, a StageResult naming no other class) is moved aside to
     ``<key>.refused``, so the stage runs again. Returns whether a record was refused."""
-    if (shared := shared_workspace(config)) is not None:
-        fs, path = shared.fs, f"{shared.root}/{RESULTS_FOLDER}/{key}"
-    else:
-        import fsspec
-
-        fs, path = fsspec.filesystem("file"), str(Path(config["workspace"]) / RESULTS_FOLDER / key)
+    fs, folder = results_folder(config)
+    path = f"{folder}/{key}"
     try:
         content = fs.cat_file(path)
     except FileNotFoundError:
@@ -116,11 +117,18 @@ def screen_stored_result(config: dict[str, Any], key: str) -> bool:
     if _is_stage_record(content):
         return False
     fs.mv(path, f"{path}.refused")
-    import logging
-
-    logging.getLogger(__name__).warning("refused the stored result %s: not a JSON stage result (kept as %s.refused); "
-                                        "the stage runs again", path, path)
+    log.warning("refused the stored result %s: not a JSON stage result (kept as %s.refused); the stage runs again",
+                path, path)
     return True
+
+
+def results_folder(config: Any) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, folder) where Prefect keeps the stages' results: under the workspace, or under
+    the shared workspace's root when there is one (a config or its JSON dump)."""
+    if (shared := shared_workspace(config)) is not None:
+        return shared.fs, f"{shared.root}/{RESULTS_FOLDER}"
+    workspace = config["workspace"] if isinstance(config, dict) else config.workspace
+    return fsspec.filesystem("file"), str(Path(workspace) / RESULTS_FOLDER)
 
 
 def _is_stage_record(content: bytes) -> bool:

