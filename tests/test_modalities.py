@@ -502,7 +502,7 @@ def test_view_settings_are_checked():
         ModelConfig(diffcl={"diffusion": {"target": "per_modality", "views": "all_pairs"}})
     with pytest.raises(ValueError, match="generated_vs_training needs diffusion.target interactions"):
         ModelConfig(diffcl={"diffusion": {"target": "fused", "views": "generated_vs_training"}})
-    for mode in ("stable_id_infonce", "id_relational"):  # a detached guide nothing else trains
+    for mode in ("stable_id_infonce", "id_relational", "id_guided_projection"):  # a detached guide nothing else trains
         with pytest.raises(ValueError, match=f"{mode} guides with the detached ID rows"):
             ModelConfig(diffcl={"alignment_mode": mode, "id_in_score": False})
     ModelConfig(diffcl={"alignment_mode": "id_relational", "id_in_score": False,

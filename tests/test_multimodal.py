@@ -216,6 +216,14 @@ def test_switches_change_what_they_name(demo_multimodal):
     align.backward()
     assert align.item() > 0 and relational.item_id.grad is None
     assert relational.projections["text"][0].weight.grad.abs().sum() > 0
+    # The projection guide: only the feature projections move, before any propagation (no user table).
+    projected = _model(demo_multimodal, "model.diffcl.alignment_mode=id_guided_projection").model
+    align = projected.alignment(projected.encode(projected.branches, training=True), torch.zeros(1),
+                                torch.arange(8))
+    align.backward()
+    assert align.item() > 0 and projected.item_id.grad is None
+    assert all(projected.projections[m][0].weight.grad.abs().sum() > 0 for m in ("image", "text"))
+    assert all(projected.user_tables[b].grad is None for b in projected.branches)
 
 
 def test_id_branch_is_computed_only_where_something_reads_it(demo_multimodal):

@@ -259,10 +259,11 @@ class DiffCL(Recommender):
         return f"diffcl ({', '.join(parts)})"
 
     # ------------------------------------------------------------------ encoder (sections 1-4)
-    def project(self, modality: str) -> torch.Tensor:
+    def project(self, modality: str, items: torch.Tensor | None = None) -> torch.Tensor:
+        """The modality's projected features x̃ of all items (or of ``items``)."""
         # The projections of all items are the largest dense products of a step: mixed precision
         # where the hardware has it (``precision``), float32 out.
-        features = self.features(modality)
+        features = self.features(modality) if items is None else self.features(modality)[items]
         with dense_autocast(self.dense_dtype, features.device):
             return self.projections[modality](features).float()
 
@@ -573,6 +574,13 @@ class DiffCL(Recommender):
                 return torch.zeros((), device=fused_items.device)
             guide = z["id"].items[items]
             return sum(relational_alignment(guide, v, self.settings.temperature) for v in views.values()) / len(views)
+        if self.settings.alignment_mode == "id_guided_projection":
+            if not self.use_id or not views:
+                return torch.zeros((), device=fused_items.device)
+            # The projection of an item's features (before any propagation) is pulled towards its
+            # detached ID rows: the features learn to say what the interactions say about the item.
+            guide = z["id"].items[items].detach()
+            return sum(info_nce(self.project(m, items), guide, self.settings.temperature) for m in views) / len(views)
         if self.settings.alignment_mode in ("id_anchor_infonce", "stable_id_infonce"):
             if not self.use_id:
                 return torch.zeros((), device=fused_items.device)

@@ -223,13 +223,15 @@ class DiffCLConfig(Strict):
     )
     temperature: float = Field(0.2, gt=0, description="τ of InfoNCE")
     alignment: bool = Field(True, description="false: no alignment loss (ablation)")
-    alignment_mode: Literal["distribution", "id_anchor_infonce", "stable_id_infonce", "id_relational"] = Field(
+    alignment_mode: Literal["distribution", "id_anchor_infonce", "stable_id_infonce", "id_relational",
+                            "id_guided_projection"] = Field(
         "distribution", description="spec section 7: MENTOR's distribution alignment of the ID, fused and modality "
         "item rows; InfoNCE of each modality's item rows against the ID rows; the same with the ID rows "
         "detached (the stable guide: only the modality rows move); or (id_relational) each modality's item "
         "neighbourhoods in the batch (a softmax over cosine similarities, τ) pulled towards the detached ID rows' "
         "by KL divergence, averaged over the modalities: the ID rows guide which items a modality sees as alike, "
-        "not where its rows lie"
+        "not where its rows lie; or (id_guided_projection) each modality's projected features of the batch items, "
+        "before propagation, against the detached ID rows by InfoNCE, averaged over the modalities"
     )
     cl_weight: float = Field(
         0.05, ge=0, description="λ_cl; 0.05 with the generated-vs-training views (above 0.01 and level with 0.2 on "
@@ -257,7 +259,8 @@ class DiffCLConfig(Strict):
                              "(id_branch and id_in_score true)")
         if self.diffusion.condition == "id" and (not self.id_branch or target == "interactions"):
             raise ValueError("diffusion.condition id needs the ID branch and target fused or per_modality")
-        detached_guide = self.alignment and self.alignment_mode in ("stable_id_infonce", "id_relational")
+        detached_guide = self.alignment and self.alignment_mode in ("stable_id_infonce", "id_relational",
+                                                                          "id_guided_projection")
         if detached_guide and self.id_branch and not self.id_in_score and views not in ("id_anchor", "all_pairs"):
             raise ValueError(f"alignment_mode {self.alignment_mode} guides with the detached ID rows, and with "
                              "id_in_score false nothing else trains them: set id_in_score true or another alignment_mode")
