@@ -307,6 +307,29 @@ def test_generated_graphs_add_k_new_edges_per_user_and_train_their_denoiser():
     assert not off.generated_adjacency and off.loss(BATCH)["diff"].item() == 0.0
 
 
+def test_gumbel_top_k_draws_from_the_scores_softmax_and_never_an_excluded_item():
+    from diffcl.models.diffcl import gumbel_perturbed
+
+    torch.manual_seed(0)
+    scores = torch.tensor([[5.0, 4.0, 3.0, 0.0, 0.0, 0.0, float("-inf")]]).repeat(4000, 1)
+    counts = {t: torch.bincount(gumbel_perturbed(scores * 100, t).topk(2, dim=1).indices.flatten(), minlength=7)
+              for t in (0.05, 1.0, 100.0)}
+    assert counts[0.05][:2].tolist() == [4000, 4000]  # cold: the plain top-k, whatever the scores' scale
+    assert all(c[6] == 0 for c in counts.values())  # an excluded (-inf) item is never drawn
+    assert counts[1.0][0] > counts[1.0][2] > counts[1.0][3] > 0  # warm: likelier the higher the score
+    assert (counts[100.0][:6].float() / 8000 - 1 / 6).abs().max() < 0.03  # hot: uniform over the candidates
+
+
+def test_sampled_generated_edges_are_k_new_items_per_user():
+    settings = {"diffusion": {"target": "interactions", "views": "generated_vs_training", "graph_k": 2,
+                              "graph_temperature": 1.0}}
+    ctx, model = _diffcl(settings)
+    model.start_epoch(3)
+    user_item = model.generated_adjacency["image"].to_dense()[: ctx.n_users, ctx.n_users :] > 0
+    assert user_item.sum().item() == ctx.data.train.nnz + 2 * ctx.n_users
+    assert user_item[torch.from_numpy(ctx.data.train.toarray() > 0)].all()
+
+
 def test_generated_vs_training_views_contrast_each_modality_over_both_graphs():
     # Scored over the generated graph (DiffMM's use; the default scores over the training graph, next test).
     settings = {"alignment": False, "diffusion": {"target": "interactions", "views": "generated_vs_training",

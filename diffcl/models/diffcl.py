@@ -415,6 +415,8 @@ class DiffCL(Recommender):
                     scores = diffusion.generate(x0, ds.graph_sample_steps, add_noise=False)
                 if ds.graph_new_only:
                     scores = scores.masked_fill(x0 > 0, float("-inf"))
+                if ds.graph_temperature > 0 and ds.graph_source != "random":
+                    scores = gumbel_perturbed(scores, ds.graph_temperature)
                 cols.append(scores.topk(ds.graph_k, dim=1).indices.cpu().numpy())
             getattr(self, f"generated_{m}").copy_(torch.from_numpy(np.concatenate(cols)))
         self._build_generated_adjacency()
@@ -632,6 +634,19 @@ class DiffCL(Recommender):
             parts["align"] = l_align
             total = total + s.align_weight * l_align
         return {"loss": total, **parts}
+
+
+def gumbel_perturbed(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Each row standardised over its finite entries, divided by ``temperature``, plus Gumbel noise:
+    the top-k of the result is a draw of k items without replacement from the softmax of the row
+    (Gumbel top-k), whatever the scale of the scores; -inf entries stay excluded."""
+    finite = torch.isfinite(scores)
+    count = finite.sum(1, keepdim=True).clamp_min(1)
+    values = scores.masked_fill(~finite, 0.0)
+    mean = values.sum(1, keepdim=True) / count
+    std = (((values - mean) * finite) ** 2).sum(1, keepdim=True).div(count).sqrt().clamp_min(1e-8)
+    gumbel = -torch.log(-torch.log(torch.rand_like(values).clamp(1e-20, 1.0)))
+    return ((scores - mean) / std / temperature + gumbel).masked_fill(~finite, float("-inf"))
 
 
 def _binary_adjacency(graph: sp.csr_matrix, device: torch.device) -> torch.Tensor:

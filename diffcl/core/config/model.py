@@ -123,6 +123,11 @@ class DiffusionSettings(Strict):
         "controls with as many new items per user: uniformly random ones (for w/o diffusion with the graph views), "
         "or each modality branch's own current top-scored ones (model: self-training, no denoiser)"
     )
+    graph_temperature: float = Field(
+        0.0, ge=0, description="target interactions: 0 takes each user's top-k scored items; above 0 draws the k items "
+        "without replacement from a softmax over the user's standardised scores at this temperature (Gumbel top-k): "
+        "between the denoiser's own picks (0) and uniformly random ones (large)"
+    )
     graph_every: int = Field(2, ge=1, description="target interactions: regenerate the graphs every this many epochs")
     graph_hidden: int = Field(256, ge=1, description="target interactions: width of the interaction denoiser")
     graph_users: int = Field(256, ge=1, description="target interactions: users whose rows train the denoiser per step")
