@@ -500,6 +500,21 @@ def test_modality_gates_and_the_id_block():
     torch.testing.assert_close(dropout.user_weights({}, slice(None)), torch.full((30, 2), 0.5))
 
 
+def test_id_gated_modality_input_is_the_id_rows_masked_by_the_features():
+    _, gated = _diffcl({"modality_input": "id_gated"})
+    with torch.no_grad():
+        for m in gated.modalities:
+            torch.testing.assert_close(gated.modality_items(m), gated.item_id * torch.sigmoid(gated.project(m)))
+        gated.item_id.zero_()  # no ID rows, nothing for the features to gate: the modality items are 0
+        assert all(gated.modality_items(m).abs().sum() == 0 for m in gated.modalities)
+    _, gated = _diffcl({"modality_input": "id_gated", "alignment": False, "diffusion": {"enabled": False}})
+    gated.loss(BATCH)["loss"].backward()
+    for m in gated.modalities:  # the gates learn from the ranking loss
+        assert gated.projections[m][0].weight.grad.abs().sum() > 0, m
+    with pytest.raises(ValueError, match="id_gated gates the ID rows"):
+        ModelConfig(diffcl={"modality_input": "id_gated", "id_branch": False})
+
+
 def test_id_conditioned_denoiser_reads_the_id_rows():
     _, model = _diffcl({"diffusion": {"condition": "id", "target": "per_modality", "views": "id_anchor"}})
     denoiser = model.diffusions["image"].denoiser

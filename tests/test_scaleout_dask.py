@@ -47,7 +47,20 @@ def _matrix(tmp_path, modality: str = "text", items=ITEMS, **settings) -> tuple[
     return read_features(config.workspace / "toy" / "features" / f"{modality}.parquet")[0], sharded
 
 
-def test_dask_sharded_text_features_match_single_process(tmp_path, prefect_harness):
+@pytest.fixture
+def one_torch_thread():
+    """Dask's worker processes start with OMP_NUM_THREADS=1 (distributed's pre-spawn environment), so
+    torch runs one thread there; a float32 matrix product's sums are ordered by its thread split,
+    so the in-process reference runs on one thread too for a bit-for-bit comparison."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_dask_sharded_text_features_match_single_process(tmp_path, prefect_harness, one_torch_thread):
     local, local_sharded = _matrix(tmp_path / "local", shard_items=10)
     assert local_sharded == len(ITEMS)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,

@@ -267,6 +267,15 @@ class DiffCL(Recommender):
         with dense_autocast(self.dense_dtype, features.device):
             return self.projections[modality](features).float()
 
+    def modality_items(self, modality: str) -> torch.Tensor:
+        """A modality branch's item input: the projected features, or (``modality_input: id_gated``)
+        the ID rows gated by them, so the features select what of the interactions' item
+        representation the branch keeps (MGCN's purifier)."""
+        projected = self.project(modality)
+        if self.settings.modality_input == "id_gated":
+            return self.item_id * torch.sigmoid(projected)
+        return projected
+
     def branches_in_use(self, training: bool) -> list[str]:
         """The branches a forward pass needs: an ID branch that is not scored is read only by the
         alignment loss, the ID-anchored or all-pairs views or the denoiser's condition, so evaluation (and
@@ -289,7 +298,7 @@ class DiffCL(Recommender):
                 users = None
                 items = branch_propagate_items(graphs.blocks, self.user_tables[b], self.item_id, layers, combine, normalize)
             else:
-                ego_items = self.item_id if b == "id" else self.project(b)
+                ego_items = self.item_id if b == "id" else self.modality_items(b)
                 scored, other = self._branch_graphs(b, graphs)
                 users, items = branch_propagate(scored, self.user_tables[b], ego_items, layers, combine, normalize)
                 if both_graphs and other is not None:

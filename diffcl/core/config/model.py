@@ -164,6 +164,12 @@ class DiffCLConfig(Strict):
         ["image", "text"], description="modality branches, any names with features (e.g. [image, audio]), in this order"
     )
     projection: Literal["mlp", "linear"] = Field("mlp", description="feature projection: d_m -> 4d -> d MLP, or linear")
+    modality_input: Literal["projection", "id_gated"] = Field(
+        "projection", description="a modality branch's item input: its projected features x̃ᵐ (projection), or "
+        "(id_gated, MGCN's behaviour-guided purifier) the item's ID row gated by them, e^id ⊙ σ(x̃ᵐ): the features "
+        "choose which of the ID row's dimensions the branch keeps, so every modality branch lives in the ID space "
+        "(needs the ID branch)"
+    )
     max_feature_dim: int | None = Field(
         384, ge=8, description="wider raw features are reduced by PCA (once, frozen) before the projection; null: never"
     )
@@ -269,6 +275,8 @@ class DiffCLConfig(Strict):
         if detached_guide and self.id_branch and not self.id_in_score and views not in ("id_anchor", "all_pairs"):
             raise ValueError(f"alignment_mode {self.alignment_mode} guides with the detached ID rows, and with "
                              "id_in_score false nothing else trains them: set id_in_score true or another alignment_mode")
+        if self.modality_input == "id_gated" and not self.id_branch:
+            raise ValueError("modality_input id_gated gates the ID rows: it needs the ID branch (id_branch: true)")
         if self.modality_gate == "id_attention" and not self.id_branch:
             raise ValueError("modality_gate id_attention needs the ID branch")
         if views == "cross_modal" and len(self.modalities) < 2 and target != "interactions":
