@@ -2,7 +2,8 @@
 
 In the order a training step runs them (the defaults; each alternative is a model.diffcl switch):
 
-1. projections   x̃ᵐ = MLPₘ(fᵐ) for each modality m; the ID branch has learned tables instead
+1. projections   x̃ᵐ = MLPₘ(fᵐ) for each modality m (``modality_input: id_gated``: the branch's items
+                 are e^id ⊙ σ(x̃ᵐ), MGCN's purifier); the ID branch has learned tables instead
 2. encoder       Xᵐ = [Pᵐ; x̃ᵐ] (L2-row-normalised for the modality branches), Zᵐ = mean_{l≤L} Âˡ Xᵐ
                  (Â: the training graph; with diffusion.score_graph generated, the modality's
                  generated graph)
@@ -239,6 +240,8 @@ class DiffCL(Recommender):
     def describe(self) -> str:
         s = self.settings
         parts = [f"branches {'+'.join(self.branches)}"]
+        if s.modality_input == "id_gated" and self.modalities:
+            parts.append("modality items: ID rows gated by the features")
         if not self.modalities:
             parts.append("NO modality features: ID branch alone")
         parts.append(f"item graph {'on' if self.item_graph is not None else 'off'}")
