@@ -75,7 +75,7 @@ def test_dask_sharded_text_features_match_single_process(tmp_path, prefect_harne
     np.testing.assert_allclose(whole, local, atol=1e-5)
 
 
-def test_dask_sharded_image_features_match_single_process(tmp_path, prefect_harness, http_server):
+def test_dask_sharded_image_features_match_single_process(tmp_path, prefect_harness, http_server, one_torch_thread):
     from tests.httpserver import Route
     from tests.test_features import _png
 
