@@ -10,6 +10,7 @@ from diffcl.models.contrastive import (
     info_nce_against,
     relational_alignment,
 )
+from diffcl.models.diffcl import Fused
 from diffcl.models.diffusion import Diffusion, GaussianSchedule
 from diffcl.training.run import build_run
 
@@ -218,12 +219,22 @@ def test_switches_change_what_they_name(demo_multimodal):
     assert relational.projections["text"][0].weight.grad.abs().sum() > 0
     # The projection guide: only the feature projections move, before any propagation (no user table).
     projected = _model(demo_multimodal, "model.diffcl.alignment_mode=id_guided_projection").model
-    align = projected.alignment(projected.encode(projected.branches, training=True), torch.zeros(1),
-                                torch.arange(8))
+    z = projected.encode(projected.branches, training=True)
+    align = projected.alignment(z, Fused(z["id"].users, z["id"].items, torch.arange(8)), torch.arange(8), torch.arange(8))
     align.backward()
     assert align.item() > 0 and projected.item_id.grad is None
     assert all(projected.projections[m][0].weight.grad.abs().sum() > 0 for m in ("image", "text"))
     assert all(projected.user_tables[b].grad is None for b in projected.branches)
+
+    # With alignment_users the modality user tables are guided by the ID user rows too (not without).
+    for users_too in (False, True):
+        guided = _model(demo_multimodal, "model.diffcl.alignment_mode=stable_id_infonce", "model.diffcl.contrastive=false",
+                        f"model.diffcl.alignment_users={str(users_too).lower()}").model
+        z = guided.encode(guided.branches, training=True)
+        align = guided.alignment(z, Fused(z["id"].users, z["id"].items, torch.arange(8)), torch.arange(8), torch.arange(8))
+        align.backward()
+        assert (guided.user_tables["text"].grad is not None) == users_too
+        assert guided.user_tables["id"].grad is None  # the guide is detached on both sides
 
 
 def test_id_branch_is_computed_only_where_something_reads_it(demo_multimodal):

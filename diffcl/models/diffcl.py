@@ -132,7 +132,7 @@ class BranchPlan:
     use_id: bool  # the ID branch exists: id_branch, or forced when there is no modality
     id_in_score: bool  # the ID rows are scored: id_in_score, or forced when there is no modality
     id_users_scored: bool  # the score reads the ID branch's user rows (id_in_score, or the attention gate's query)
-    id_users_in_training: bool  # training reads them: scored, or the ID-anchored / all-pairs views, the denoiser's condition
+    id_users_in_training: bool  # training reads them: scored, the ID-anchored / all-pairs views, the denoiser's condition, user alignment
 
     @classmethod
     def resolve(cls, settings, modalities: list[str]) -> BranchPlan:
@@ -147,6 +147,7 @@ class BranchPlan:
         id_users_scored = use_id and (id_in_score or attention)
         # all_pairs: the ID branch is one of the pairs contrasted, users included.
         reads_id_users = s.contrastive and (ds.views in ("id_anchor", "all_pairs") or ds.condition == "id")
+        reads_id_users = reads_id_users or (s.alignment and s.alignment_users)
         id_users_in_training = id_users_scored or (use_id and reads_id_users)
         if s.contrastive and ds.target == "interactions" and ds.views == "cross_modal" and len(modalities) < 2:
             log.info("diffcl: cross-modal views with %d modality: no pair, so no contrastive term", len(modalities))
@@ -258,7 +259,7 @@ class DiffCL(Recommender):
         parts.append("contrastive on" if s.contrastive else "contrastive off")
         parts.append(f"gate {s.modality_gate}{' + item gate' if s.item_gate else ''}, ID {s.id_score}")
         parts.append(f"dense MLPs in {'bf16' if self.dense_dtype is not None else 'fp32'}")
-        parts.append(f"alignment {s.alignment_mode}" if s.alignment else "alignment off")
+        parts.append(f"alignment {s.alignment_mode}{' + users' if s.alignment_users else ''}" if s.alignment else "alignment off")
         return f"diffcl ({', '.join(parts)})"
 
     # ------------------------------------------------------------------ encoder (sections 1-4)
@@ -581,29 +582,41 @@ class DiffCL(Recommender):
         return total / max(1, len(pairs))
 
     # ------------------------------------------------------------------ alignment (section 7)
-    def alignment(self, z: dict[str, BranchOutput], fused_items: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        views = {m: z[m].items[items] for m in self.modalities}
-        if self.settings.alignment_mode == "id_relational":
+    def alignment(self, z: dict[str, BranchOutput], fused: Fused, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """L_align over the contrastive sample's items; with ``alignment_users`` plus the same over its
+        users (each modality's user rows guided by the ID user rows; the fused rows stay item-side)."""
+        total = self._aligned(ITEMS, z, fused.items[items], items)
+        if self.settings.alignment_users:
+            total = total + self._aligned(USERS, z, None, users)
+        return total
+
+    def _aligned(self, side: str, z: dict[str, BranchOutput], fused_rows: torch.Tensor | None,
+                 nodes: torch.Tensor) -> torch.Tensor:
+        zero = torch.zeros((), device=nodes.device)
+        views = {m: z[m].side(side)[nodes] for m in self.modalities}
+        mode = self.settings.alignment_mode
+        if mode == "id_relational":
             if not self.use_id or not views:
-                return torch.zeros((), device=fused_items.device)
-            guide = z["id"].items[items]
+                return zero
+            guide = z["id"].side(side)[nodes]
             return sum(relational_alignment(guide, v, self.settings.temperature) for v in views.values()) / len(views)
-        if self.settings.alignment_mode == "id_guided_projection":
+        if mode == "id_guided_projection":
             if not self.use_id or not views:
-                return torch.zeros((), device=fused_items.device)
+                return zero
             # The projection of an item's features (before any propagation) is pulled towards its
             # detached ID rows: the features learn to say what the interactions say about the item.
-            guide = z["id"].items[items].detach()
-            return sum(info_nce(self.project(m, items), guide, self.settings.temperature) for m in views) / len(views)
-        if self.settings.alignment_mode in ("id_anchor_infonce", "stable_id_infonce"):
+            guide = z["id"].items[nodes].detach()
+            return sum(info_nce(self.project(m, nodes), guide, self.settings.temperature) for m in views) / len(views)
+        if mode in ("id_anchor_infonce", "stable_id_infonce"):
             if not self.use_id:
-                return torch.zeros((), device=fused_items.device)
-            anchor = z["id"].items[items]
-            if self.settings.alignment_mode == "stable_id_infonce":
+                return zero
+            anchor = z["id"].side(side)[nodes]
+            if mode == "stable_id_infonce":
                 anchor = anchor.detach()  # the ID rows guide the modality rows and are not pulled towards them
             return sum(info_nce(anchor, v, self.settings.temperature) for v in views.values())
-        named = {**({"id": z["id"].items[items]} if self.use_id else {}), "fused": fused_items[items], **views}
-        return distribution_alignment(named) if len(named) > 1 else torch.zeros((), device=fused_items.device)
+        named = {**({"id": z["id"].side(side)[nodes]} if self.use_id else {}),
+                 **({"fused": fused_rows} if fused_rows is not None else {}), **views}
+        return distribution_alignment(named) if len(named) > 1 else zero
 
     def _nodes(self, ids: torch.Tensor) -> torch.Tensor:
         """The batch's unique nodes, at most ``cl_nodes`` of them (a uniform random subset)."""
@@ -642,7 +655,7 @@ class DiffCL(Recommender):
             parts["diff"] = self.interaction_diffusion_loss(z, users)
             total = total + s.diff_weight * parts["diff"]
         if self.aligns:
-            l_align = self.alignment(z, e_i, items)
+            l_align = self.alignment(z, fused, users, items)
             parts["align"] = l_align
             total = total + s.align_weight * l_align
         return {"loss": total, **parts}

@@ -244,6 +244,11 @@ class DiffCLConfig(Strict):
         "not where its rows lie; or (id_guided_projection) each modality's projected features of the batch items, "
         "before propagation, against the detached ID rows by InfoNCE, averaged over the modalities"
     )
+    alignment_users: bool = Field(
+        False, description="the alignment also over the contrastive sample's users: each modality's user rows against "
+        "the ID user rows, as alignment_mode says (the fused rows only item-side); not with id_guided_projection, "
+        "which reads item features"
+    )
     cl_weight: float = Field(
         0.05, ge=0, description="λ_cl; 0.05 with the generated-vs-training views (above 0.01 and level with 0.2 on "
         "Scientific's validation split); with the embedding views 0.01 cost ~5% valid R@20 on TikTok and 0.001 was "
@@ -275,6 +280,9 @@ class DiffCLConfig(Strict):
         if detached_guide and self.id_branch and not self.id_in_score and views not in ("id_anchor", "all_pairs"):
             raise ValueError(f"alignment_mode {self.alignment_mode} guides with the detached ID rows, and with "
                              "id_in_score false nothing else trains them: set id_in_score true or another alignment_mode")
+        if self.alignment_users and self.alignment_mode == "id_guided_projection":
+            raise ValueError("alignment_users needs an alignment_mode over branch rows: id_guided_projection aligns "
+                             "item features, which users do not have")
         if self.modality_input == "id_gated" and not self.id_branch:
             raise ValueError("modality_input id_gated gates the ID rows: it needs the ID branch (id_branch: true)")
         if self.modality_gate == "id_attention" and not self.id_branch:
