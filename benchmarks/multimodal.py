@@ -100,8 +100,11 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {sd:.4f}"
 
 
-# The metric columns of every table, read from a run's metrics: the test metrics, then validation R@20.
-_COLUMNS = {**{k: (lambda r, k=k: r["test"][k]) for k in METRICS}, "valid R@20": lambda r: r["valid"]["recall@20"]}
+# The metric columns of every table, read from a run's metrics: the test metrics, the test recall of
+# long-tail items (eval.head_share), then validation R@20.
+_COLUMNS = {**{k: (lambda r, k=k: r["test"][k]) for k in METRICS},
+            "tail R@20": lambda r: r["test"].get("tail_recall@20", float("nan")),
+            "valid R@20": lambda r: r["valid"]["recall@20"]}
 
 
 def _seed_table(title: str, first: str, rows: dict[str, list[str]], config: Path, workspace: str, seeds: list[int],

@@ -13,7 +13,7 @@ from typing import Any
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from diffcl.core.config import PipelineConfig
-from diffcl.core.metrics import metric_names
+from diffcl.core.metrics import metric_names, reports_tail
 
 
 def _slug(text: str) -> str:
@@ -50,7 +50,7 @@ def metrics_markdown(summary: dict[str, Any], ks: list[int]) -> str:
         head += f" champion v{champion['version']} valid (this data) |"
         rule += "---|"
     rows = [head, rule]
-    for name in metric_names(ks):
+    for name in metric_names(ks, tail=reports_tail(summary["valid"])):
         row = f"| {name} | {_number(summary['valid'].get(name))} | {_number(summary['test'].get(name))} |"
         if champion:
             row += f" {_number(champion['valid'].get(name))} |"

@@ -73,6 +73,43 @@ def test_evaluator_matches_reference(seed, split):
         assert got[name] == pytest.approx(want[name], abs=1e-5), name
 
 
+def reference_tail_recall(scores: np.ndarray, data: InteractionData, split: str, head_share: float) -> dict[str, float]:
+    """Long-tail recall by the definition: head = the ceil(share x items) items with the most training
+    interactions (ties to the lower item ID), a user counts where one of its relevant items is not head."""
+    degree = np.asarray(data.train.sum(axis=0)).ravel()
+    order = sorted(range(data.n_items), key=lambda i: (-degree[i], i))
+    head = set(order[: math.ceil(head_share * data.n_items)])
+    relevant = data.valid if split == "valid" else data.test
+    seen = data.train if split == "valid" else (data.train + data.valid).tocsr()
+    totals, users = dict.fromkeys(KS, 0.0), 0
+    for u in range(data.n_users):
+        tail = set(relevant[u].indices.tolist()) - head
+        if not tail:
+            continue
+        users += 1
+        masked = set(seen[u].indices.tolist())
+        ranking = sorted((i for i in range(data.n_items) if i not in masked), key=lambda i: -scores[u, i])
+        for k in KS:
+            totals[k] += len(tail & set(ranking[:k])) / len(tail)
+    return {f"tail_recall@{k}": value / users for k, value in totals.items()}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tail_recall_matches_reference(seed):
+    data = random_data(seed)
+    rng = np.random.default_rng(200 + seed)
+    users = torch.tensor(rng.normal(size=(data.n_users, 8)), dtype=torch.float32)
+    items = torch.tensor(rng.normal(size=(data.n_items, 8)), dtype=torch.float32)
+    scores = (users @ items.T).numpy()
+    for split in ("valid", "test"):
+        got = Evaluator(data, KS, batch_users=7, head_share=0.3).evaluate(users, items, split)
+        want = reference_tail_recall(scores, data, split, 0.3)
+        assert want["tail_recall@20"] > 0
+        for name in want:
+            assert got[name] == pytest.approx(want[name], abs=1e-5), name
+    assert not any(name.startswith("tail_") for name in Evaluator(data, KS).evaluate(users, items, "test"))
+
+
 def test_perfect_and_worst_rankings():
     data = random_data(3)
     test = data.test.toarray()

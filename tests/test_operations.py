@@ -146,6 +146,7 @@ def test_report_metric_names_follow_eval_topk():
 
     assert metric_names([5, 50]) == ["recall@5", "ndcg@5", "precision@5", "map@5", "hit@5",
                                      "recall@50", "ndcg@50", "precision@50", "map@50", "hit@50"]
+    assert metric_names([5], tail=True)[-1] == "tail_recall@5"
     for path in ("flows/cli.py", "flows/reporting.py", "flows/flow.py"):
         assert "recall@10" not in (ROOT / path).read_text() and "recall@20" not in (ROOT / path).read_text(), path
 
@@ -163,7 +164,8 @@ def test_eval_topk_20_50_runs_through_train_report_and_models(demo_workspace, tm
     config = demo_workspace("model.name=mf", "train.epochs=2", "eval.topk=[20, 50]", "train.metric=recall@50",
                             "publish.metric=ndcg@50")
     result = train(config, run_id="topk-20-50")
-    assert set(result.metrics["test"]) == {f"{m}@{k}" for k in (20, 50) for m in ("recall", "ndcg", "precision", "map", "hit")}
+    metrics = ("recall", "ndcg", "precision", "map", "hit", "tail_recall")  # tail_recall: eval.head_share's default 0.2
+    assert set(result.metrics["test"]) == {f"{m}@{k}" for k in (20, 50) for m in metrics}
     rendered = CliRunner().invoke(app, ["evaluate", str(result.run_dir)]).output
     assert "recall@50" in rendered and "recall@10" not in rendered
     table = metrics_table(result.metrics)
@@ -171,7 +173,7 @@ def test_eval_topk_20_50_runs_through_train_report_and_models(demo_workspace, tm
     decision = {"version": 1, "promoted": True, "reason": "first model"}
     markdown = metrics_markdown({"dataset": "demo", "decision": decision, "run_dir": str(result.run_dir),
                                  "valid": result.metrics["valid"], "test": result.metrics["test"]}, config.eval.topk)
-    assert "| ndcg@50 |" in markdown and "@10" not in markdown
+    assert "| ndcg@50 |" in markdown and "| tail_recall@50 |" in markdown and "@10" not in markdown
     registry = Registry(config.workspace / "demo" / "registry.json")
     registry.register({"model": "mf", "run_dir": str(result.run_dir), "valid": result.metrics["valid"],
                        "test": result.metrics["test"], "config_sha256": "c", "data_sha256": "d", "id_tables": {}},

@@ -9,12 +9,18 @@ from __future__ import annotations
 import torch
 
 METRICS = ("recall", "ndcg", "precision", "map", "hit")
+TAIL_RECALL = "tail_recall"  # recall of the long-tail relevant items (the evaluator's ``head_share``)
 
 
-def metric_names(ks: list[int] | tuple[int, ...]) -> list[str]:
+def metric_names(ks: list[int] | tuple[int, ...], tail: bool = False) -> list[str]:
     """Every metric key the evaluator reports for the cut-offs ``ks`` (``eval.topk``), in report
-    order: the one list that reports, tables and artifacts use."""
-    return [f"{m}@{k}" for k in ks for m in METRICS]
+    order, with ``tail`` the long-tail recall last: the one list that reports, tables and artifacts use."""
+    return [f"{m}@{k}" for k in ks for m in METRICS] + ([f"{TAIL_RECALL}@{k}" for k in ks] if tail else [])
+
+
+def reports_tail(metrics: dict[str, float]) -> bool:
+    """Whether an evaluation's metrics hold the long-tail recall (runs made before it do not)."""
+    return any(name.startswith(TAIL_RECALL) for name in metrics)
 
 
 def topk_metrics(hits: torch.Tensor, n_relevant: torch.Tensor, ks: list[int]) -> dict[str, torch.Tensor]:

@@ -3,6 +3,11 @@
 Training items are masked (and validation items when testing), the top max(K) items are taken
 with ``torch.topk``, and the metrics of :mod:`diffcl.core.metrics` are averaged over the users that have
 relevant items in the split. The per-batch index tensors are built once and reused every epoch.
+
+With ``head_share`` > 0 the evaluation also reports ``tail_recall@K``: of each user's relevant items
+outside the ``head_share`` most-interacted items of the training split (the long tail, where item
+content has to stand in for scarce interactions), the share in the full top-K list, averaged over
+the users with at least one such item.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from diffcl.core.metrics import topk_metrics
+from diffcl.core.metrics import TAIL_RECALL, topk_metrics
 from diffcl.data import InteractionData
 
 
@@ -25,6 +30,8 @@ class _Batch:
     rel_rows: torch.Tensor
     rel_cols: torch.Tensor
     n_relevant: torch.Tensor
+    rel_is_tail: torch.Tensor  # per relevant entry: the item is in the long tail
+    n_tail_relevant: torch.Tensor
 
 
 def _rows_cols(matrix: sp.csr_matrix, users: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,11 +41,16 @@ def _rows_cols(matrix: sp.csr_matrix, users: np.ndarray) -> tuple[torch.Tensor, 
 
 
 class Evaluator:
-    def __init__(self, data: InteractionData, ks: list[int], batch_users: int = 4096, device: torch.device | str = "cpu"):
+    def __init__(self, data: InteractionData, ks: list[int], batch_users: int = 4096, device: torch.device | str = "cpu",
+                 head_share: float = 0.0):
+        if not 0.0 <= head_share < 1.0:
+            raise ValueError(f"head_share must be in [0, 1), got {head_share}")
         self.data = data
         self.ks = sorted(ks)
         self.n_items = data.n_items
         self.device = torch.device(device)
+        self.head_share = head_share
+        self.is_tail = tail_items(data.train, head_share)
         self._batches = {
             "valid": self._prepare(data.valid, data.train, batch_users),
             "test": self._prepare(data.test, (data.train + data.valid).tocsr(), batch_users),
@@ -52,10 +64,12 @@ class Evaluator:
             chunk = users[start : start + batch_users]
             mask_rows, mask_cols = _rows_cols(seen, chunk)
             rel_rows, rel_cols = _rows_cols(relevant, chunk)
+            rel_is_tail = torch.from_numpy(self.is_tail)[rel_cols]
+            n_tail = torch.zeros(len(chunk), dtype=torch.int64).index_add_(0, rel_rows, rel_is_tail.long())
             batches.append(_Batch(
                 *(t.to(self.device) for t in (
                     torch.from_numpy(chunk.astype(np.int64)), mask_rows, mask_cols, rel_rows, rel_cols,
-                    torch.from_numpy(n_rel[chunk].astype(np.int64)),
+                    torch.from_numpy(n_rel[chunk].astype(np.int64)), rel_is_tail, n_tail,
                 ))
             ))
         return batches
@@ -69,8 +83,10 @@ class Evaluator:
         kmax = min(max(self.ks), self.n_items)
         item_t = item_emb.to(self.device).T.contiguous()
         user_emb = user_emb.to(self.device)
+        ks = [k for k in self.ks if k <= kmax]
         sums: dict[str, torch.Tensor] = {}
-        count = 0
+        tail_sums: dict[str, torch.Tensor] = {}
+        count = tail_count = 0
         for b in self._batches[split]:
             scores = user_emb[b.users] @ item_t
             scores[b.mask_rows, b.mask_cols] = -torch.inf
@@ -78,10 +94,21 @@ class Evaluator:
             relevant = torch.zeros_like(scores, dtype=torch.bool)
             relevant[b.rel_rows, b.rel_cols] = True
             hits = torch.gather(relevant, 1, top)
-            for name, values in topk_metrics(hits, b.n_relevant, [k for k in self.ks if k <= kmax]).items():
+            for name, values in topk_metrics(hits, b.n_relevant, ks).items():
                 sums[name] = sums.get(name, 0.0) + values.sum()
             count += len(b.users)
-        return {name: float(total) / max(count, 1) for name, total in sums.items()}
+            if self.head_share > 0:
+                relevant.zero_()
+                relevant[b.rel_rows[b.rel_is_tail], b.rel_cols[b.rel_is_tail]] = True
+                tail_hits = torch.gather(relevant, 1, top).cumsum(dim=1)
+                has_tail = b.n_tail_relevant > 0
+                for k in ks:
+                    recall = tail_hits[has_tail, k - 1] / b.n_tail_relevant[has_tail]
+                    name = f"{TAIL_RECALL}@{k}"
+                    tail_sums[name] = tail_sums.get(name, 0.0) + recall.sum()
+                tail_count += int(has_tail.sum())
+        out = {name: float(total) / max(count, 1) for name, total in sums.items()}
+        return out | {name: float(total) / max(tail_count, 1) for name, total in tail_sums.items()}
 
     @torch.no_grad()
     def top_items(self, user_emb: torch.Tensor, item_emb: torch.Tensor, users: torch.Tensor,
@@ -92,6 +119,16 @@ class Evaluator:
         scores[rows, cols] = -torch.inf
         result = torch.topk(scores, min(k, self.n_items), dim=1)
         return result.indices, result.values
+
+
+def tail_items(train: sp.csr_matrix, head_share: float) -> np.ndarray:
+    """Per item: outside the ceil(head_share x items) items with the most training interactions
+    (ties broken by item ID, so the split is deterministic)."""
+    degree = np.asarray(train.sum(axis=0)).ravel()
+    n_head = int(np.ceil(head_share * len(degree)))
+    is_tail = np.ones(len(degree), dtype=bool)
+    is_tail[np.argsort(-degree, kind="stable")[:n_head]] = False
+    return is_tail
 
 
 @torch.no_grad()

@@ -94,7 +94,7 @@ def _model_and_evaluator(config: PipelineConfig, dirs: DatasetDirs, data: Intera
         model = build_model(config.model.name, build_context(config, dirs, data, device), config.model)
     except KeyError as err:
         raise TrainError(str(err.args[0])) from None
-    return model, Evaluator(data, config.eval.topk, config.eval.batch_users, device)
+    return model, Evaluator(data, config.eval.topk, config.eval.batch_users, device, config.eval.head_share)
 
 
 def build_run(config: PipelineConfig, run_id: str | None = None,

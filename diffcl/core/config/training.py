@@ -35,3 +35,7 @@ class TrainConfig(Strict):
 class EvalConfig(Strict):
     topk: list[Annotated[int, Field(gt=0)]] = Field([5, 10, 20, 50], min_length=1, description="cut-offs K of every metric")
     batch_users: int = Field(4096, ge=1, description="users scored at once in full ranking")
+    head_share: float = Field(
+        0.2, ge=0, lt=1, description="the most-interacted share of the training items counted as head; recall of "
+        "the other (long-tail) relevant items is reported as tail_recall@K (0: not reported)"
+    )
