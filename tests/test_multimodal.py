@@ -9,6 +9,7 @@ from diffcl.models.contrastive import (
     info_nce,
     info_nce_against,
     relational_alignment,
+    weighted_info_nce,
 )
 from diffcl.models.diffcl import Fused
 from diffcl.models.diffusion import Diffusion, GaussianSchedule
@@ -80,6 +81,9 @@ def test_info_nce_invariants():
     index = torch.tensor([3, 7])
     assert info_nce_against(x[index], x, index, 0.05).item() < 0.1  # all rows as candidates
     assert info_nce(torch.randn(5, 8), torch.randn(5, 8), 0.2).item() > 0
+    y = torch.randn(16, 8)
+    assert weighted_info_nce(x, y, 0.2, torch.ones(n)).item() == pytest.approx(info_nce(x, y, 0.2).item(), rel=1e-6)
+    assert weighted_info_nce(x, y, 0.2, torch.zeros(n)).item() == 0.0
 
 
 def test_distribution_alignment_invariants():
@@ -238,6 +242,16 @@ def test_switches_change_what_they_name(demo_multimodal):
         losses[users_too] = align.item()
         assert guided.user_tables["id"].grad is None and guided.item_id.grad is None
     assert losses[True] > losses[False] > 0
+    # degree_guided: each side guides by item degree, so both the ID rows and the projections move.
+    trainer = _model(demo_multimodal, "model.diffcl.alignment_mode=degree_guided")
+    by_degree, stability = trainer.model, trainer.model.item_stability
+    assert float(stability.min()) >= 0 and float(stability.max()) < 1
+    degree = torch.as_tensor(np.asarray(trainer.evaluator.data.train.sum(axis=0)).ravel())
+    assert bool((stability[degree.argsort()].diff() >= 0).all())  # more interactions, more trusted
+    align = by_degree.loss(batch)["align"]
+    align.backward()
+    assert align.item() > 0 and by_degree.item_id.grad.abs().sum() > 0
+    assert all(by_degree.projections[m][0].weight.grad.abs().sum() > 0 for m in ("image", "text"))
 
 
 def test_id_branch_is_computed_only_where_something_reads_it(demo_multimodal):

@@ -23,6 +23,15 @@ def info_nce_against(anchors: torch.Tensor, candidates: torch.Tensor, positive_i
     return F.cross_entropy(a @ b.T / temperature, positive_index)
 
 
+def weighted_info_nce(anchors: torch.Tensor, positives: torch.Tensor, temperature: float,
+                      weights: torch.Tensor) -> torch.Tensor:
+    """:func:`info_nce` with row i's term weighted by ``weights[i]`` (mean over the rows)."""
+    a = F.normalize(anchors, dim=1)
+    b = F.normalize(positives, dim=1)
+    target = torch.arange(a.shape[0], device=a.device)
+    return (weights * F.cross_entropy(a @ b.T / temperature, target, reduction="none")).mean()
+
+
 def distribution_alignment(named: dict[str, torch.Tensor]) -> torch.Tensor:
     """MENTOR-style: Σ over pairs of |μ_a - μ_b| + |σ²_a - σ²_b| (scalar mean and variance of the rows)."""
     stats = {name: (x.mean(), x.var()) for name, x in named.items()}

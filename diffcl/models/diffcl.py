@@ -58,6 +58,7 @@ from diffcl.models.contrastive import (
     info_nce,
     info_nce_against,
     relational_alignment,
+    weighted_info_nce,
 )
 from diffcl.models.diffusion import Diffusion
 
@@ -237,6 +238,12 @@ class DiffCL(Recommender):
         self.kept_edges: sp.csr_matrix | None = None
         self.pruned: PassGraphs | None = None
         self.register_load_state_dict_post_hook(lambda module, _keys: module._build_generated_adjacency())
+        # degree_guided alignment: how far each item's ID row is trusted as the guide, d / (d + median d)
+        # of its training degree d (derived from the data, like the adjacency, so not model state).
+        self.item_stability = None
+        if s.alignment_mode == "degree_guided":
+            degree = torch.as_tensor(np.asarray(ctx.data.train.sum(axis=0)).ravel(), dtype=torch.float32)
+            self.item_stability = (degree / (degree + degree.median().clamp_min(1.0))).to(ctx.device)
 
     def describe(self) -> str:
         s = self.settings
@@ -607,6 +614,16 @@ class DiffCL(Recommender):
             # detached ID rows: the features learn to say what the interactions say about the item.
             guide = z["id"].items[nodes].detach()
             return sum(info_nce(self.project(m, nodes), guide, self.settings.temperature) for m in views) / len(views)
+        if mode == "degree_guided":
+            if not self.use_id or not views:
+                return zero
+            # Where an item has many interactions its ID row guides the modality rows; where it has
+            # few, its modality rows guide the ID row (each side detached where it is the guide).
+            id_rows = z["id"].items[nodes]
+            trust = self.item_stability[nodes]
+            return sum(weighted_info_nce(v, id_rows.detach(), self.settings.temperature, trust)
+                       + weighted_info_nce(id_rows, v.detach(), self.settings.temperature, 1 - trust)
+                       for v in views.values()) / len(views)
         if mode in ("id_anchor_infonce", "stable_id_infonce"):
             if not self.use_id:
                 return zero

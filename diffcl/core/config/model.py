@@ -235,14 +235,16 @@ class DiffCLConfig(Strict):
     temperature: float = Field(0.2, gt=0, description="τ of InfoNCE")
     alignment: bool = Field(True, description="false: no alignment loss (ablation)")
     alignment_mode: Literal["distribution", "id_anchor_infonce", "stable_id_infonce", "id_relational",
-                            "id_guided_projection"] = Field(
+                            "id_guided_projection", "degree_guided"] = Field(
         "distribution", description="spec section 7: MENTOR's distribution alignment of the ID, fused and modality "
         "item rows; InfoNCE of each modality's item rows against the ID rows; the same with the ID rows "
         "detached (the stable guide: only the modality rows move); or (id_relational) each modality's item "
         "neighbourhoods in the batch (a softmax over cosine similarities, τ) pulled towards the detached ID rows' "
         "by KL divergence, averaged over the modalities: the ID rows guide which items a modality sees as alike, "
         "not where its rows lie; or (id_guided_projection) each modality's projected features of the batch items, "
-        "before propagation, against the detached ID rows by InfoNCE, averaged over the modalities"
+        "before propagation, against the detached ID rows by InfoNCE, averaged over the modalities; or "
+        "(degree_guided) the guide chosen per item by its training degree d: the modality rows pulled towards the "
+        "detached ID row with weight d / (d + median d), the ID row towards the detached modality rows with the rest"
     )
     alignment_users: bool = Field(
         False, description="the alignment also over the contrastive sample's users: each modality's user rows against "
@@ -276,13 +278,13 @@ class DiffCLConfig(Strict):
         if self.diffusion.condition == "id" and (not self.id_branch or target == "interactions"):
             raise ValueError("diffusion.condition id needs the ID branch and target fused or per_modality")
         detached_guide = self.alignment and self.alignment_mode in ("stable_id_infonce", "id_relational",
-                                                                          "id_guided_projection")
+                                                                          "id_guided_projection", "degree_guided")
         if detached_guide and self.id_branch and not self.id_in_score and views not in ("id_anchor", "all_pairs"):
             raise ValueError(f"alignment_mode {self.alignment_mode} guides with the detached ID rows, and with "
                              "id_in_score false nothing else trains them: set id_in_score true or another alignment_mode")
-        if self.alignment_users and self.alignment_mode == "id_guided_projection":
-            raise ValueError("alignment_users needs an alignment_mode over branch rows: id_guided_projection aligns "
-                             "item features, which users do not have")
+        if self.alignment_users and self.alignment_mode in ("id_guided_projection", "degree_guided"):
+            raise ValueError(f"alignment_users needs an alignment_mode over branch rows with no item data: "
+                             f"{self.alignment_mode} reads the items' features or degrees, which users do not have")
         if self.modality_input == "id_gated" and not self.id_branch:
             raise ValueError("modality_input id_gated gates the ID rows: it needs the ID branch (id_branch: true)")
         if self.modality_gate == "id_attention" and not self.id_branch:
