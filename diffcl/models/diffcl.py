@@ -20,7 +20,7 @@ In the order a training step runs them (the defaults; each alternative is a mode
 6. contrastive   InfoNCE: each modality branch over its generated graph against itself over the
                  training graph (``id_view``: the ID branch too; or modality against modality, or
                  against the ID rows)
-7. alignment     the ID view aligns the modality views (distribution level, or InfoNCE to ID)
+7. alignment     the ID view aligns the modality views (distribution level, InfoNCE to ID, or per item by its degree)
 8. objective     BPR + λ_cl L_cl + λ_align L_align + λ_diff L_diff + λ_reg L_reg
 
 Each branch's stack, normalisation and propagation is one autograd function (graphs.py); the dense
