@@ -545,3 +545,7 @@ def test_view_settings_are_checked():
             ModelConfig(diffcl={"alignment_mode": mode, "id_in_score": False})
     ModelConfig(diffcl={"alignment_mode": "id_relational", "id_in_score": False,
                         "diffusion": {"target": "interactions", "views": "id_anchor"}})  # the ID-anchored views train them
+    for mode in ("id_guided_projection", "degree_guided"):  # item features or degrees: no user side
+        with pytest.raises(ValueError, match=f"alignment_users needs .*{mode} reads"):
+            ModelConfig(diffcl={"alignment_mode": mode, "alignment_users": True})
+    ModelConfig(diffcl={"alignment_mode": "id_relational", "alignment_users": True})

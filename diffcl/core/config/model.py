@@ -248,8 +248,8 @@ class DiffCLConfig(Strict):
     )
     alignment_users: bool = Field(
         False, description="the alignment also over the contrastive sample's users: each modality's user rows against "
-        "the ID user rows, as alignment_mode says (the fused rows only item-side); not with id_guided_projection, "
-        "which reads item features"
+        "the ID user rows, as alignment_mode says (the fused rows only item-side); not with id_guided_projection "
+        "or degree_guided, which read the items' features or degrees"
     )
     cl_weight: float = Field(
         0.05, ge=0, description="λ_cl; 0.05 with the generated-vs-training views (above 0.01 and level with 0.2 on "
@@ -278,7 +278,7 @@ class DiffCLConfig(Strict):
         if self.diffusion.condition == "id" and (not self.id_branch or target == "interactions"):
             raise ValueError("diffusion.condition id needs the ID branch and target fused or per_modality")
         detached_guide = self.alignment and self.alignment_mode in ("stable_id_infonce", "id_relational",
-                                                                          "id_guided_projection", "degree_guided")
+                                                                          "id_guided_projection")
         if detached_guide and self.id_branch and not self.id_in_score and views not in ("id_anchor", "all_pairs"):
             raise ValueError(f"alignment_mode {self.alignment_mode} guides with the detached ID rows, and with "
                              "id_in_score false nothing else trains them: set id_in_score true or another alignment_mode")
