@@ -174,6 +174,17 @@ def test_switches_change_what_they_name(demo_multimodal):
     torch.testing.assert_close(no_graph.embeddings()[0], u0)  # users untouched by the item graph
     assert not torch.allclose(no_graph.embeddings()[1], i0)
 
+    # by_degree: an item's share of its content neighbours falls with its training degree, and the
+    # median item keeps the uniform share, 1; the users are untouched, as without the graph.
+    weighted = _model(demo_multimodal, "model.diffcl.item_graph_weighting=by_degree")
+    share = weighted.model.item_graph_share.squeeze(1)
+    degree = torch.as_tensor(np.asarray(weighted.evaluator.data.train.sum(axis=0)).ravel(), dtype=torch.float32)
+    assert bool((share[degree.argsort()].diff() <= 0).all()) and float(share.max()) <= 2
+    assert float(share[degree == degree.median()][0]) == pytest.approx(1.0)
+    assert "item graph by degree" in weighted.model.describe()
+    torch.testing.assert_close(weighted.model.embeddings()[0], u0)
+    assert not torch.allclose(weighted.model.embeddings()[1], i0)
+
     id_guides = _model(demo_multimodal, "model.diffcl.id_in_score=false").model
     assert not torch.allclose(id_guides.embeddings()[0], u0)
 
@@ -295,6 +306,8 @@ def test_cross_modal_needs_two_modalities(demo_multimodal):
     with pytest.raises(ConfigError, match="cross_modal needs"):
         demo_multimodal("model.diffcl.diffusion.target=per_modality", "model.diffcl.diffusion.views=cross_modal",
                         "model.diffcl.modalities=[text]")
+    with pytest.raises(ConfigError, match="item_graph_weighting by_degree weights the item-item graph"):
+        demo_multimodal("model.diffcl.item_graph_weighting=by_degree", "model.diffcl.item_graph=false")
 
 
 def random_recall(trainer, seeds=5):

@@ -193,6 +193,13 @@ class DiffCL(Recommender):
             self.item_id = nn.Parameter(nn.init.xavier_uniform_(torch.empty(ctx.n_items, d)))
         self.user_weight_logits = nn.Parameter(torch.zeros(ctx.n_users, max(len(self.modalities), 1)))
         self.item_graph = ctx.item_graph(self.modalities) if s.item_graph else None
+        # by_degree: each item's share of its content neighbours, 2m/(d+m) of its training degree d (the
+        # median item keeps 1), derived from the data like the adjacency, so not model state.
+        self.item_graph_share = 1.0
+        if s.item_graph_weighting == "by_degree":
+            degree = torch.as_tensor(np.asarray(ctx.data.train.sum(axis=0)).ravel(), dtype=torch.float32)
+            median = degree.median().clamp_min(1.0)
+            self.item_graph_share = (2 * median / (degree + median)).unsqueeze(1).to(ctx.device)
         self.user_graph = None
         if s.user_graph_k:
             self.user_graph = FrozenGraph(user_cooccurrence_graph(ctx.data.train, s.user_graph_k), ctx.device)
@@ -252,7 +259,8 @@ class DiffCL(Recommender):
             parts.append("modality items: ID rows gated by the features")
         if not self.modalities:
             parts.append("NO modality features: ID branch alone")
-        parts.append(f"item graph {'on' if self.item_graph is not None else 'off'}")
+        item_graph = "off" if self.item_graph is None else "on" if s.item_graph_weighting == "uniform" else "by degree"
+        parts.append(f"item graph {item_graph}")
         ds = s.diffusion
         if self.user_graph is not None:
             parts.append(f"user graph k={s.user_graph_k}")
@@ -339,7 +347,7 @@ class DiffCL(Recommender):
         return PassGraphs(self.adjacency, self.generated_adjacency, self.adjacency_blocks)
 
     def _add_item_graph(self, items: torch.Tensor) -> torch.Tensor:
-        return items if self.item_graph is None else items + self.item_graph @ items
+        return items if self.item_graph is None else items + self.item_graph_share * (self.item_graph @ items)
 
     def _add_user_graph(self, users: torch.Tensor | None) -> torch.Tensor | None:
         return users if self.user_graph is None or users is None else users + self.user_graph @ users

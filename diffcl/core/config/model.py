@@ -221,6 +221,11 @@ class DiffCLConfig(Strict):
         "spec, where the ID branch only guides through the alignment loss)"
     )
     item_graph: bool = Field(True, description="false: no frozen item-item graph (ablation)")
+    item_graph_weighting: Literal["uniform", "by_degree"] = Field(
+        "uniform", description="how much of the item-item graph's term S·Z each item's rows get: uniform (all 1), or "
+        "by_degree, 2m/(d+m) for an item of training degree d (m the median degree): the sparse items lean on their "
+        "content neighbours up to twice, the popular ones less; a long-tail switch (docs/model.md rows 130-134)"
+    )
     user_graph_k: int = Field(
         0, ge=0, description="DRAGON's frozen user-user graph: every branch's user rows get the weighted mean of "
         "their k users with the most items in common added, as item rows get the item-item graph's; 0: none"
@@ -285,6 +290,9 @@ class DiffCLConfig(Strict):
         if self.alignment_users and self.alignment_mode in ("id_guided_projection", "degree_guided"):
             raise ValueError(f"alignment_users needs an alignment_mode over branch rows with no item data: "
                              f"{self.alignment_mode} reads the items' features or degrees, which users do not have")
+        if self.item_graph_weighting != "uniform" and not self.item_graph:
+            raise ValueError(f"item_graph_weighting {self.item_graph_weighting} weights the item-item graph: it needs "
+                             "item_graph true")
         if self.modality_input == "id_gated" and not self.id_branch:
             raise ValueError("modality_input id_gated gates the ID rows: it needs the ID branch (id_branch: true)")
         if self.modality_gate == "id_attention" and not self.id_branch:
