@@ -7,7 +7,8 @@ In the order a training step runs them (the defaults; each alternative is a mode
 2. encoder       Xᵐ = [Pᵐ; x̃ᵐ] (L2-row-normalised for the modality branches), Zᵐ = mean_{l≤L} Âˡ Xᵐ
                  (Â: the training graph; with diffusion.score_graph generated, the modality's
                  generated graph)
-3. item graph    items get S·Z added (S: frozen fused kNN graph of the modality features);
+3. item graph    items get S·Z added (S: frozen fused kNN graph of the modality features;
+                 ``item_graph_weighting: by_degree``: each item 2m/(d+m) of it by its training degree);
                  with ``user_graph_k`` users get U·Z added (U: frozen user co-occurrence graph)
 4. fusion        e_i = [g_m Z_iᵐ + Z_iⁱᵈ]_m,  e_u = [w_uᵐ Z_uᵐ + Z_uⁱᵈ]_m (w: ``modality_gate``, g:
                  ``item_gate``; the ID term when ``id_in_score``, or as its own block: ``id_score``)
