@@ -286,6 +286,39 @@ def tune(
     console.print("as --set: " + " ".join(f"--set {item}" for item in overlay_overrides(result.overlay)), highlight=False)
 
 
+@app.command("config")
+def config_reference(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    overlay: OverlayOpt = None,
+    key: Annotated[str | None, typer.Option(help="only this key or the keys below it, e.g. model.diffcl")] = None,
+    changed: Annotated[bool, typer.Option("--changed", help="only the keys whose value is not the default")] = False,
+) -> None:
+    """Every key of the resolved config (after overlays and --set): its value, its default and what it means."""
+    from rich.text import Text
+
+    from diffcl.core.config import ConfigError, keys_under
+
+    cfg = _load(config, set_, overlay)
+    try:
+        keys = keys_under(cfg, key)
+    except ConfigError as err:
+        _fail(str(err))
+    table = Table(title=f"{config}{f': {key}' if key else ''}")
+    table.add_column("key", no_wrap=True)
+    table.add_column("value", overflow="fold", max_width=30)
+    table.add_column("default", overflow="fold", max_width=30)
+    table.add_column("what it is", ratio=1)
+    for k in keys:
+        if changed and not k.changed:
+            continue
+        # Text, not markup: values such as [image, audio] are not rich tags.
+        table.add_row(k.key, Text(str(k.value), style="bold" if k.changed else ""), Text(str(k.default)),
+                      Text(k.description))
+    table.caption = "bold: set by the config, an overlay or --set (differs from the default)"
+    console.print(table)
+
+
 @app.command()
 def evaluate(run_dir: Annotated[Path, typer.Argument(help="a run folder (runs/<run-id>)")]) -> None:
     """Evaluate a run's best checkpoint again on validation and test."""

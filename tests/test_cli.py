@@ -69,3 +69,18 @@ def test_graphs_command_skips_missing_modalities(demo_workspace, tmp_path):
     result = runner.invoke(app, ["graphs", str(path)])
     assert result.exit_code == 0, result.output
     assert "no modality features: no kNN graph to build" in result.output
+
+
+def test_config_lists_every_key_with_its_default_and_meaning():
+    result = runner.invoke(app, ["config", "configs/tiktok.yaml", "--key", "model.diffcl", "--changed",
+                                 "--set", "model.diffcl.item_graph_weighting=by_degree"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("│ model.")]
+    # tiktok.yaml sets the modalities, --set the weighting; nothing else under model.diffcl differs.
+    assert [line.split("│")[1].strip() for line in lines] == ["model.diffcl.modalities",
+                                                               "model.diffcl.item_graph_weighting"]
+    assert "by_degree" in lines[1] and "uniform" in lines[1] and "how much of the item-item graph" in lines[1]
+
+    result = runner.invoke(app, ["config", "configs/tiktok.yaml", "--key", "model.difcl"])
+    assert result.exit_code == 2
+    assert "model.difcl: no such config key or section; model holds:" in result.output and "diffcl" in result.output

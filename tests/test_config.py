@@ -86,3 +86,18 @@ def test_a_bare_preset_name_is_a_config(tmp_path, monkeypatch):
     assert cfg.dataset.name == "clothing" and cfg.dataset.source == "amazon2014" and cfg.prepare.kcore == 10
     files = {f.role: f.location for f in source_files(cfg.dataset)}
     assert files["reviews"].endswith("reviews_Clothing_Shoes_and_Jewelry_5.json.gz")
+
+
+def test_every_config_key_says_what_it_is():
+    from diffcl.core.config import REQUIRED, config_keys, keys_under
+
+    cfg = load_config("configs/demo.yaml", ["model.diffcl.diffusion.graph_k=5"])
+    keys = {k.key: k for k in config_keys(cfg)}
+    assert not [name for name, k in keys.items() if not k.description]
+    # Nested sections are walked to their leaves; a required key has no default, a resolved path is
+    # compared as loading resolves it.
+    graph_k = keys["model.diffcl.diffusion.graph_k"]
+    assert (graph_k.value, graph_k.default, graph_k.changed) == (5, 10, True)
+    assert keys["dataset.name"].default is REQUIRED and keys["dataset.name"].changed
+    assert not keys["train.epochs"].changed and "model.diffcl" not in keys
+    assert [k.key for k in keys_under(cfg, "train.lr")] == ["train.lr"]

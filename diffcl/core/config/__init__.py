@@ -54,6 +54,7 @@ from diffcl.core.config.model import (
     search_space,
 )
 from diffcl.core.config.operations import OrchestrationConfig, PublishConfig
+from diffcl.core.config.reference import REQUIRED, ConfigKey, config_keys, keys_under
 from diffcl.core.config.training import (
     RESULT_NEUTRAL_TRAIN_FIELDS,
     TRAINING_SECTIONS,
@@ -64,6 +65,7 @@ from diffcl.core.config.training import (
 __all__ = [
     "Choice",
     "Columns",
+    "ConfigKey",
     "ConfigError",
     "DATASET_LOCATION_FIELDS",
     "DEFAULT_MODALITY_WEIGHTS",
@@ -89,6 +91,7 @@ __all__ = [
     "PipelineConfig",
     "PrepareConfig",
     "PublishConfig",
+    "REQUIRED",
     "RESULT_NEUTRAL_TRAIN_FIELDS",
     "SHARED_SEARCH_SPACE",
     "SearchParam",
@@ -98,8 +101,10 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "check_modality_name",
+    "config_keys",
     "deep_merge",
     "dump_config",
+    "keys_under",
     "load_config",
     "model_names",
     "overlay_overrides",
