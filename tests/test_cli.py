@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -72,15 +73,18 @@ def test_graphs_command_skips_missing_modalities(demo_workspace, tmp_path):
 
 
 def test_config_lists_every_key_with_its_default_and_meaning():
-    result = runner.invoke(app, ["config", "configs/tiktok.yaml", "--key", "model.diffcl", "--changed",
-                                 "--set", "model.diffcl.item_graph_weighting=by_degree"], env={"COLUMNS": "200"})
+    demo = str(Path(__file__).resolve().parents[1] / "configs/demo.yaml")
+    result = runner.invoke(app, ["config", demo, "--key", "model.diffcl", "--changed",
+                                 "--set", "model.diffcl.item_graph_weighting=by_degree",
+                                 "--set", "model.diffcl.modalities=[audio, image]"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("│ model.")]
-    # tiktok.yaml sets the modalities, --set the weighting; nothing else under model.diffcl differs.
+    # Only what --set changed under model.diffcl, in the order the keys are defined.
     assert [line.split("│")[1].strip() for line in lines] == ["model.diffcl.modalities",
                                                                "model.diffcl.item_graph_weighting"]
+    assert "['audio', 'image']" in lines[0]  # a list value printed as it is, not read as markup
     assert "by_degree" in lines[1] and "uniform" in lines[1] and "how much of the item-item graph" in lines[1]
 
-    result = runner.invoke(app, ["config", "configs/tiktok.yaml", "--key", "model.difcl"])
+    result = runner.invoke(app, ["config", demo, "--key", "model.difcl"])
     assert result.exit_code == 2
     assert "model.difcl: no such config key or section; model holds:" in result.output and "diffcl" in result.output

@@ -91,7 +91,7 @@ def test_a_bare_preset_name_is_a_config(tmp_path, monkeypatch):
 def test_every_config_key_says_what_it_is():
     from diffcl.core.config import REQUIRED, config_keys, keys_under
 
-    cfg = load_config("configs/demo.yaml", ["model.diffcl.diffusion.graph_k=5"])
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/demo.yaml", ["model.diffcl.diffusion.graph_k=5"])
     keys = {k.key: k for k in config_keys(cfg)}
     assert not [name for name, k in keys.items() if not k.description]
     # Nested sections are walked to their leaves; a required key has no default, a resolved path is
