@@ -225,7 +225,7 @@ class DiffCLConfig(Strict):
         "uniform", description="how much of the item-item graph's term S·Z each item's rows get: uniform (all 1), or "
         "by_degree, 2m/(d+m) for an item of training degree d (m the median degree): the popular items collect less "
         "score through their content neighbours, the sparse ones up to twice as much; a long-tail switch "
-        "(docs/model.md rows 130-141)"
+        "(docs/model.md rows 130-142)"
     )
     user_graph_k: int = Field(
         0, ge=0, description="DRAGON's frozen user-user graph: every branch's user rows get the weighted mean of "
