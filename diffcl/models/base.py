@@ -143,6 +143,30 @@ def bpr_loss(users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tens
     return -nn.functional.logsigmoid(pos - neg).mean()
 
 
+def in_batch_softmax_loss(batch: Batch, users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
+                          temperature: float) -> torch.Tensor:
+    """Sampled softmax: each user's positive against every positive and sampled negative of the
+    batch (2B candidates), cross-entropy of u·i / τ. A candidate that is the user's own positive item
+    elsewhere in the batch, or another positive of the same user, is masked out: it is no negative."""
+    n = len(batch.users)
+    logits = users @ torch.cat([positives, negatives]).T / temperature
+    candidate_items = torch.cat([batch.positives, batch.negatives])
+    false_negative = candidate_items.unsqueeze(0) == batch.positives.unsqueeze(1)
+    false_negative[:, :n] |= batch.users.unsqueeze(0) == batch.users.unsqueeze(1)
+    target = torch.arange(n, device=logits.device)
+    false_negative[target, target] = False
+    return nn.functional.cross_entropy(logits.masked_fill(false_negative, float("-inf")), target)
+
+
+def ranking_loss(config: ModelConfig, batch: Batch, users: torch.Tensor, positives: torch.Tensor,
+                 negatives: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """The recommendation loss every model minimises (``model.ranking_loss``), with its name for the
+    loss parts: ``bpr`` (one sampled negative a pair) or ``softmax`` (in-batch sampled softmax)."""
+    if config.ranking_loss == "bpr":
+        return "bpr", bpr_loss(users, positives, negatives)
+    return "softmax", in_batch_softmax_loss(batch, users, positives, negatives, config.softmax_temperature)
+
+
 def l2_reg(*tensors: torch.Tensor) -> torch.Tensor:
     """½ Σ ||x||² over the given rows, divided by the batch size (LightGCN's regulariser)."""
     return sum(t.pow(2).sum() for t in tensors) / (2 * tensors[0].shape[0])

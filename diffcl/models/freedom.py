@@ -27,8 +27,8 @@ from diffcl.models.base import (
     Batch,
     ModelContext,
     Recommender,
-    bpr_loss,
     l2_reg,
+    ranking_loss,
     stacked_embeddings,
 )
 
@@ -80,9 +80,9 @@ class Freedom(Recommender):
         h = self.item_graph_embeddings()
         if h is not None:
             pos, neg = pos + h[batch.positives], neg + h[batch.negatives]
-        bpr = bpr_loss(users, pos, neg)
-        parts = {"bpr": bpr}
-        total = bpr
+        name, rank = ranking_loss(self.config, batch, users, pos, neg)
+        parts = {name: rank}
+        total = rank
         for m in self.modalities:
             feats = self.features(m)
             # u·(W f_p + b) - u·(W f_n + b) = u·W (f_p - f_n): one projection of the difference,

@@ -13,8 +13,8 @@ from diffcl.models.base import (
     Batch,
     ModelContext,
     Recommender,
-    bpr_loss,
     l2_reg,
+    ranking_loss,
     stacked_embeddings,
 )
 
@@ -38,10 +38,10 @@ class LightGCN(Recommender):
         index = torch.cat([batch.users, batch.positives + self.n_users, batch.negatives + self.n_users])
         rows = propagate_rows(self.adjacency, self.ego, index, self.settings.layers, self.settings.combine)
         users, positives, negatives = rows.split(len(batch.users))
-        bpr = bpr_loss(users, positives, negatives)
+        name, rank = ranking_loss(self.config, batch, users, positives, negatives)
         ego = self.ego[index]
         reg = self.config.reg_weight * l2_reg(*ego.split(len(batch.users)))
-        return {"loss": bpr + reg, "bpr": bpr, "reg": reg}
+        return {"loss": rank + reg, name: rank, "reg": reg}
 
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self()

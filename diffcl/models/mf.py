@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from diffcl.models import register
-from diffcl.models.base import Batch, ModelContext, Recommender, bpr_loss, l2_reg
+from diffcl.models.base import Batch, ModelContext, Recommender, l2_reg, ranking_loss
 
 
 @register
@@ -22,9 +22,9 @@ class MF(Recommender):
         u = self.user_emb[batch.users]
         p = self.item_emb[batch.positives]
         n = self.item_emb[batch.negatives]
-        bpr = bpr_loss(u, p, n)
+        name, rank = ranking_loss(self.config, batch, u, p, n)
         reg = self.config.reg_weight * l2_reg(u, p, n)
-        return {"loss": bpr + reg, "bpr": bpr, "reg": reg}
+        return {"loss": rank + reg, name: rank, "reg": reg}
 
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.user_emb, self.item_emb

@@ -339,6 +339,14 @@ class ModelConfig(Strict):
     reg_weight: float = Field(
         1e-4, ge=0, description="L2 weight on the batch's ego embeddings (the field's standard reg)"
     )
+    ranking_loss: Literal["bpr", "in_batch_softmax"] = Field(
+        "bpr", description="the recommendation loss of every model: bpr (each training pair against one sampled "
+        "negative, the field's standard and every model's paper) or in_batch_softmax (each pair's user against all "
+        "positive and sampled items of the batch, cross-entropy at softmax_temperature)"
+    )
+    softmax_temperature: float = Field(
+        1.0, gt=0, description="τ of in_batch_softmax: logits are u·i / τ (unused with bpr)"
+    )
     mf: MFConfig = Field(default_factory=MFConfig)
     lightgcn: LightGCNConfig = Field(default_factory=LightGCNConfig)
     freedom: FreedomConfig = Field(default_factory=FreedomConfig)
