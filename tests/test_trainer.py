@@ -199,3 +199,26 @@ def test_validation_and_best_weights_are_the_weight_average(demo_workspace):
     mean = last["weight_average"]["average"]
     assert mean and all(torch.equal(best[name], value) for name, value in mean.items())
     assert not all(torch.equal(last["model"][name], value) for name, value in mean.items())
+
+
+def test_in_batch_softmax_masks_the_users_own_positives_and_equals_cross_entropy():
+    from diffcl.models.base import Batch, in_batch_softmax_loss
+
+    # Users 0 and 1 are one user; item 7 is user 0's positive again among the negatives.
+    batch = Batch(torch.tensor([3, 3, 5]), torch.tensor([7, 8, 9]), torch.tensor([7, 2, 4]))
+    g = torch.Generator().manual_seed(0)
+    users, pos, neg = (torch.randn(3, 4, generator=g, requires_grad=True) for _ in range(3))
+    loss = in_batch_softmax_loss(batch, users, pos, neg, temperature=0.5)
+    logits = users @ torch.cat([pos, neg]).T / 0.5
+    kept = [[0, 2, 4, 5], [1, 2, 3, 4, 5], [2, 0, 1, 3, 4, 5]]  # each row's own positive first
+    expected = torch.stack([-torch.log_softmax(logits[i, cols], 0)[0] for i, cols in enumerate(kept)]).mean()
+    assert torch.allclose(loss, expected)
+    grads = torch.autograd.grad(loss, (users, pos, neg))
+    expected_grads = torch.autograd.grad(expected, (users, pos, neg))
+    assert all(torch.allclose(a, b) for a, b in zip(grads, expected_grads, strict=True))  # masked logits carry no gradient
+
+
+def test_in_batch_softmax_trains_every_model_part(demo_workspace):
+    config = demo_workspace(*FAST, "train.epochs=2", "model.name=lightgcn", "model.ranking_loss=in_batch_softmax")
+    result = build_run(config, run_id="softmax").fit()
+    assert {"in_batch_softmax", "reg"} <= set(result.history.columns) and "bpr" not in result.history.columns

@@ -160,11 +160,11 @@ def in_batch_softmax_loss(batch: Batch, users: torch.Tensor, positives: torch.Te
 
 def ranking_loss(config: ModelConfig, batch: Batch, users: torch.Tensor, positives: torch.Tensor,
                  negatives: torch.Tensor) -> tuple[str, torch.Tensor]:
-    """The recommendation loss every model minimises (``model.ranking_loss``), with its name for the
-    loss parts: ``bpr`` (one sampled negative a pair) or ``softmax`` (in-batch sampled softmax)."""
+    """The recommendation loss every model minimises, named for the loss parts by ``model.ranking_loss``:
+    ``bpr`` (one sampled negative a pair) or ``in_batch_softmax``."""
     if config.ranking_loss == "bpr":
         return "bpr", bpr_loss(users, positives, negatives)
-    return "softmax", in_batch_softmax_loss(batch, users, positives, negatives, config.softmax_temperature)
+    return config.ranking_loss, in_batch_softmax_loss(batch, users, positives, negatives, config.softmax_temperature)
 
 
 def l2_reg(*tensors: torch.Tensor) -> torch.Tensor:
