@@ -37,14 +37,12 @@ def shared_data(name: str) -> Path:
 __all__ = ["LocalServer", "shared_data"]
 
 
-@pytest.fixture(scope="session")
-def demo_workspace(tmp_path_factory):
-    """The default demo dataset, prepared once: returns a function making configs on it."""
+def _prepared_demo(root: Path):
+    """Generate and prepare the default demo dataset under `root`; returns a function making configs on it."""
     from diffcl.core.config import load_config
     from features.synthetic import DemoSpec, generate
     from pipeline.prepare import prepare
 
-    root = tmp_path_factory.mktemp("demo-ws")
     paths = generate(root / "source", DemoSpec())
     base = {
         "workspace": str(root / "ws"),
@@ -59,8 +57,15 @@ def demo_workspace(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def demo_multimodal(demo_workspace):
-    """The demo dataset with planted-structure features written directly (no encoder needed):
+def demo_workspace(tmp_path_factory):
+    """The default demo dataset, prepared once, without features: returns a function making configs on it."""
+    return _prepared_demo(tmp_path_factory.mktemp("demo-ws"))
+
+
+@pytest.fixture(scope="session")
+def demo_multimodal(tmp_path_factory):
+    """The demo dataset in a workspace of its own (so `demo_workspace` stays feature-free whatever
+    the test order), with planted-structure features written directly (no encoder needed):
     text and image vectors carry the item's latent group plus noise."""
     import numpy as np
     import polars as pl
@@ -68,7 +73,8 @@ def demo_multimodal(demo_workspace):
     from diffcl.core.feature_files import write_features
     from diffcl.core.workspace import DatasetDirs
 
-    config = demo_workspace()
+    make = _prepared_demo(tmp_path_factory.mktemp("demo-mm-ws"))
+    config = make()
     dirs = DatasetDirs.of(config.workspace, config.dataset.name)
     items = pl.read_parquet(dirs.prepared / "items.parquet")
     groups = items.get_column("categories").list.get(1).cast(pl.Categorical).to_physical().to_numpy()
@@ -80,4 +86,4 @@ def demo_multimodal(demo_workspace):
     from pipeline.graphs import build_graphs
 
     build_graphs(config)
-    return demo_workspace
+    return make
