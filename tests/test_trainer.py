@@ -218,7 +218,29 @@ def test_in_batch_softmax_masks_the_users_own_positives_and_equals_cross_entropy
     assert all(torch.allclose(a, b) for a, b in zip(grads, expected_grads, strict=True))  # masked logits carry no gradient
 
 
+def test_logq_correction_subtracts_each_candidates_log_chance():
+    import scipy.sparse as sp
+
+    from diffcl.models.base import Batch, candidate_log_probability, in_batch_softmax_loss
+
+    # Four items; item 0 has 3 of the 4 interactions: q = ½·¾ + ½·¼ = ½; item 1: ½·¼ + ⅛ = ¼; the rest ⅛.
+    train = sp.csr_matrix(np.array([[1, 1, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]], dtype=np.float32))
+    log_q = candidate_log_probability(train)
+    assert torch.allclose(log_q.exp(), torch.tensor([0.5, 0.25, 0.125, 0.125]))
+    batch = Batch(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([2, 2]))
+    g = torch.Generator().manual_seed(1)
+    users, pos, neg = (torch.randn(2, 4, generator=g) for _ in range(3))
+    corrected = in_batch_softmax_loss(batch, users, pos, neg, 1.0, log_q)
+    logits = users @ torch.cat([pos, neg]).T - log_q[torch.tensor([0, 1, 2, 2])]
+    assert torch.allclose(corrected, torch.nn.functional.cross_entropy(logits, torch.arange(2)))
+    assert not torch.allclose(corrected, in_batch_softmax_loss(batch, users, pos, neg, 1.0))
+
+
 def test_in_batch_softmax_trains_every_model_part(demo_workspace):
-    config = demo_workspace(*FAST, "train.epochs=2", "model.name=lightgcn", "model.ranking_loss=in_batch_softmax")
-    result = build_run(config, run_id="softmax").fit()
+    config = demo_workspace(*FAST, "train.epochs=2", "model.name=lightgcn", "model.ranking_loss=in_batch_softmax",
+                            "model.softmax_logq=true")
+    trainer = build_run(config, run_id="softmax")
+    result = trainer.fit()
     assert {"in_batch_softmax", "reg"} <= set(result.history.columns) and "bpr" not in result.history.columns
+    assert trainer.model.candidate_log_q is not None
+    assert "candidate_log_q" not in torch.load(result.run_dir / "best.pt", weights_only=True)  # rebuilt, not stored

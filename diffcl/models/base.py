@@ -90,6 +90,10 @@ class Recommender(nn.Module, ABC):
         super().__init__()
         self.n_users, self.n_items = ctx.n_users, ctx.n_items
         self.config = config
+        # rebuilt from the training split, so not in checkpoints
+        corrected = config.ranking_loss == "in_batch_softmax" and config.softmax_logq
+        self.register_buffer("candidate_log_q", candidate_log_probability(ctx.data.train) if corrected else None,
+                             persistent=False)
 
     @abstractmethod
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -114,6 +118,15 @@ class Recommender(nn.Module, ABC):
 
     def start_epoch(self, epoch: int) -> None:
         """Called before each training epoch (FREEDOM resamples its pruned graph here)."""
+
+    def ranking_loss(self, batch: Batch, users: torch.Tensor, positives: torch.Tensor,
+                     negatives: torch.Tensor) -> tuple[str, torch.Tensor]:
+        """The recommendation loss every model minimises, named for the loss parts by ``model.ranking_loss``:
+        ``bpr`` (one sampled negative a pair) or ``in_batch_softmax``."""
+        if self.config.ranking_loss == "bpr":
+            return "bpr", bpr_loss(users, positives, negatives)
+        return self.config.ranking_loss, in_batch_softmax_loss(batch, users, positives, negatives,
+                                                               self.config.softmax_temperature, self.candidate_log_q)
 
 
 def reduce_features(matrix: np.ndarray, max_dim: int | None) -> torch.Tensor:
@@ -144,13 +157,16 @@ def bpr_loss(users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tens
 
 
 def in_batch_softmax_loss(batch: Batch, users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
-                          temperature: float) -> torch.Tensor:
+                          temperature: float, log_q: torch.Tensor | None = None) -> torch.Tensor:
     """Sampled softmax: each user's positive against every positive and sampled negative of the
-    batch (2B candidates), cross-entropy of u·i / τ. A candidate that is the user's own positive item
-    elsewhere in the batch, or another positive of the same user, is masked out: it is no negative."""
+    batch (2B candidates), cross-entropy of u·i / τ - log q_i (``log_q``: each item's log chance of
+    being a candidate, when corrected). A candidate that is the user's own positive item elsewhere in
+    the batch, or another positive of the same user, is masked out: it is no negative."""
     n = len(batch.users)
     logits = users @ torch.cat([positives, negatives]).T / temperature
     candidate_items = torch.cat([batch.positives, batch.negatives])
+    if log_q is not None:
+        logits = logits - log_q[candidate_items]
     false_negative = candidate_items.unsqueeze(0) == batch.positives.unsqueeze(1)
     false_negative[:, :n] |= batch.users.unsqueeze(0) == batch.users.unsqueeze(1)
     target = torch.arange(n, device=logits.device)
@@ -158,13 +174,12 @@ def in_batch_softmax_loss(batch: Batch, users: torch.Tensor, positives: torch.Te
     return nn.functional.cross_entropy(logits.masked_fill(false_negative, float("-inf")), target)
 
 
-def ranking_loss(config: ModelConfig, batch: Batch, users: torch.Tensor, positives: torch.Tensor,
-                 negatives: torch.Tensor) -> tuple[str, torch.Tensor]:
-    """The recommendation loss every model minimises, named for the loss parts by ``model.ranking_loss``:
-    ``bpr`` (one sampled negative a pair) or ``in_batch_softmax``."""
-    if config.ranking_loss == "bpr":
-        return "bpr", bpr_loss(users, positives, negatives)
-    return config.ranking_loss, in_batch_softmax_loss(batch, users, positives, negatives, config.softmax_temperature)
+def candidate_log_probability(train: sp.csr_matrix) -> torch.Tensor:
+    """log q_i of an in-batch candidate: half the batch are positives, drawn by training interaction
+    (so in proportion to item i's degree), half sampled negatives, drawn uniformly."""
+    degree = np.asarray(train.sum(axis=0), dtype=np.float64).ravel()
+    q = 0.5 * degree / degree.sum() + 0.5 / train.shape[1]
+    return torch.tensor(np.log(q), dtype=torch.float32)
 
 
 def l2_reg(*tensors: torch.Tensor) -> torch.Tensor:

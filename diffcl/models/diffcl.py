@@ -53,7 +53,7 @@ from diffcl.graphs import (
     user_cooccurrence_graph,
 )
 from diffcl.models import register
-from diffcl.models.base import Batch, ModelContext, Recommender, l2_reg, ranking_loss
+from diffcl.models.base import Batch, ModelContext, Recommender, l2_reg
 from diffcl.models.contrastive import (
     distribution_alignment,
     info_nce,
@@ -665,7 +665,7 @@ class DiffCL(Recommender):
             # Fuse only the user rows this step uses (the batch's, then the contrastive sample's).
             e_u, e_i = self.fuse(z, torch.cat([batch.users, users]))
             fused, e_batch = Fused(e_u, e_i, torch.arange(n, n + len(users), device=e_u.device)), e_u[:n]
-        name, rank = ranking_loss(self.config, batch, e_batch, e_i[batch.positives], e_i[batch.negatives])
+        name, rank = self.ranking_loss(batch, e_batch, e_i[batch.positives], e_i[batch.negatives])
         reg_rows = [self.user_tables[b][batch.users] for b in z]
         if "id" in z:
             reg_rows += [self.item_id[batch.positives], self.item_id[batch.negatives]]

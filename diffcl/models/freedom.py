@@ -28,7 +28,6 @@ from diffcl.models.base import (
     ModelContext,
     Recommender,
     l2_reg,
-    ranking_loss,
     stacked_embeddings,
 )
 
@@ -80,7 +79,7 @@ class Freedom(Recommender):
         h = self.item_graph_embeddings()
         if h is not None:
             pos, neg = pos + h[batch.positives], neg + h[batch.negatives]
-        name, rank = ranking_loss(self.config, batch, users, pos, neg)
+        name, rank = self.ranking_loss(batch, users, pos, neg)
         parts = {name: rank}
         total = rank
         for m in self.modalities:

@@ -14,7 +14,6 @@ from diffcl.models.base import (
     ModelContext,
     Recommender,
     l2_reg,
-    ranking_loss,
     stacked_embeddings,
 )
 
@@ -38,7 +37,7 @@ class LightGCN(Recommender):
         index = torch.cat([batch.users, batch.positives + self.n_users, batch.negatives + self.n_users])
         rows = propagate_rows(self.adjacency, self.ego, index, self.settings.layers, self.settings.combine)
         users, positives, negatives = rows.split(len(batch.users))
-        name, rank = ranking_loss(self.config, batch, users, positives, negatives)
+        name, rank = self.ranking_loss(batch, users, positives, negatives)
         ego = self.ego[index]
         reg = self.config.reg_weight * l2_reg(*ego.split(len(batch.users)))
         return {"loss": rank + reg, name: rank, "reg": reg}

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from diffcl.models import register
-from diffcl.models.base import Batch, ModelContext, Recommender, l2_reg, ranking_loss
+from diffcl.models.base import Batch, ModelContext, Recommender, l2_reg
 
 
 @register
@@ -22,7 +22,7 @@ class MF(Recommender):
         u = self.user_emb[batch.users]
         p = self.item_emb[batch.positives]
         n = self.item_emb[batch.negatives]
-        name, rank = ranking_loss(self.config, batch, u, p, n)
+        name, rank = self.ranking_loss(batch, u, p, n)
         reg = self.config.reg_weight * l2_reg(u, p, n)
         return {"loss": rank + reg, name: rank, "reg": reg}
 

@@ -347,6 +347,12 @@ class ModelConfig(Strict):
     softmax_temperature: float = Field(
         1.0, gt=0, description="τ of in_batch_softmax: logits are u·i / τ (unused with bpr)"
     )
+    softmax_logq: bool = Field(
+        False, description="in_batch_softmax's sampling-bias correction (Yi et al. 2019): subtract log q_i, the "
+        "chance item i is a candidate (half its share of the training interactions, since positives come by "
+        "interaction, half uniform, since negatives do), from every logit; without it popular items are "
+        "over-penalised as negatives (unused with bpr)"
+    )
     mf: MFConfig = Field(default_factory=MFConfig)
     lightgcn: LightGCNConfig = Field(default_factory=LightGCNConfig)
     freedom: FreedomConfig = Field(default_factory=FreedomConfig)
