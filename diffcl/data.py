@@ -8,6 +8,7 @@ Reading checks the tables against ``stats.json`` (:func:`diffcl.core.prepared.ve
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,11 @@ class InteractionData:
     valid: sp.csr_matrix
     test: sp.csr_matrix
     source_hash: str = ""  # sha256 of the interactions file, for provenance
+
+    @functools.cached_property
+    def item_degrees(self) -> np.ndarray:
+        """Each item's number of training interactions (float64, one entry per item)."""
+        return np.asarray(self.train.sum(axis=0), dtype=np.float64).ravel()
 
     @property
     def train_pairs(self) -> tuple[np.ndarray, np.ndarray]:

@@ -219,13 +219,12 @@ def test_in_batch_softmax_masks_the_users_own_positives_and_equals_cross_entropy
 
 
 def test_logq_correction_subtracts_each_candidates_log_chance():
-    import scipy.sparse as sp
-
+    from diffcl.data import InteractionData
     from diffcl.models.base import Batch, candidate_log_probability, in_batch_softmax_loss
 
     # Four items; item 0 has 3 of the 4 interactions: q = ½·¾ + ½·¼ = ½; item 1: ½·¼ + ⅛ = ¼; the rest ⅛.
-    train = sp.csr_matrix(np.array([[1, 1, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]], dtype=np.float32))
-    log_q = candidate_log_probability(train)
+    frame = pl.DataFrame({"user": [0, 0, 1, 2], "item": [0, 1, 0, 0], "split": ["train"] * 4})
+    log_q = candidate_log_probability(InteractionData.from_frame(frame, n_users=3, n_items=4).item_degrees)
     assert torch.allclose(log_q.exp(), torch.tensor([0.5, 0.25, 0.125, 0.125]))
     batch = Batch(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([2, 2]))
     g = torch.Generator().manual_seed(1)

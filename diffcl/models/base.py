@@ -92,7 +92,7 @@ class Recommender(nn.Module, ABC):
         self.config = config
         # rebuilt from the training split, so not in checkpoints
         corrected = config.ranking_loss == "in_batch_softmax" and config.softmax_logq
-        self.register_buffer("candidate_log_q", candidate_log_probability(ctx.data.train) if corrected else None,
+        self.register_buffer("candidate_log_q", candidate_log_probability(ctx.data.item_degrees) if corrected else None,
                              persistent=False)
 
     @abstractmethod
@@ -174,11 +174,10 @@ def in_batch_softmax_loss(batch: Batch, users: torch.Tensor, positives: torch.Te
     return nn.functional.cross_entropy(logits.masked_fill(false_negative, float("-inf")), target)
 
 
-def candidate_log_probability(train: sp.csr_matrix) -> torch.Tensor:
+def candidate_log_probability(item_degrees: np.ndarray) -> torch.Tensor:
     """log q_i of an in-batch candidate: half the batch are positives, drawn by training interaction
     (so in proportion to item i's degree), half sampled negatives, drawn uniformly."""
-    degree = np.asarray(train.sum(axis=0), dtype=np.float64).ravel()
-    q = 0.5 * degree / degree.sum() + 0.5 / train.shape[1]
+    q = 0.5 * item_degrees / item_degrees.sum() + 0.5 / len(item_degrees)
     return torch.tensor(np.log(q), dtype=torch.float32)
 
 

@@ -198,7 +198,7 @@ class DiffCL(Recommender):
         # median item keeps 1), derived from the data like the adjacency, so not model state.
         self.item_graph_share = 1.0
         if s.item_graph_weighting == "by_degree":
-            degree = torch.as_tensor(np.asarray(ctx.data.train.sum(axis=0)).ravel(), dtype=torch.float32)
+            degree = torch.as_tensor(ctx.data.item_degrees, dtype=torch.float32)
             median = degree.median().clamp_min(1.0)
             self.item_graph_share = (2 * median / (degree + median)).unsqueeze(1).to(ctx.device)
         self.user_graph = None
@@ -250,7 +250,7 @@ class DiffCL(Recommender):
         # of its training degree d (derived from the data, like the adjacency, so not model state).
         self.item_stability = None
         if s.alignment_mode == "degree_guided":
-            degree = torch.as_tensor(np.asarray(ctx.data.train.sum(axis=0)).ravel(), dtype=torch.float32)
+            degree = torch.as_tensor(ctx.data.item_degrees, dtype=torch.float32)
             self.item_stability = (degree / (degree + degree.median().clamp_min(1.0))).to(ctx.device)
 
     def describe(self) -> str:

@@ -50,7 +50,7 @@ class Evaluator:
         self.n_items = data.n_items
         self.device = torch.device(device)
         self.head_share = head_share
-        self.is_tail = tail_items(data.train, head_share)
+        self.is_tail = tail_items(data.item_degrees, head_share)
         self._batches = {
             "valid": self._prepare(data.valid, data.train, batch_users),
             "test": self._prepare(data.test, (data.train + data.valid).tocsr(), batch_users),
@@ -121,10 +121,9 @@ class Evaluator:
         return result.indices, result.values
 
 
-def tail_items(train: sp.csr_matrix, head_share: float) -> np.ndarray:
+def tail_items(degree: np.ndarray, head_share: float) -> np.ndarray:
     """Per item: outside the ceil(head_share x items) items with the most training interactions
-    (ties broken by item ID, so the split is deterministic)."""
-    degree = np.asarray(train.sum(axis=0)).ravel()
+    (``degree``; ties broken by item ID, so the split is deterministic)."""
     n_head = int(np.ceil(head_share * len(degree)))
     is_tail = np.ones(len(degree), dtype=bool)
     is_tail[np.argsort(-degree, kind="stable")[:n_head]] = False
