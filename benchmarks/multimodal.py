@@ -26,6 +26,7 @@ from rich.table import Table
 
 from diffcl.core.config import load_config
 from diffcl.core.feature_files import model_feature_files, write_features
+from diffcl.core.metrics import reports_cold
 from diffcl.core.workspace import DatasetDirs
 from diffcl.training.run import build_run
 from diffcl.training.trainer import Trainer
@@ -105,21 +106,29 @@ def _mean_sd(values: list[float]) -> str:
 _COLUMNS = {**{k: (lambda r, k=k: r["test"][k]) for k in METRICS},
             "tail R@20": lambda r: r["test"].get("tail_recall@20", float("nan")),
             "valid R@20": lambda r: r["valid"]["recall@20"]}
+# Where the test split has items without a training interaction (TikTok's; prepare.held_out_items):
+# the new items ranked alone, and validation's cold R@20.
+_COLD_COLUMNS = {"cold R@20": lambda r: r["test"].get("cold_recall@20", float("nan")),
+                 "cold N@20": lambda r: r["test"].get("cold_ndcg@20", float("nan")),
+                 "valid cold R@20": lambda r: r["valid"].get("cold_recall@20", float("nan"))}
 
 
 def _seed_table(title: str, first: str, rows: dict[str, list[str]], config: Path, workspace: str, seeds: list[int],
                 extra: list[str], overlays: dict[str, Path]) -> dict[str, list[dict]]:
     """One row per variant: test metrics at the best validation epoch, mean ± sd over ``seeds``.
     Returns each row's runs (their metrics)."""
-    table = Table(title=f"{title}: test at the best valid epoch, mean ± sd over seeds {seeds}")
-    for col in (first, *_COLUMNS, "best epochs", "s/run"):
-        table.add_column(col, justify="right")
+    table, columns = None, _COLUMNS
     results = {}
     for name, overrides in rows.items():
         runs = [run(config, [f"workspace={workspace}", f"train.seed={s}", *overrides, *extra],
                     [overlays[name]] if name in overlays else None) for s in seeds]
         results[name] = runs
-        table.add_row(_row_name(name, overlays), *(_mean_sd([value(r) for r in runs]) for value in _COLUMNS.values()),
+        if table is None:  # the columns as the first row's runs report them
+            columns = {**_COLUMNS, **(_COLD_COLUMNS if reports_cold(runs[0]["test"]) else {})}
+            table = Table(title=f"{title}: test at the best valid epoch, mean ± sd over seeds {seeds}")
+            for col in (first, *columns, "best epochs", "s/run"):
+                table.add_column(col, justify="right")
+        table.add_row(_row_name(name, overlays), *(_mean_sd([value(r) for r in runs]) for value in columns.values()),
                       ",".join(str(r["best_epoch"]) for r in runs), f"{statistics.mean(r['wall'] for r in runs):.0f}")
         console.print(table)
     return results

@@ -176,7 +176,7 @@ def graphs(config: ConfigArg, set_: SetOpt = None) -> None:
 def metrics_table(metrics: dict) -> Table:
     """One row per metric (every cut-off of ``eval.topk`` the run reports), one column per split:
     reads well in any terminal width."""
-    from diffcl.core.metrics import metric_names, reports_tail
+    from diffcl.core.metrics import metric_names, reports_cold, reports_tail
 
     best = f" (best epoch {metrics['best_epoch']} of {metrics['epochs']})" if "best_epoch" in metrics else ""
     table = Table(title=f"{metrics['model']} on {metrics['dataset']}{best}")
@@ -184,7 +184,8 @@ def metrics_table(metrics: dict) -> Table:
     table.add_column("valid", justify="right")
     table.add_column("test", justify="right")
     ks = sorted({int(name.split("@")[1]) for name in metrics["valid"] if "@" in name})
-    for key in metric_names(ks, tail=reports_tail(metrics["valid"])):
+    cold = any(reports_cold(metrics.get(split, {})) for split in ("valid", "test"))
+    for key in metric_names(ks, tail=reports_tail(metrics["valid"]), cold=cold):
         table.add_row(key, *(f"{metrics[split].get(key, float('nan')):.4f}" for split in ("valid", "test")))
     per_epoch = f"{metrics['epoch_seconds']:.2f} s per epoch, " if "epoch_seconds" in metrics else ""
     table.caption = f"{per_epoch}{metrics['eval_seconds']:.2f} s per full evaluation"

@@ -13,7 +13,7 @@ from typing import Any
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from diffcl.core.config import PipelineConfig
-from diffcl.core.metrics import metric_names, reports_tail
+from diffcl.core.metrics import metric_names, reports_cold, reports_tail
 
 
 def _slug(text: str) -> str:
@@ -50,7 +50,8 @@ def metrics_markdown(summary: dict[str, Any], ks: list[int]) -> str:
         head += f" champion v{champion['version']} valid (this data) |"
         rule += "---|"
     rows = [head, rule]
-    for name in metric_names(ks, tail=reports_tail(summary["valid"])):
+    cold = any(reports_cold(summary.get(split) or {}) for split in ("valid", "test"))
+    for name in metric_names(ks, tail=reports_tail(summary["valid"]), cold=cold):
         row = f"| {name} | {_number(summary['valid'].get(name))} | {_number(summary['test'].get(name))} |"
         if champion:
             row += f" {_number(champion['valid'].get(name))} |"
@@ -64,6 +65,7 @@ def metrics_markdown(summary: dict[str, Any], ks: list[int]) -> str:
 
 def stats_markdown(stats: dict[str, Any]) -> str:
     keys = ["users", "items", "interactions", "train", "valid", "test", "density", "split", "kcore"]
+    keys += [k for k in ("cold_start_users", "held_out_items") if stats.get(k)]
     rows = ["| statistic | value |", "|---|---|"] + [f"| {k} | {_number(stats.get(k))} |" for k in keys]
     return f"# {stats.get('dataset')}: dataset\n\n" + "\n".join(rows) + "\n"
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from diffcl.core.config import PipelineConfig, PrepareConfig
@@ -134,6 +135,9 @@ def prepare(config: PipelineConfig, progress: bool = True,
         log.warning("%s: dropped %d user(s) without a training interaction and their %d valid/test "
                     "interaction(s), as MMRec does (stats.json: cold_start_users)",
                     ds.name, tables.cold_start_users, tables.cold_start_interactions)
+    if tables.held_out_items:
+        log.info("%s: held out %d item(s) from training, half for valid and half for test (prepare.held_out_items)",
+                 ds.name, tables.held_out_items)
     t_build = time.perf_counter()
 
     dirs.prepared.mkdir(parents=True, exist_ok=True)
@@ -164,6 +168,8 @@ def prepare(config: PipelineConfig, progress: bool = True,
         "kcore": tables.kcore,
         "cold_start_users": tables.cold_start_users,
         "cold_start_interactions": tables.cold_start_interactions,
+        # Only where the protocol asks, so that the usual protocol's stats (and the stages keyed on them) stay as they were.
+        **({"held_out_items": tables.held_out_items} if tables.held_out_items else {}),
         "items_with_text": int(items.get_column("text").is_not_null().sum()),
         "items_with_image_url": int(items.get_column("image_url").is_not_null().sum()),
         "malformed": {r.path: {"records": r.records, "bad": r.bad} for r in raw.reports},
@@ -210,6 +216,7 @@ class Tables:
     kcore: int  # the k-core actually applied (prepare.kcore, or its auto value)
     cold_start_users: int = 0  # users dropped for want of a training interaction
     cold_start_interactions: int = 0  # their valid / test interactions, dropped with them
+    held_out_items: int = 0  # items whose every interaction prepare.held_out_items moved out of train
 
 
 def _build_tables(raw: RawData, config: PipelineConfig) -> Tables:
@@ -247,13 +254,34 @@ def _build_tables(raw: RawData, config: PipelineConfig) -> Tables:
         frame = assign_split(frame, ratios=prep.ratios, seed=prep.seed, order=order)
     else:
         frame = assign_split(frame, ratios=prep.ratios, seed=prep.seed)
+    frame, held_out = _hold_out_items(frame, prep.held_out_items, prep.seed)
     before = frame.height
     frame, users, cold = _drop_cold_start_users(frame, users)  # every user left has a training item
 
     keep = ["user", "item", "split"] + [c for c in ("rating", "timestamp", "position") if c in frame.columns]
     interactions = frame.select(keep).sort("user", "item")
     items = _item_table(items_ids, raw.items)
-    return Tables(interactions, users.select("user", "user_id"), items, kind, k, cold, before - frame.height)
+    return Tables(interactions, users.select("user", "user_id"), items, kind, k, cold, before - frame.height, held_out)
+
+
+def _hold_out_items(frame: pl.DataFrame, share: float, seed: int) -> tuple[pl.DataFrame, int]:
+    """prepare.held_out_items: a seeded ``share`` of the interacted items lose their training
+    interactions, the first half of them to valid and the rest to test (every interaction of an item
+    in one split, so validation and test ask about different new items)."""
+    if share <= 0:
+        return frame, 0
+    items = frame.get_column("item").unique().sort().to_numpy()
+    n = int(round(share * len(items)))
+    if n < 2:
+        raise DataError(f"prepare.held_out_items {share} holds out {n} of {len(items)} items: at least 2 are needed "
+                        "(one for valid, one for test); raise the share")
+    # A stream of its own, so the per-user split of the other items stays what prepare.seed gives.
+    chosen = np.random.default_rng([seed, 1]).permutation(items)[:n]
+    to_valid, to_test = chosen[: n // 2], chosen[n // 2 :]
+    split = (pl.when(pl.col("item").is_in(to_valid.tolist())).then(pl.lit("valid"))
+             .when(pl.col("item").is_in(to_test.tolist())).then(pl.lit("test"))
+             .otherwise(pl.col("split").cast(pl.String)))
+    return frame.with_columns(split.cast(SplitEnum).alias("split")), n
 
 
 def _with_catalogue(frame: pl.DataFrame, catalogue: pl.DataFrame | None) -> pl.DataFrame:

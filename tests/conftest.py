@@ -37,8 +37,9 @@ def shared_data(name: str) -> Path:
 __all__ = ["LocalServer", "shared_data"]
 
 
-def _prepared_demo(root: Path):
-    """Generate and prepare the default demo dataset under `root`; returns a function making configs on it."""
+def _prepared_demo(root: Path, prepare_settings: dict | None = None):
+    """Generate and prepare the default demo dataset under `root` (with ``prepare_settings`` as the
+    config's prepare section); returns a function making configs on it."""
     from diffcl.core.config import load_config
     from features.synthetic import DemoSpec, generate
     from pipeline.prepare import prepare
@@ -47,6 +48,7 @@ def _prepared_demo(root: Path):
     base = {
         "workspace": str(root / "ws"),
         "dataset": {"name": "demo", "source": "amazon2018", "reviews": str(paths["reviews"]), "meta": str(paths["meta"])},
+        **({"prepare": prepare_settings} if prepare_settings else {}),
     }
     prepare(load_config(base), progress=False)
 
@@ -67,13 +69,24 @@ def demo_multimodal(tmp_path_factory):
     """The demo dataset in a workspace of its own (so `demo_workspace` stays feature-free whatever
     the test order), with planted-structure features written directly (no encoder needed):
     text and image vectors carry the item's latent group plus noise."""
+    return _with_planted_features(_prepared_demo(tmp_path_factory.mktemp("demo-mm-ws")))
+
+
+@pytest.fixture(scope="session")
+def demo_cold_start(tmp_path_factory):
+    """`demo_multimodal` with a fifth of the items held out of training (prepare.held_out_items):
+    the cold-start protocol's data."""
+    return _with_planted_features(_prepared_demo(tmp_path_factory.mktemp("demo-cold-ws"), {"held_out_items": 0.2}))
+
+
+def _with_planted_features(make):
+    """Text and image features carrying each item's latent group plus noise, and their kNN graphs."""
     import numpy as np
     import polars as pl
 
     from diffcl.core.feature_files import write_features
     from diffcl.core.workspace import DatasetDirs
 
-    make = _prepared_demo(tmp_path_factory.mktemp("demo-mm-ws"))
     config = make()
     dirs = DatasetDirs.of(config.workspace, config.dataset.name)
     items = pl.read_parquet(dirs.prepared / "items.parquet")

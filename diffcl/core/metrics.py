@@ -10,17 +10,26 @@ import torch
 
 METRICS = ("recall", "ndcg", "precision", "map", "hit")
 TAIL_RECALL = "tail_recall"  # recall of the long-tail relevant items (the evaluator's ``head_share``)
+# Items new to the model (no training interaction), ranked among the new items alone: the cold-start metrics.
+COLD_METRICS = ("cold_recall", "cold_ndcg")
 
 
-def metric_names(ks: list[int] | tuple[int, ...], tail: bool = False) -> list[str]:
+def metric_names(ks: list[int] | tuple[int, ...], tail: bool = False, cold: bool = False) -> list[str]:
     """Every metric key the evaluator reports for the cut-offs ``ks`` (``eval.topk``), in report
-    order, with ``tail`` the long-tail recall last: the one list that reports, tables and artifacts use."""
-    return [f"{m}@{k}" for k in ks for m in METRICS] + ([f"{TAIL_RECALL}@{k}" for k in ks] if tail else [])
+    order, with ``tail`` the long-tail recall and ``cold`` the new-item metrics last: the one list
+    that reports, tables and artifacts use."""
+    return ([f"{m}@{k}" for k in ks for m in METRICS] + ([f"{TAIL_RECALL}@{k}" for k in ks] if tail else [])
+            + ([f"{m}@{k}" for k in ks for m in COLD_METRICS] if cold else []))
 
 
 def reports_tail(metrics: dict[str, float]) -> bool:
     """Whether an evaluation's metrics hold the long-tail recall (runs made before it do not)."""
     return any(name.startswith(TAIL_RECALL) for name in metrics)
+
+
+def reports_cold(metrics: dict[str, float]) -> bool:
+    """Whether an evaluation's metrics hold the new-item metrics (only splits with new items do)."""
+    return any(name.startswith(COLD_METRICS) for name in metrics)
 
 
 def topk_metrics(hits: torch.Tensor, n_relevant: torch.Tensor, ks: list[int]) -> dict[str, torch.Tensor]:

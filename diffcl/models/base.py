@@ -47,6 +47,17 @@ class ModelContext:
     # graphs.modality_weights: w_m of the fused item-item graph, before renormalisation
     modality_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MODALITY_WEIGHTS))
     seed: int = 0  # train.seed: seeds a model's own per-epoch draws (the pruned edges), apart from torch's stream
+    # Items new to the model (the cold-start protocol, train.negatives trained_items): no training
+    # interaction and never drawn as negatives, so their ID rows start, and without any content path
+    # stay, at zero: nothing is known of a new item but its content.
+    new_items: np.ndarray | None = None
+
+    def clear_new_item_rows(self, item_rows: torch.Tensor) -> None:
+        """Zero the rows of ``new_items`` in an items x d ID table (in place, after its initialisation,
+        so that the other rows draw the same values as without the protocol)."""
+        if self.new_items is not None and len(self.new_items):
+            with torch.no_grad():
+                item_rows[torch.as_tensor(self.new_items, device=item_rows.device)] = 0.0
 
     def modalities(self, wanted: list[str]) -> list[str]:
         """The wanted modalities that have features, in the order of ``wanted`` (repeats dropped)."""

@@ -192,6 +192,7 @@ class DiffCL(Recommender):
         })
         if self.use_id:
             self.item_id = nn.Parameter(nn.init.xavier_uniform_(torch.empty(ctx.n_items, d)))
+            ctx.clear_new_item_rows(self.item_id.data)
         self.user_weight_logits = nn.Parameter(torch.zeros(ctx.n_users, max(len(self.modalities), 1)))
         self.item_graph = ctx.item_graph(self.modalities) if s.item_graph else None
         # by_degree: each item's share of its content neighbours, 2m/(d+m) of its training degree d (the

@@ -45,6 +45,7 @@ class Freedom(Recommender):
         self.device = ctx.device
         self.full_adjacency = ctx.adjacency
         self.ego = stacked_embeddings(ctx.n_users, ctx.n_items, d)
+        ctx.clear_new_item_rows(self.ego.data[ctx.n_users:])
         self.register_features(ctx, self.modalities)
         self.projections = nn.ModuleDict({m: nn.Linear(ctx.features[m].shape[1], d) for m in self.modalities})
         self.item_graph = ctx.item_graph(self.modalities)

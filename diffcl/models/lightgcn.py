@@ -27,6 +27,7 @@ class LightGCN(Recommender):
         self.adjacency = ctx.adjacency
         self.settings = config.lightgcn
         self.ego = stacked_embeddings(ctx.n_users, ctx.n_items, config.embedding_dim)
+        ctx.clear_new_item_rows(self.ego.data[ctx.n_users:])
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         out = propagate(self.adjacency, self.ego, self.settings.layers, self.settings.combine)

@@ -17,6 +17,7 @@ class MF(Recommender):
         super().__init__(ctx, config)
         self.user_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(ctx.n_users, config.embedding_dim)))
         self.item_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(ctx.n_items, config.embedding_dim)))
+        ctx.clear_new_item_rows(self.item_emb.data)
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         u = self.user_emb[batch.users]

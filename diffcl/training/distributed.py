@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from diffcl.models import Batch
 from diffcl.training.averaging import WeightAverage
-from diffcl.training.sampler import BPRSampler
+from diffcl.training.sampler import BPRSampler, negative_candidates
 from diffcl.training.trainer import Trainer, TrainResult
 
 
@@ -57,7 +57,8 @@ class DistributedTrainer(Trainer):
 
     def __init__(self, model, train_matrix, evaluator, settings, run, on_epoch=None, evaluate_test: bool = True):
         self.rank, self.world = dist.get_rank(), world_size()
-        sampler = ShardedBPRSampler(train_matrix, settings.batch_size, settings.seed, rank=self.rank, world=self.world)
+        sampler = ShardedBPRSampler(train_matrix, settings.batch_size, settings.seed, rank=self.rank, world=self.world,
+                                    candidates=negative_candidates(train_matrix, settings.negatives))
         super().__init__(model, sampler, evaluator, settings, run, on_epoch if self.rank == 0 else None, evaluate_test)
         run.run_id = _broadcast(run.run_id)  # one run folder: rank 0's (possibly generated) id
         use_cuda = self.device.type == "cuda"

@@ -8,6 +8,11 @@ With ``head_share`` > 0 the evaluation also reports ``tail_recall@K``: of each u
 outside the ``head_share`` most-interacted items of the training split (the long tail, where item
 content has to stand in for scarce interactions), the share in the full top-K list, averaged over
 the users with at least one such item.
+
+Where a split has relevant items without a training interaction (new to the model: TikTok's
+published split has some, ``prepare.held_out_items`` makes them on purpose), it also reports
+``cold_recall@K`` and ``cold_ndcg@K``: the new items alone ranked for each user with such an item
+(the cold-start protocol's candidate set), averaged over those users.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from diffcl.core.metrics import TAIL_RECALL, topk_metrics
+from diffcl.core.metrics import COLD_METRICS, TAIL_RECALL, topk_metrics
 from diffcl.data import InteractionData
 
 
@@ -32,6 +37,7 @@ class _Batch:
     n_relevant: torch.Tensor
     rel_is_tail: torch.Tensor  # per relevant entry: the item is in the long tail
     n_tail_relevant: torch.Tensor
+    n_new_relevant: torch.Tensor  # per user: relevant items without a training interaction
 
 
 def _rows_cols(matrix: sp.csr_matrix, users: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,6 +57,7 @@ class Evaluator:
         self.device = torch.device(device)
         self.head_share = head_share
         self.is_tail = tail_items(data.item_degrees, head_share)
+        self.new_items = torch.from_numpy(np.flatnonzero(data.item_degrees == 0)).to(self.device)
         self._batches = {
             "valid": self._prepare(data.valid, data.train, batch_users),
             "test": self._prepare(data.test, (data.train + data.valid).tocsr(), batch_users),
@@ -66,10 +73,12 @@ class Evaluator:
             rel_rows, rel_cols = _rows_cols(relevant, chunk)
             rel_is_tail = torch.from_numpy(self.is_tail)[rel_cols]
             n_tail = torch.zeros(len(chunk), dtype=torch.int64).index_add_(0, rel_rows, rel_is_tail.long())
+            rel_is_new = torch.from_numpy(self.data.item_degrees == 0)[rel_cols]
+            n_new = torch.zeros(len(chunk), dtype=torch.int64).index_add_(0, rel_rows, rel_is_new.long())
             batches.append(_Batch(
                 *(t.to(self.device) for t in (
                     torch.from_numpy(chunk.astype(np.int64)), mask_rows, mask_cols, rel_rows, rel_cols,
-                    torch.from_numpy(n_rel[chunk].astype(np.int64)), rel_is_tail, n_tail,
+                    torch.from_numpy(n_rel[chunk].astype(np.int64)), rel_is_tail, n_tail, n_new,
                 ))
             ))
         return batches
@@ -86,7 +95,9 @@ class Evaluator:
         ks = [k for k in self.ks if k <= kmax]
         sums: dict[str, torch.Tensor] = {}
         tail_sums: dict[str, torch.Tensor] = {}
-        count = tail_count = 0
+        cold_sums: dict[str, torch.Tensor] = {}
+        count = tail_count = cold_count = 0
+        cold_ks = [k for k in self.ks if k <= len(self.new_items)]
         for b in self._batches[split]:
             scores = user_emb[b.users] @ item_t
             scores[b.mask_rows, b.mask_cols] = -torch.inf
@@ -97,6 +108,17 @@ class Evaluator:
             for name, values in topk_metrics(hits, b.n_relevant, ks).items():
                 sums[name] = sums.get(name, 0.0) + values.sum()
             count += len(b.users)
+            has_new = b.n_new_relevant > 0
+            if cold_ks and bool(has_new.any()):
+                # The new items alone, ranked (seen ones stay at -inf): relevant columns gathered in that order.
+                cold_top = torch.topk(scores[has_new][:, self.new_items], max(cold_ks), dim=1).indices
+                cold_hits = torch.gather(relevant[has_new][:, self.new_items], 1, cold_top)
+                for name, values in topk_metrics(cold_hits, b.n_new_relevant[has_new], cold_ks).items():
+                    metric, k = name.split("@")
+                    if f"cold_{metric}" in COLD_METRICS:
+                        key = f"cold_{metric}@{k}"
+                        cold_sums[key] = cold_sums.get(key, 0.0) + values.sum()
+                cold_count += int(has_new.sum())
             if self.head_share > 0:
                 relevant.zero_()
                 relevant[b.rel_rows[b.rel_is_tail], b.rel_cols[b.rel_is_tail]] = True
@@ -108,6 +130,7 @@ class Evaluator:
                     tail_sums[name] = tail_sums.get(name, 0.0) + recall.sum()
                 tail_count += int(has_tail.sum())
         out = {name: float(total) / max(count, 1) for name, total in sums.items()}
+        out |= {name: float(total) / max(cold_count, 1) for name, total in cold_sums.items()}
         return out | {name: float(total) / max(tail_count, 1) for name, total in tail_sums.items()}
 
     @torch.no_grad()

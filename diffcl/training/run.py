@@ -31,7 +31,7 @@ from diffcl.training.run_folder import (
     load_checkpoint,
     recorded_data_hash,
 )
-from diffcl.training.sampler import BPRSampler
+from diffcl.training.sampler import BPRSampler, negative_candidates
 from diffcl.training.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,9 @@ def build_context(config: PipelineConfig, dirs: DatasetDirs, data: InteractionDa
     """The data, the features of the modalities the model reads and their kNN graphs (built by the
     graphs stage): a missing or unusable feature or graph file is a TrainError naming it."""
     gc = config.graphs
-    ctx = ModelContext(data=data, device=device, modality_weights=gc.modality_weights, seed=config.train.seed)
+    new_items = np.flatnonzero(data.item_degrees == 0) if config.train.negatives == "trained_items" else None
+    ctx = ModelContext(data=data, device=device, modality_weights=gc.modality_weights, seed=config.train.seed,
+                       new_items=new_items)
     try:
         for modality, path in model_feature_files(config, dirs.features).items():  # none for ID-only models
             matrix, meta = read_item_features(path, data.n_items)
@@ -119,7 +121,7 @@ def build_run(config: PipelineConfig, run_id: str | None = None,
     run = RunFolder(dirs.runs, run_id, config, data.source_hash, explicit)
     if distributed:
         return DistributedTrainer(model, data.train, evaluator, tc, run, on_epoch, evaluate_test)
-    sampler = BPRSampler(data.train, tc.batch_size, tc.seed)
+    sampler = BPRSampler(data.train, tc.batch_size, tc.seed, candidates=negative_candidates(data.train, tc.negatives))
     return Trainer(model, sampler, evaluator, tc, run, on_epoch, evaluate_test)
 
 

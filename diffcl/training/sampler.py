@@ -1,6 +1,7 @@
 """Vectorised BPR sampling: every training pair once per epoch, one uniform negative each.
 
-Negatives are drawn uniformly over all items; draws that hit one of the user's training items are
+Negatives are drawn uniformly over all items (or over ``candidates``, for the cold-start protocol:
+the items with a training interaction); draws that hit one of the user's training items are
 redrawn, all colliding draws at once, until none collides (the documented rule: a negative is never
 a training positive of its user; it may be a validation or test item, as in the field's toolkits).
 """
@@ -15,7 +16,8 @@ import torch
 
 
 class BPRSampler:
-    def __init__(self, train: sp.csr_matrix, batch_size: int, seed: int, max_rounds: int = 100):
+    def __init__(self, train: sp.csr_matrix, batch_size: int, seed: int, max_rounds: int = 100,
+                 candidates: np.ndarray | None = None):
         coo = train.tocoo()
         self.users = coo.row.astype(np.int64)
         self.items = coo.col.astype(np.int64)
@@ -25,9 +27,12 @@ class BPRSampler:
         self.batch_size = batch_size
         self.rng = np.random.default_rng(seed)
         self.max_rounds = max_rounds
+        # None: every item, drawn as integers below n_items (the draws of runs made before candidates existed).
+        self.candidates = None if candidates is None else np.asarray(candidates, dtype=np.int64)
+        n_candidates = self.n_items if self.candidates is None else len(self.candidates)
         dense_users = np.bincount(self.users, minlength=train.shape[0])
-        if (dense_users >= self.n_items).any():
-            raise ValueError("a user has interacted with every item: no negative can be drawn")
+        if (dense_users >= n_candidates).any():
+            raise ValueError("a user has interacted with every candidate item: no negative can be drawn")
 
     def __len__(self) -> int:
         return -(-len(self.users) // self.batch_size)
@@ -38,13 +43,18 @@ class BPRSampler:
         pos = np.minimum(pos, len(self.keys) - 1)
         return self.keys[pos] == keys
 
+    def _draw(self, n: int) -> np.ndarray:
+        if self.candidates is None:
+            return self.rng.integers(0, self.n_items, n)
+        return self.candidates[self.rng.integers(0, len(self.candidates), n)]
+
     def negatives(self, users: np.ndarray) -> np.ndarray:
-        neg = self.rng.integers(0, self.n_items, len(users))
+        neg = self._draw(len(users))
         for _ in range(self.max_rounds):
             clash = np.flatnonzero(self.is_positive(users, neg))
             if clash.size == 0:
                 return neg
-            neg[clash] = self.rng.integers(0, self.n_items, clash.size)
+            neg[clash] = self._draw(clash.size)
         raise RuntimeError("negative sampling did not converge; is the training matrix nearly dense?")
 
     def epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -56,3 +66,13 @@ class BPRSampler:
         for start in range(0, len(order), self.batch_size):
             stop = start + self.batch_size
             yield users_t[start:stop], pos_t[start:stop], neg_t[start:stop]
+
+
+def negative_candidates(train: sp.csr_matrix, negatives: str) -> np.ndarray | None:
+    """``train.negatives`` as the sampler's ``candidates``: None for every item, or the items with a
+    training interaction (trained_items, the cold-start protocol)."""
+    if negatives == "all_items":
+        return None
+    if negatives == "trained_items":
+        return np.flatnonzero(np.asarray(train.getnnz(axis=0)) > 0)
+    raise ValueError(f"train.negatives must be all_items or trained_items, got {negatives!r}")

@@ -137,7 +137,14 @@ class PrepareConfig(Strict):
     ratios: tuple[float, float, float] = Field(
         (0.8, 0.1, 0.1), description="train/valid/test shares for random and chronological splits"
     )
-    seed: int = Field(2024, description="seed of the random split")
+    seed: int = Field(2024, description="seed of the random split (and of the held-out items)")
+    held_out_items: float = Field(
+        0.0, ge=0, lt=1,
+        description="new-item (cold-start) protocol: this share of the interacted items, drawn with prepare.seed, "
+        "has every interaction moved out of train, the first half of them into valid and the rest into test, so "
+        "they are new to the model; pair with train.negatives trained_items so that training never sees them, and "
+        "read cold_recall@K / cold_ndcg@K. 0: none held out (the usual protocol)",
+    )
     max_bad_share: float = Field(
         0.01, ge=0, le=1, description="fail when more than this share of input lines is malformed"
     )

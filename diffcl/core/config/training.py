@@ -28,6 +28,11 @@ class TrainConfig(Strict):
     patience: int = Field(20, ge=1, description="stop after this many evaluations without a better valid metric")
     eval_every: int = Field(1, ge=1, description="evaluate on validation every this many epochs")
     metric: str = Field("recall@20", description="validation metric for early stopping and model selection")
+    negatives: Literal["all_items", "trained_items"] = Field(
+        "all_items", description="where BPR's negatives are drawn: every item (the field's toolkits), or only the "
+        "items with a training interaction, so that items new to the model (prepare.held_out_items) are never seen "
+        "in training and start with zero ID rows: the cold-start protocol"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null: torch's default")
 

@@ -1,0 +1,163 @@
+"""The cold-start (new-item) protocol: prepare.held_out_items moves a share of the items wholly out
+of training, train.negatives trained_items keeps them out of the sampler and starts their ID rows
+at zero, and the evaluator ranks the new items alone for cold_recall@K / cold_ndcg@K. Tiny
+synthetic data throughout."""
+
+import json
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+import scipy.sparse as sp
+import torch
+
+from diffcl.core.workspace import DatasetDirs
+from diffcl.data import InteractionData
+from diffcl.training.evaluator import Evaluator
+from diffcl.training.run import build_run
+from diffcl.training.sampler import BPRSampler, negative_candidates
+from features.records import DataError
+from pipeline.prepare import prepare
+from tests.test_multimodal import FAST
+
+KS = [1, 5, 10, 20]
+PROTOCOL = ["train.negatives=trained_items"]
+
+
+def _prepared(config):
+    dirs = DatasetDirs.of(config.workspace, config.dataset.name)
+    stats = json.loads((dirs.prepared / "stats.json").read_text())
+    return pl.read_parquet(dirs.prepared / "interactions.parquet"), stats
+
+
+def test_held_out_items_leave_training_whole_half_to_valid_half_to_test(demo_cold_start, demo_workspace):
+    frame, stats = _prepared(demo_cold_start())
+    trained = set(frame.filter(pl.col("split") == "train").get_column("item").to_list())
+    new = frame.filter(~pl.col("item").is_in(list(trained)))
+    splits_per_item = new.group_by("item").agg(pl.col("split").unique())
+    assert splits_per_item.height == stats["held_out_items"] == round(0.2 * frame.get_column("item").n_unique())
+    # Every interaction of a held-out item in one split: validation and test ask about different items.
+    assert splits_per_item.get_column("split").list.len().max() == 1
+    per_split = new.group_by("split").agg(pl.col("item").n_unique()).sort("split")
+    assert dict(per_split.iter_rows()) == {"valid": stats["held_out_items"] // 2,
+                                          "test": stats["held_out_items"] - stats["held_out_items"] // 2}
+    # The usual protocol holds nothing out, and its stats say nothing of it.
+    usual, usual_stats = _prepared(demo_workspace())
+    assert "held_out_items" not in usual_stats
+    assert set(usual.get_column("item").to_list()) == set(
+        usual.filter(pl.col("split") == "train").get_column("item").to_list())
+
+
+def test_a_share_too_small_to_hold_out_two_items_names_the_key(demo_workspace):
+    config = demo_workspace("prepare.held_out_items=0.0001")
+    with pytest.raises(DataError, match=r"prepare.held_out_items 0.0001 holds out 0 of \d+ items"):
+        prepare(config, progress=False)
+
+
+def test_trained_items_negatives_never_draw_an_item_without_a_training_interaction():
+    rng = np.random.default_rng(0)
+    dense = rng.random((50, 30)) < 0.3
+    dense[:, [3, 17, 29]] = False  # new items
+    train = sp.csr_matrix(dense.astype(np.float32))
+    assert negative_candidates(train, "all_items") is None
+    candidates = negative_candidates(train, "trained_items")
+    assert set(candidates.tolist()) == set(range(30)) - {3, 17, 29}
+    negatives = np.concatenate([b[2].numpy() for b in BPRSampler(train, 64, seed=1, candidates=candidates).epoch()])
+    assert not np.isin(negatives, [3, 17, 29]).any()
+    everything = np.concatenate([b[2].numpy() for b in BPRSampler(train, 64, seed=1).epoch()])
+    assert np.isin(everything, [3, 17, 29]).any()  # the usual protocol draws them
+    with pytest.raises(ValueError, match="train.negatives must be"):
+        negative_candidates(train, "popular")
+
+
+def _data_with_new_items(seed: int, n_users=60, n_items=45, new=(2, 9, 20, 31, 40, 44)) -> InteractionData:
+    rng = np.random.default_rng(seed)
+    dense = rng.random((n_users, n_items))
+    split = np.full((n_users, n_items), -1)
+    split[dense < 0.25] = 0
+    split[(dense >= 0.25) & (dense < 0.32)] = 1
+    split[(dense >= 0.32) & (dense < 0.40)] = 2
+    held = np.array(new)
+    split[:, held[: len(held) // 2]] = np.where(split[:, held[: len(held) // 2]] >= 0, 1, -1)
+    split[:, held[len(held) // 2 :]] = np.where(split[:, held[len(held) // 2 :]] >= 0, 2, -1)
+    return InteractionData(n_users, n_items, *(sp.csr_matrix((split == s).astype(np.float32)) for s in (0, 1, 2)))
+
+
+def reference_cold_metrics(scores: np.ndarray, data: InteractionData, split: str) -> dict[str, float]:
+    """Per user with a relevant new item: the unseen new items sorted by score, textbook recall and NDCG."""
+    relevant = data.valid if split == "valid" else data.test
+    seen = data.train if split == "valid" else (data.train + data.valid).tocsr()
+    new = set(np.flatnonzero(data.item_degrees == 0).tolist())
+    totals = {f"cold_{m}@{k}": 0.0 for m in ("recall", "ndcg") for k in KS}
+    users = 0
+    for u in range(data.n_users):
+        rel = set(relevant[u].indices.tolist()) & new
+        if not rel:
+            continue
+        users += 1
+        candidates = [i for i in sorted(new) if i not in set(seen[u].indices.tolist())]
+        ranking = sorted(candidates, key=lambda i: -scores[u, i])
+        for k in KS:
+            hits = [1 if i in rel else 0 for i in ranking[:k]]
+            totals[f"cold_recall@{k}"] += sum(hits) / len(rel)
+            idcg = sum(1 / math.log2(pos + 2) for pos in range(min(len(rel), k)))
+            totals[f"cold_ndcg@{k}"] += sum(h / math.log2(pos + 2) for pos, h in enumerate(hits)) / idcg
+    return {name: value / users for name, value in totals.items()}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_cold_metrics_rank_the_new_items_alone(seed, split):
+    data = _data_with_new_items(seed)
+    rng = np.random.default_rng(300 + seed)
+    users = torch.tensor(rng.normal(size=(data.n_users, 8)), dtype=torch.float32)
+    items = torch.tensor(rng.normal(size=(data.n_items, 8)), dtype=torch.float32)
+    got = Evaluator(data, KS, batch_users=7).evaluate(users, items, split)
+    want = reference_cold_metrics((users @ items.T).numpy(), data, split)
+    # The candidates are all six new items (both splits' halves): K above six is not reported.
+    assert {name for name in got if name.startswith("cold_")} == {f"cold_{m}@{k}" for m in ("recall", "ndcg") for k in (1, 5)}
+    assert 0 < want["cold_recall@1"] < want["cold_recall@5"] < 1
+    for name in got:
+        if name.startswith("cold_"):
+            assert got[name] == pytest.approx(want[name], abs=1e-5), name
+    # Where every item has a training interaction nothing cold is reported.
+    assert not any(name.startswith("cold_") for name in Evaluator(
+        InteractionData(data.n_users, data.n_items, data.train + data.valid + data.test, data.valid, data.test),
+        KS).evaluate(users, items, split))
+
+
+@pytest.mark.parametrize("model", ["mf", "lightgcn", "freedom", "diffcl"])
+def test_new_items_start_with_zero_id_rows_and_the_others_as_before(demo_cold_start, model):
+    usual = build_run(demo_cold_start("train.epochs=1", f"model.name={model}"), run_id=f"init-{model}").model
+    cold = build_run(demo_cold_start("train.epochs=1", f"model.name={model}", *PROTOCOL), run_id=f"init-{model}-c").model
+    config = demo_cold_start()
+    degrees = InteractionData.load(DatasetDirs.of(config.workspace, config.dataset.name).prepared).item_degrees
+    table = {"mf": "item_emb", "diffcl": "item_id"}.get(model, "ego")  # ego: users then items
+    before, after = getattr(usual, table).detach(), getattr(cold, table).detach()
+    rows = torch.as_tensor(np.flatnonzero(degrees == 0)) + (before.shape[0] - len(degrees))
+    assert len(rows) > 0
+    assert after[rows].abs().sum() == 0 and before[rows].abs().sum() > 0
+    keep = torch.ones(before.shape[0], dtype=torch.bool)
+    keep[rows] = False
+    assert torch.equal(before[keep], after[keep])
+
+
+def _random_cold_recall(evaluator: Evaluator, seeds: int = 5) -> float:
+    values = []
+    for seed in range(seeds):
+        g = torch.Generator().manual_seed(seed)
+        values.append(evaluator.evaluate(torch.randn(evaluator.data.n_users, 16, generator=g),
+                                         torch.randn(evaluator.data.n_items, 16, generator=g), "test")["cold_recall@20"])
+    return float(np.mean(values))
+
+
+def test_content_models_recommend_new_items_and_an_id_model_cannot(demo_cold_start):
+    """On items never seen in training, DiffCL ranks by content (planted: an item's group is in its
+    features) and LightGCN has only zero rows: DiffCL well above chance, LightGCN not."""
+    recalls = {}
+    for model in ("diffcl", "lightgcn"):
+        trainer = build_run(demo_cold_start(*FAST, f"model.name={model}", *PROTOCOL), run_id=f"cold-{model}")
+        recalls[model] = trainer.fit().metrics["test"]["cold_recall@20"]
+    chance = _random_cold_recall(trainer.evaluator)
+    assert recalls["diffcl"] > 1.5 * chance and recalls["diffcl"] > 1.5 * recalls["lightgcn"], (recalls, chance)
