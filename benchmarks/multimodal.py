@@ -7,6 +7,9 @@
     .venv/bin/python benchmarks/multimodal.py --part demo       # synthetic demo data with planted structure
 
 ``--overlay MODEL=FILE`` trains MODEL (a row name) at tuned settings (a `diffcl tune` overlay).
+The new-item (cold-start) protocol, in a workspace of its own (its prepared split differs):
+``--workspace WS --set prepare.held_out_items=0.2 --set train.negatives=trained_items``; every
+table then adds the new items' cold R@20 / N@20.
 Model selection is on validation only; test metrics are taken at the best validation epoch.
 """
 

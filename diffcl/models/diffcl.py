@@ -193,6 +193,9 @@ class DiffCL(Recommender):
         if self.use_id:
             self.item_id = nn.Parameter(nn.init.xavier_uniform_(torch.empty(ctx.n_items, d)))
             ctx.clear_new_item_rows(self.item_id.data)
+        new = ctx.new_items if ctx.new_items is not None and s.new_item_id == "from_content" and self.modalities else []
+        self.register_buffer("content_id_items", torch.as_tensor(np.asarray(new, dtype=np.int64), device=ctx.device),
+                             persistent=False)
         self.user_weight_logits = nn.Parameter(torch.zeros(ctx.n_users, max(len(self.modalities), 1)))
         self.item_graph = ctx.item_graph(self.modalities) if s.item_graph else None
         # by_degree: each item's share of its content neighbours, 2m/(d+m) of its training degree d (the
@@ -297,6 +300,15 @@ class DiffCL(Recommender):
             return self.item_id * torch.sigmoid(projected)
         return projected
 
+    def id_items(self) -> torch.Tensor:
+        """The ID branch's item input: the ID table, with (``new_item_id: from_content``) each new item's
+        row the mean of its modalities' projected features, the only thing known of it."""
+        new = self.content_id_items
+        if len(new) == 0:
+            return self.item_id
+        from_content = torch.stack([self.project(m, new) for m in self.modalities]).mean(dim=0)
+        return self.item_id.index_put((new,), from_content)
+
     def branches_in_use(self, training: bool) -> list[str]:
         """The branches a forward pass needs: an ID branch that is not scored is read only by the
         alignment loss, the ID-anchored or all-pairs views or the denoiser's condition, so evaluation (and
@@ -317,9 +329,9 @@ class DiffCL(Recommender):
             # Each branch propagates on its own: three 64-column products beat one 192-column one.
             if b == "id" and self.id_items_only:
                 users = None
-                items = branch_propagate_items(graphs.blocks, self.user_tables[b], self.item_id, layers, combine, normalize)
+                items = branch_propagate_items(graphs.blocks, self.user_tables[b], self.id_items(), layers, combine, normalize)
             else:
-                ego_items = self.item_id if b == "id" else self.modality_items(b)
+                ego_items = self.id_items() if b == "id" else self.modality_items(b)
                 scored, other = self._branch_graphs(b, graphs)
                 users, items = branch_propagate(scored, self.user_tables[b], ego_items, layers, combine, normalize)
                 if both_graphs and other is not None:
