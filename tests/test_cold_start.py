@@ -161,3 +161,23 @@ def test_content_models_recommend_new_items_and_an_id_model_cannot(demo_cold_sta
         recalls[model] = trainer.fit().metrics["test"]["cold_recall@20"]
     chance = _random_cold_recall(trainer.evaluator)
     assert recalls["diffcl"] > 1.5 * chance and recalls["diffcl"] > 1.5 * recalls["lightgcn"], (recalls, chance)
+
+
+def test_from_content_gives_new_items_the_mean_of_their_projected_features_as_id_rows(demo_cold_start):
+    setting = "model.diffcl.new_item_id=from_content"
+    model = build_run(demo_cold_start("train.epochs=1", "model.name=diffcl", *PROTOCOL, setting), run_id="fc").model
+    new = model.content_id_items
+    assert len(new) > 0
+    rows = model.id_items()
+    want = torch.stack([model.project(m, new) for m in model.modalities]).mean(dim=0)
+    assert torch.allclose(rows[new], want)
+    keep = torch.ones(len(rows), dtype=torch.bool)
+    keep[new] = False
+    assert torch.equal(rows[keep], model.item_id[keep])
+    # The content path trains the projections through the ID branch as well.
+    rows[new].sum().backward()
+    for m in model.modalities:
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.projections[m].parameters()), m
+    # Without the protocol there is no new item, and the setting changes nothing.
+    usual = build_run(demo_cold_start("train.epochs=1", "model.name=diffcl", setting), run_id="fc-usual").model
+    assert len(usual.content_id_items) == 0 and usual.id_items() is usual.item_id
