@@ -14,6 +14,7 @@ import torch
 
 from diffcl.core.workspace import DatasetDirs
 from diffcl.data import InteractionData
+from diffcl.training.errors import TrainError
 from diffcl.training.evaluator import Evaluator
 from diffcl.training.run import build_run
 from diffcl.training.sampler import BPRSampler, negative_candidates
@@ -181,3 +182,9 @@ def test_from_content_gives_new_items_the_mean_of_their_projected_features_as_id
     # Without the protocol there is no new item, and the setting changes nothing.
     usual = build_run(demo_cold_start("train.epochs=1", "model.name=diffcl", setting), run_id="fc-usual").model
     assert len(usual.content_id_items) == 0 and usual.id_items() is usual.item_id
+
+
+def test_selecting_on_a_metric_the_data_do_not_report_names_the_key(demo_multimodal):
+    trainer = build_run(demo_multimodal("train.epochs=1", "model.name=mf", "train.metric=cold_recall@20"), run_id="no-cold")
+    with pytest.raises(TrainError, match=r"train.metric 'cold_recall@20' is not among the validation metrics"):
+        trainer.fit()

@@ -210,6 +210,9 @@ class Trainer:
                     valid = self.evaluate("valid")
                     row["eval_seconds"] = time.perf_counter() - start
                     row.update({f"valid_{k}": v for k, v in valid.items()})
+                    if tc.metric not in valid:  # e.g. cold_recall@20 on data without new items
+                        raise TrainError(f"train.metric {tc.metric!r} is not among the validation metrics of this "
+                                         f"data: {', '.join(sorted(valid))}")
                     value = valid[tc.metric]
                     if value > self.best_value:
                         self.best_value, self.best_epoch, self.bad_evals = value, self.epoch, 0

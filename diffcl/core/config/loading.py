@@ -28,7 +28,7 @@ from diffcl.core.config.model import GraphsConfig, ModelConfig
 from diffcl.core.config.operations import OrchestrationConfig, PublishConfig
 from diffcl.core.config.training import EvalConfig, TrainConfig
 from diffcl.core.io import is_url
-from diffcl.core.metrics import METRICS
+from diffcl.core.metrics import COLD_METRICS, METRICS
 
 
 class PipelineConfig(Strict):
@@ -71,9 +71,10 @@ class PipelineConfig(Strict):
     def _check_metrics(self) -> PipelineConfig:
         for key, metric in (("train.metric", self.train.metric), ("publish.metric", self.publish.metric)):
             name, _, k = metric.partition("@")
-            if name not in METRICS or not k.isdigit() or int(k) not in self.eval.topk:
+            # The cold-start metrics exist only where a split has new items: the trainer checks that.
+            if name not in METRICS + COLD_METRICS or not k.isdigit() or int(k) not in self.eval.topk:
                 raise ValueError(
-                    f"{key} {metric!r} must be {'|'.join(METRICS)} @K with K in eval.topk {self.eval.topk}"
+                    f"{key} {metric!r} must be {'|'.join(METRICS + COLD_METRICS)} @K with K in eval.topk {self.eval.topk}"
                 )
         return self
 
