@@ -57,7 +57,8 @@ class Evaluator:
         self.device = torch.device(device)
         self.head_share = head_share
         self.is_tail = tail_items(data.item_degrees, head_share)
-        self.new_items = torch.from_numpy(np.flatnonzero(data.item_degrees == 0)).to(self.device)
+        self.is_new = data.item_degrees == 0  # items new to the model: no training interaction
+        self.new_items = torch.from_numpy(np.flatnonzero(self.is_new)).to(self.device)
         self._batches = {
             "valid": self._prepare(data.valid, data.train, batch_users),
             "test": self._prepare(data.test, (data.train + data.valid).tocsr(), batch_users),
@@ -73,7 +74,7 @@ class Evaluator:
             rel_rows, rel_cols = _rows_cols(relevant, chunk)
             rel_is_tail = torch.from_numpy(self.is_tail)[rel_cols]
             n_tail = torch.zeros(len(chunk), dtype=torch.int64).index_add_(0, rel_rows, rel_is_tail.long())
-            rel_is_new = torch.from_numpy(self.data.item_degrees == 0)[rel_cols]
+            rel_is_new = torch.from_numpy(self.is_new)[rel_cols]
             n_new = torch.zeros(len(chunk), dtype=torch.int64).index_add_(0, rel_rows, rel_is_new.long())
             batches.append(_Batch(
                 *(t.to(self.device) for t in (
