@@ -33,6 +33,11 @@ class InteractionData:
         """Each item's number of training interactions (float64, one entry per item)."""
         return np.asarray(self.train.sum(axis=0), dtype=np.float64).ravel()
 
+    @functools.cached_property
+    def new_items(self) -> np.ndarray:
+        """The items without a training interaction (new to the model: the cold-start protocol's)."""
+        return np.flatnonzero(self.item_degrees == 0)
+
     @property
     def train_pairs(self) -> tuple[np.ndarray, np.ndarray]:
         coo = self.train.tocoo()

@@ -20,6 +20,7 @@ from diffcl.training.run import build_run
 from diffcl.training.sampler import BPRSampler, negative_candidates
 from features.records import DataError
 from pipeline.prepare import prepare
+from tests.test_metrics import interaction_data, random_splits
 from tests.test_multimodal import FAST
 
 KS = [1, 5, 10, 20]
@@ -72,24 +73,20 @@ def test_trained_items_negatives_never_draw_an_item_without_a_training_interacti
         negative_candidates(train, "popular")
 
 
-def _data_with_new_items(seed: int, n_users=60, n_items=45, new=(2, 9, 20, 31, 40, 44)) -> InteractionData:
-    rng = np.random.default_rng(seed)
-    dense = rng.random((n_users, n_items))
-    split = np.full((n_users, n_items), -1)
-    split[dense < 0.25] = 0
-    split[(dense >= 0.25) & (dense < 0.32)] = 1
-    split[(dense >= 0.32) & (dense < 0.40)] = 2
+def _data_with_new_items(seed: int, new=(2, 9, 20, 31, 40, 44)) -> InteractionData:
+    """random_splits with every interaction of the first half of ``new`` in valid, of the rest in test."""
+    split = random_splits(seed)
     held = np.array(new)
-    split[:, held[: len(held) // 2]] = np.where(split[:, held[: len(held) // 2]] >= 0, 1, -1)
-    split[:, held[len(held) // 2 :]] = np.where(split[:, held[len(held) // 2 :]] >= 0, 2, -1)
-    return InteractionData(n_users, n_items, *(sp.csr_matrix((split == s).astype(np.float32)) for s in (0, 1, 2)))
+    for part, items in ((1, held[: len(held) // 2]), (2, held[len(held) // 2 :])):
+        split[:, items] = np.where(split[:, items] >= 0, part, -1)
+    return interaction_data(split)
 
 
 def reference_cold_metrics(scores: np.ndarray, data: InteractionData, split: str) -> dict[str, float]:
     """Per user with a relevant new item: the unseen new items sorted by score, textbook recall and NDCG."""
     relevant = data.valid if split == "valid" else data.test
     seen = data.train if split == "valid" else (data.train + data.valid).tocsr()
-    new = set(np.flatnonzero(data.item_degrees == 0).tolist())
+    new = set(data.new_items.tolist())
     totals = {f"cold_{m}@{k}": 0.0 for m in ("recall", "ndcg") for k in KS}
     users = 0
     for u in range(data.n_users):
@@ -136,7 +133,7 @@ def test_new_items_start_with_zero_id_rows_and_the_others_as_before(demo_cold_st
     degrees = InteractionData.load(DatasetDirs.of(config.workspace, config.dataset.name).prepared).item_degrees
     table = {"mf": "item_emb", "diffcl": "item_id"}.get(model, "ego")  # ego: users then items
     before, after = getattr(usual, table).detach(), getattr(cold, table).detach()
-    rows = torch.as_tensor(np.flatnonzero(degrees == 0)) + (before.shape[0] - len(degrees))
+    rows = torch.as_tensor(np.flatnonzero(degrees == 0)) + (before.shape[0] - len(degrees))  # ego: users first
     assert len(rows) > 0
     assert after[rows].abs().sum() == 0 and before[rows].abs().sum() > 0
     keep = torch.ones(before.shape[0], dtype=torch.bool)

@@ -46,16 +46,24 @@ def reference_metrics(scores: np.ndarray, data: InteractionData, split: str) -> 
     return {name: value / users for name, value in totals.items()}
 
 
-def random_data(seed: int, n_users=60, n_items=45) -> InteractionData:
-    rng = np.random.default_rng(seed)
-    dense = rng.random((n_users, n_items))
+def random_splits(seed: int, n_users=60, n_items=45) -> np.ndarray:
+    """users x items: 0 train, 1 valid, 2 test, -1 no interaction (25% / 7% / 8% of the pairs)."""
+    dense = np.random.default_rng(seed).random((n_users, n_items))
     split = np.full((n_users, n_items), -1)
     split[dense < 0.25] = 0
     split[(dense >= 0.25) & (dense < 0.32)] = 1
     split[(dense >= 0.32) & (dense < 0.40)] = 2
+    return split
+
+
+def interaction_data(split: np.ndarray) -> InteractionData:
+    return InteractionData(*split.shape, *(sp.csr_matrix((split == s).astype(np.float32)) for s in (0, 1, 2)))
+
+
+def random_data(seed: int, n_users=60, n_items=45) -> InteractionData:
+    split = random_splits(seed, n_users, n_items)
     split[:5, :] = np.where(split[:5, :] == 2, -1, split[:5, :])  # some users without test items
-    mats = [sp.csr_matrix((split == s).astype(np.float32)) for s in (0, 1, 2)]
-    return InteractionData(n_users, n_items, *mats)
+    return interaction_data(split)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -297,7 +297,7 @@ class DiffCL(Recommender):
         representation the branch keeps (MGCN's purifier)."""
         projected = self.project(modality)
         if self.settings.modality_input == "id_gated":
-            return self.item_id * torch.sigmoid(projected)
+            return self.id_items() * torch.sigmoid(projected)
         return projected
 
     def id_items(self) -> torch.Tensor:

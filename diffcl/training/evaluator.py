@@ -57,8 +57,7 @@ class Evaluator:
         self.device = torch.device(device)
         self.head_share = head_share
         self.is_tail = tail_items(data.item_degrees, head_share)
-        self.is_new = data.item_degrees == 0  # items new to the model: no training interaction
-        self.new_items = torch.from_numpy(np.flatnonzero(self.is_new)).to(self.device)
+        self.new_items = torch.from_numpy(data.new_items).to(self.device)
         self._batches = {
             "valid": self._prepare(data.valid, data.train, batch_users),
             "test": self._prepare(data.test, (data.train + data.valid).tocsr(), batch_users),
@@ -68,14 +67,15 @@ class Evaluator:
         n_rel = np.diff(relevant.indptr)
         users = np.flatnonzero(n_rel > 0)
         batches = []
+        is_new = torch.zeros(self.n_items, dtype=torch.bool)
+        is_new[torch.from_numpy(self.data.new_items)] = True
         for start in range(0, len(users), batch_users):
             chunk = users[start : start + batch_users]
             mask_rows, mask_cols = _rows_cols(seen, chunk)
             rel_rows, rel_cols = _rows_cols(relevant, chunk)
             rel_is_tail = torch.from_numpy(self.is_tail)[rel_cols]
             n_tail = torch.zeros(len(chunk), dtype=torch.int64).index_add_(0, rel_rows, rel_is_tail.long())
-            rel_is_new = torch.from_numpy(self.is_new)[rel_cols]
-            n_new = torch.zeros(len(chunk), dtype=torch.int64).index_add_(0, rel_rows, rel_is_new.long())
+            n_new = torch.zeros(len(chunk), dtype=torch.int64).index_add_(0, rel_rows, is_new[rel_cols].long())
             batches.append(_Batch(
                 *(t.to(self.device) for t in (
                     torch.from_numpy(chunk.astype(np.int64)), mask_rows, mask_cols, rel_rows, rel_cols,
@@ -111,14 +111,13 @@ class Evaluator:
             count += len(b.users)
             has_new = b.n_new_relevant > 0
             if cold_ks and bool(has_new.any()):
-                # The new items alone, ranked (seen ones stay at -inf): relevant columns gathered in that order.
-                cold_top = torch.topk(scores[has_new][:, self.new_items], max(cold_ks), dim=1).indices
-                cold_hits = torch.gather(relevant[has_new][:, self.new_items], 1, cold_top)
+                # The new items alone, ranked (seen ones stay at -inf): only their columns are copied.
+                cold_scores = scores.index_select(1, self.new_items)[has_new]
+                cold_top = torch.topk(cold_scores, max(cold_ks), dim=1).indices
+                cold_hits = torch.gather(relevant.index_select(1, self.new_items)[has_new], 1, cold_top)
                 for name, values in topk_metrics(cold_hits, b.n_new_relevant[has_new], cold_ks).items():
-                    metric, k = name.split("@")
-                    if f"cold_{metric}" in COLD_METRICS:
-                        key = f"cold_{metric}@{k}"
-                        cold_sums[key] = cold_sums.get(key, 0.0) + values.sum()
+                    if f"cold_{name.split('@')[0]}" in COLD_METRICS:
+                        cold_sums[f"cold_{name}"] = cold_sums.get(f"cold_{name}", 0.0) + values.sum()
                 cold_count += int(has_new.sum())
             if self.head_share > 0:
                 relevant.zero_()

@@ -72,9 +72,8 @@ def build_context(config: PipelineConfig, dirs: DatasetDirs, data: InteractionDa
     """The data, the features of the modalities the model reads and their kNN graphs (built by the
     graphs stage): a missing or unusable feature or graph file is a TrainError naming it."""
     gc = config.graphs
-    new_items = np.flatnonzero(data.item_degrees == 0) if config.train.negatives == "trained_items" else None
     ctx = ModelContext(data=data, device=device, modality_weights=gc.modality_weights, seed=config.train.seed,
-                       new_items=new_items)
+                       new_items=data.new_items if config.train.negatives == "trained_items" else None)
     try:
         for modality, path in model_feature_files(config, dirs.features).items():  # none for ID-only models
             matrix, meta = read_item_features(path, data.n_items)
