@@ -398,7 +398,7 @@ def run(
     from flows.flow import diffcl_flow
     from flows.reporting import feature_notes
     from pipeline.demo import ensure_demo_data, resolve_config
-    from pipeline.publish import RegistryBusy
+    from pipeline.publish import PublishError, RegistryBusy
 
     config = Path(resolve_config(config))
     overrides = _overlay_sets(overlay) + list(set_ or [])  # the flow takes a config and overrides
@@ -408,7 +408,7 @@ def run(
     source = str(config.resolve()) if config.exists() else str(config)  # or a preset name
     try:
         summary = diffcl_flow(config=source, overrides=overrides)
-    except (TrainError, RegistryBusy) as err:  # e.g. another `diffcl run` trains the same run
+    except (TrainError, PublishError, RegistryBusy) as err:  # e.g. another `diffcl run` trains the same run
         _fail(str(err))
     if summary.get("skipped"):
         _fail(summary["skipped"])

@@ -27,6 +27,10 @@ class RegistryBusy(RuntimeError):
     pass
 
 
+class PublishError(ValueError):
+    """A run that cannot be registered as configured (e.g. it lacks the ``publish.metric``)."""
+
+
 @dataclass
 class Decision:
     version: int
@@ -65,7 +69,10 @@ class Registry:
         get distinct versions and both are kept; the champion is rescored before, outside the lock."""
         champion = self.production()
         rescored = None
-        if champion is not None and rescore is not None and _other_data(champion, entry):
+        if metric not in entry["valid"]:  # e.g. cold_recall@20 on data without new items
+            raise PublishError(f"publish.metric {metric!r} is not among the run's validation metrics "
+                               f"({', '.join(sorted(entry['valid']))}); choose one of them")
+        if champion is not None and rescore is not None and not _comparable(champion, entry, metric):
             rescored = (champion["version"], *rescore(champion))
         lock = self.path.with_name(f"{self.path.name}.lock")
         try:
@@ -86,14 +93,20 @@ class Registry:
         on_this_data, data_changed = None, False
         if champion is None:
             promoted, reason = True, "first model"
-        elif not _other_data(champion, entry):
+        elif _comparable(champion, entry, metric):
             promoted, reason = _compare(value, champion["valid"][metric], promote_if, metric, champion, "")
-        elif rescored is not None and rescored[1] is not None:
+        elif rescored is not None and rescored[1] is not None and metric in rescored[1]:
             on_this_data = rescored[1]
+            own = champion["valid"].get(metric)
             promoted, reason = _compare(value, on_this_data[metric], promote_if, metric, champion,
-                                        f" on this data ({champion['valid'][metric]:.4f} on its own)")
+                                        f" on this data ({own:.4f} on its own)" if own is not None
+                                        else " (rescored: its own evaluation lacks the metric)")
+        elif not _other_data(champion, entry):
+            promoted = True
+            reason = (f"champion v{champion['version']} has no valid {metric} and could not be rescored "
+                      f"({_why_not_rescored(rescored)}): the challenger is promoted")
         else:
-            why = rescored[2] if rescored is not None else "not evaluated"
+            why = _why_not_rescored(rescored)
             promoted, data_changed = True, True
             reason = (f"the data changed since champion v{champion['version']}, which cannot be evaluated on it "
                       f"({why}): the model of the current data is promoted")
@@ -109,6 +122,18 @@ class Registry:
 
 def _other_data(champion: dict[str, Any], entry: dict[str, Any]) -> bool:
     return champion.get("data_sha256") != entry.get("data_sha256")
+
+
+def _why_not_rescored(rescored: tuple[int, dict[str, float] | None, str] | None) -> str:
+    if rescored is None:
+        return "not evaluated"
+    return rescored[2] or "its evaluation lacks the metric"
+
+
+def _comparable(champion: dict[str, Any], entry: dict[str, Any], metric: str) -> bool:
+    """Whether the champion's own validation ``metric`` compares with the challenger's as it stands:
+    same data, and measured (a champion registered before the metric existed lacks it)."""
+    return not _other_data(champion, entry) and metric in champion["valid"]
 
 
 def _compare(value: float, best: float, promote_if: str, metric: str, champion: dict[str, Any],

@@ -111,7 +111,9 @@ def test_cold_metrics_rank_the_new_items_alone(seed, split):
     rng = np.random.default_rng(300 + seed)
     users = torch.tensor(rng.normal(size=(data.n_users, 8)), dtype=torch.float32)
     items = torch.tensor(rng.normal(size=(data.n_items, 8)), dtype=torch.float32)
-    got = Evaluator(data, KS, batch_users=7).evaluate(users, items, split)
+    evaluator = Evaluator(data, KS, batch_users=7, head_share=0.2)
+    got = evaluator.evaluate(users, items, split)
+    assert evaluator.reported_metrics(split) == set(got)  # what training checks its metric against
     want = reference_cold_metrics((users @ items.T).numpy(), data, split)
     # The candidates are all six new items (both splits' halves): K above six is not reported.
     assert {name for name in got if name.startswith("cold_")} == {f"cold_{m}@{k}" for m in ("recall", "ndcg") for k in (1, 5)}
@@ -120,9 +122,11 @@ def test_cold_metrics_rank_the_new_items_alone(seed, split):
         if name.startswith("cold_"):
             assert got[name] == pytest.approx(want[name], abs=1e-5), name
     # Where every item has a training interaction nothing cold is reported.
-    assert not any(name.startswith("cold_") for name in Evaluator(
-        InteractionData(data.n_users, data.n_items, data.train + data.valid + data.test, data.valid, data.test),
-        KS).evaluate(users, items, split))
+    warm = Evaluator(InteractionData(data.n_users, data.n_items, data.train + data.valid + data.test, data.valid,
+                                     data.test), KS)
+    warm_metrics = warm.evaluate(users, items, split)
+    assert not any(name.startswith("cold_") for name in warm_metrics)
+    assert warm.reported_metrics(split) == set(warm_metrics)
 
 
 @pytest.mark.parametrize("model", ["mf", "lightgcn", "freedom", "diffcl"])
@@ -185,3 +189,4 @@ def test_selecting_on_a_metric_the_data_do_not_report_names_the_key(demo_multimo
     trainer = build_run(demo_multimodal("train.epochs=1", "model.name=mf", "train.metric=cold_recall@20"), run_id="no-cold")
     with pytest.raises(TrainError, match=r"train.metric 'cold_recall@20' is not among the validation metrics"):
         trainer.fit()
+    assert trainer.epoch == 0 and not trainer.run_dir.exists()  # said before any training or run folder

@@ -111,6 +111,24 @@ def test_champion_on_other_data_is_rescored_or_the_documented_rule_applies(tmp_p
     assert not same.promoted
 
 
+def test_a_publish_metric_the_run_lacks_is_refused_and_a_champion_without_it_is_rescored(tmp_path):
+    from pipeline.publish import PublishError, Registry
+
+    def entry(valid):
+        return {"model": "m", "run_dir": "r", "valid": valid, "test": valid, "data_sha256": "a"}
+
+    registry = Registry(tmp_path / "registry.json")
+    registry.register(entry({"recall@20": 0.30}), "recall@20")  # registered before cold metrics existed
+    with pytest.raises(PublishError, match=r"publish.metric 'cold_recall@20' is not among the run's validation metrics \(recall@20\)"):
+        registry.register(entry({"recall@20": 0.31}), "cold_recall@20")
+    assert len(Registry(tmp_path / "registry.json").versions) == 1  # nothing registered
+    cold = {"recall@20": 0.31, "cold_recall@20": 0.05}
+    kept = registry.register(entry(cold), "cold_recall@20", rescore=lambda champion: ({**cold, "cold_recall@20": 0.07}, ""))
+    assert not kept.promoted and "0.0500 < champion v1 0.0700" in kept.reason and "rescored" in kept.reason
+    unscored = registry.register(entry(cold), "cold_recall@20", rescore=lambda champion: (None, "no weights"))
+    assert unscored.promoted and "has no valid cold_recall@20" in unscored.reason and "no weights" in unscored.reason
+
+
 def test_cache_keys_ignore_locations_and_where_training_runs():
     from diffcl.core.config import load_config
     from diffcl.training.run_folder import training_identity

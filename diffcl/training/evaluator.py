@@ -23,7 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from diffcl.core.metrics import COLD_METRICS, TAIL_RECALL, topk_metrics
+from diffcl.core.metrics import COLD_METRICS, TAIL_RECALL, metric_names, topk_metrics
 from diffcl.data import InteractionData
 
 
@@ -87,18 +87,30 @@ class Evaluator:
     def n_users(self, split: str) -> int:
         return sum(len(b.users) for b in self._batches[split])
 
+    def reported_metrics(self, split: str) -> set[str]:
+        """The metric keys :meth:`evaluate` returns on ``split``, known before any model is scored
+        (so that a selection metric the data cannot report fails before training, not after)."""
+        names = set(metric_names(self._ks_within(self.n_items), tail=self.head_share > 0))
+        cold_ks = self._ks_within(len(self.new_items))
+        if cold_ks and any(bool((b.n_new_relevant > 0).any()) for b in self._batches[split]):
+            names |= {f"{m}@{k}" for k in cold_ks for m in COLD_METRICS}
+        return names
+
+    def _ks_within(self, n_candidates: int) -> list[int]:
+        return [k for k in self.ks if k <= n_candidates]
+
     @torch.no_grad()
     def evaluate(self, user_emb: torch.Tensor, item_emb: torch.Tensor, split: str = "valid") -> dict[str, float]:
         """Mean metrics over the split's users, from embeddings whose dot product is the score."""
         kmax = min(max(self.ks), self.n_items)
         item_t = item_emb.to(self.device).T.contiguous()
         user_emb = user_emb.to(self.device)
-        ks = [k for k in self.ks if k <= kmax]
+        ks = self._ks_within(kmax)
         sums: dict[str, torch.Tensor] = {}
         tail_sums: dict[str, torch.Tensor] = {}
         cold_sums: dict[str, torch.Tensor] = {}
         count = tail_count = cold_count = 0
-        cold_ks = [k for k in self.ks if k <= len(self.new_items)]
+        cold_ks = self._ks_within(len(self.new_items))
         for b in self._batches[split]:
             scores = user_emb[b.users] @ item_t
             scores[b.mask_rows, b.mask_cols] = -torch.inf

@@ -181,6 +181,11 @@ class Trainer:
         return self.average.applied() if self.average else nullcontext()
 
     def fit(self) -> TrainResult:
+        metric = self.settings.metric
+        if metric not in (reported := self.evaluator.reported_metrics("valid")):
+            # e.g. cold_recall@20 on data without new items: said before a run folder or an epoch
+            raise TrainError(f"train.metric {metric!r} is not among the validation metrics of this data: "
+                             f"{', '.join(sorted(reported))}")
         if self.run is None:
             return self._fit_locked()
         self._create_run_dir()
@@ -210,9 +215,6 @@ class Trainer:
                     valid = self.evaluate("valid")
                     row["eval_seconds"] = time.perf_counter() - start
                     row.update({f"valid_{k}": v for k, v in valid.items()})
-                    if tc.metric not in valid:  # e.g. cold_recall@20 on data without new items
-                        raise TrainError(f"train.metric {tc.metric!r} is not among the validation metrics of this "
-                                         f"data: {', '.join(sorted(valid))}")
                     value = valid[tc.metric]
                     if value > self.best_value:
                         self.best_value, self.best_epoch, self.bad_evals = value, self.epoch, 0
