@@ -135,9 +135,10 @@ def prepare(config: PipelineConfig, progress: bool = True,
         log.warning("%s: dropped %d user(s) without a training interaction and their %d valid/test "
                     "interaction(s), as MMRec does (stats.json: cold_start_users)",
                     ds.name, tables.cold_start_users, tables.cold_start_interactions)
-    if tables.held_out_items:
-        log.info("%s: held out %d item(s) from training, half for valid and half for test (prepare.held_out_items)",
-                 ds.name, tables.held_out_items)
+    if tables.held_out_chosen:
+        log.info("%s: held out %d item(s) from training, half for valid and half for test (prepare.held_out_items); "
+                 "%d of them keep a valid/test interaction once those users are dropped (stats.json: held_out_items)",
+                 ds.name, tables.held_out_chosen, tables.held_out_items)
     t_build = time.perf_counter()
 
     dirs.prepared.mkdir(parents=True, exist_ok=True)
@@ -169,7 +170,7 @@ def prepare(config: PipelineConfig, progress: bool = True,
         "cold_start_users": tables.cold_start_users,
         "cold_start_interactions": tables.cold_start_interactions,
         # Only where the protocol asks, so that the usual protocol's stats (and the stages keyed on them) stay as they were.
-        **({"held_out_items": tables.held_out_items} if tables.held_out_items else {}),
+        **({"held_out_items": tables.held_out_items} if tables.held_out_chosen else {}),
         "items_with_text": int(items.get_column("text").is_not_null().sum()),
         "items_with_image_url": int(items.get_column("image_url").is_not_null().sum()),
         "malformed": {r.path: {"records": r.records, "bad": r.bad} for r in raw.reports},
@@ -216,7 +217,10 @@ class Tables:
     kcore: int  # the k-core actually applied (prepare.kcore, or its auto value)
     cold_start_users: int = 0  # users dropped for want of a training interaction
     cold_start_interactions: int = 0  # their valid / test interactions, dropped with them
-    held_out_items: int = 0  # items whose every interaction prepare.held_out_items moved out of train
+    # prepare.held_out_items: the items chosen, and those of them that still have a valid / test
+    # interaction after the cold-start users are dropped (the new items that evaluation asks about)
+    held_out_chosen: int = 0
+    held_out_items: int = 0
 
 
 def _build_tables(raw: RawData, config: PipelineConfig) -> Tables:
@@ -257,19 +261,21 @@ def _build_tables(raw: RawData, config: PipelineConfig) -> Tables:
     frame, held_out = _hold_out_items(frame, prep.held_out_items, prep.seed)
     before = frame.height
     frame, users, cold = _drop_cold_start_users(frame, users)  # every user left has a training item
+    held_out_kept = frame.filter(pl.col("item").is_in(held_out.tolist())).get_column("item").n_unique()
 
     keep = ["user", "item", "split"] + [c for c in ("rating", "timestamp", "position") if c in frame.columns]
     interactions = frame.select(keep).sort("user", "item")
     items = _item_table(items_ids, raw.items)
-    return Tables(interactions, users.select("user", "user_id"), items, kind, k, cold, before - frame.height, held_out)
+    return Tables(interactions, users.select("user", "user_id"), items, kind, k, cold, before - frame.height,
+                  len(held_out), held_out_kept)
 
 
-def _hold_out_items(frame: pl.DataFrame, share: float, seed: int) -> tuple[pl.DataFrame, int]:
+def _hold_out_items(frame: pl.DataFrame, share: float, seed: int) -> tuple[pl.DataFrame, np.ndarray]:
     """prepare.held_out_items: a seeded ``share`` of the interacted items lose their training
     interactions, the first half of them to valid and the rest to test (every interaction of an item
     in one split, so validation and test ask about different new items)."""
     if share <= 0:
-        return frame, 0
+        return frame, np.empty(0, dtype=np.int64)
     items = frame.get_column("item").unique().sort().to_numpy()
     n = int(round(share * len(items)))
     if n < 2:
@@ -281,7 +287,7 @@ def _hold_out_items(frame: pl.DataFrame, share: float, seed: int) -> tuple[pl.Da
     split = (pl.when(pl.col("item").is_in(to_valid.tolist())).then(pl.lit("valid"))
              .when(pl.col("item").is_in(to_test.tolist())).then(pl.lit("test"))
              .otherwise(pl.col("split").cast(pl.String)))
-    return frame.with_columns(split.cast(SplitEnum).alias("split")), n
+    return frame.with_columns(split.cast(SplitEnum).alias("split")), chosen
 
 
 def _with_catalogue(frame: pl.DataFrame, catalogue: pl.DataFrame | None) -> pl.DataFrame:

@@ -39,16 +39,40 @@ def test_held_out_items_leave_training_whole_half_to_valid_half_to_test(demo_col
     new = frame.filter(~pl.col("item").is_in(list(trained)))
     splits_per_item = new.group_by("item").agg(pl.col("split").unique())
     assert splits_per_item.height == stats["held_out_items"] == round(0.2 * frame.get_column("item").n_unique())
+    # The warm items keep the usual protocol's split, pair for pair.
+    usual, usual_stats = _prepared(demo_workspace())
+    warm = frame.filter(pl.col("item").is_in(list(trained))).select("user", "item", "split").sort("user", "item")
+    assert warm.equals(usual.filter(pl.col("item").is_in(list(trained))).select("user", "item", "split").sort("user", "item"))
     # Every interaction of a held-out item in one split: validation and test ask about different items.
     assert splits_per_item.get_column("split").list.len().max() == 1
     per_split = new.group_by("split").agg(pl.col("item").n_unique()).sort("split")
     assert dict(per_split.iter_rows()) == {"valid": stats["held_out_items"] // 2,
                                           "test": stats["held_out_items"] - stats["held_out_items"] // 2}
     # The usual protocol holds nothing out, and its stats say nothing of it.
-    usual, usual_stats = _prepared(demo_workspace())
     assert "held_out_items" not in usual_stats
     assert set(usual.get_column("item").to_list()) == set(
         usual.filter(pl.col("split") == "train").get_column("item").to_list())
+
+
+def test_held_out_items_count_only_those_left_with_an_interaction_once_cold_users_are_dropped(tmp_path, caplog):
+    """Items 0-7 are each the only item of two users: held out, those users have nothing to train
+    on and are dropped, and the item with them. Items 8-19 are shared by ten users."""
+    rows = [(2 * i + j, i, 0) for i in range(8) for j in range(2)]
+    rows += [(100 + u, i, (0, 0, 1, 2)[(u + i) % 4]) for u in range(10) for i in range(8, 20)]
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    (folder / "toy.inter").write_text("userID\titemID\tx_label\n" + "".join(f"{u}\t{i}\t{x}\n" for u, i, x in rows))
+    from diffcl.core.config import load_config
+
+    config = load_config({"workspace": str(tmp_path / "ws"), "dataset": {"name": "toy", "source": "mmrec", "path": str(folder)}},
+                         ["prepare.held_out_items=0.2"])
+    with caplog.at_level("INFO", logger="pipeline.prepare"):
+        stats = prepare(config, progress=False).stats
+    frame, _ = _prepared(config)
+    trained = set(frame.filter(pl.col("split") == "train").get_column("item").to_list())
+    evaluated_new = frame.filter(~pl.col("item").is_in(list(trained))).get_column("item").n_unique()
+    assert stats["cold_start_users"] > 0 and 0 < stats["held_out_items"] == evaluated_new < 4
+    assert "held out 4 item(s)" in caplog.text and f"{evaluated_new} of them keep" in caplog.text
 
 
 def test_a_share_too_small_to_hold_out_two_items_names_the_key(demo_workspace):

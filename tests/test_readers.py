@@ -151,6 +151,13 @@ def test_mmrec_reader_without_maps_and_bad_label(tmp_path):
     (folder / "toy.inter").write_text("userID\titemID\tx_label\n0\t0\t7\n")
     with pytest.raises(DataError, match=r"toy\.inter: x_label must be 0, 1 or 2"):
         read_mmrec(folder)
+    (folder / "toy.inter").write_text("userID\titemID\tx_label\n0\t0\t0\nUA\t1\t0\n")
+    with pytest.raises(DataError, match=r"toy\.inter, line 3: userID must be an integer, found 'UA'"):
+        read_mmrec(folder)
+    (folder / "toy.inter").write_text("userID\titemID\tx_label\n0\t0\t0\n")
+    (folder / "i_id_mapping.csv").write_text("asin\titemID\nIA\t\n")
+    with pytest.raises(DataError, match=r"i_id_mapping\.csv, line 2: itemID must be an integer, found an empty cell"):
+        read_mmrec(folder)
 
 
 @pytest.mark.parametrize("fmt", ["csv", "tsv", "parquet", "jsonl"])

@@ -43,6 +43,7 @@ def read_mmrec(folder: Path) -> RawData:
     inter_path = inter_files[0]
     inter = _read_tsv(inter_path)
     _require(inter, inter_path, ["userID", "itemID"])
+    _check_integers(inter, inter_path, ["userID", "itemID"] + (["timestamp"] if "timestamp" in inter.columns else []))
     if "x_label" in inter.columns:
         bad = inter.filter(~pl.col("x_label").is_in(list(SPLIT_CODES)))
         if bad.height:
@@ -104,11 +105,23 @@ def _shipped_features(folder: Path, n_items: int) -> dict[str, Path]:
     return shipped
 
 
+def _check_integers(frame: pl.DataFrame, path: Path, columns: list[str]) -> None:
+    """A value that is not an integer is named with its line (the header is line 1)."""
+    for column in columns:
+        values = frame.get_column(column)
+        bad = values.cast(pl.Int64, strict=False).is_null()
+        if bad.any():
+            row = int(bad.arg_max())
+            found = "an empty cell" if values[row] is None else repr(values[row])
+            raise DataError(f"{path}, line {row + 2}: {column} must be an integer, found {found}")
+
+
 def _mapping(path: Path, original: str, key: str) -> pl.DataFrame | None:
     if not path.exists():
         return None
     table = _read_tsv(path, infer_schema=False)
     _require(table, path, [original, key])
+    _check_integers(table, path, [key])
     kind = "user" if key == "userID" else "item"
     return table.select(
         pl.col(key).cast(pl.Int64).alias(f"{kind}_key"), pl.col(original).alias(f"{kind}_id")
