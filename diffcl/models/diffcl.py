@@ -193,9 +193,11 @@ class DiffCL(Recommender):
         if self.use_id:
             self.item_id = nn.Parameter(nn.init.xavier_uniform_(torch.empty(ctx.n_items, d)))
             ctx.clear_new_item_rows(self.item_id.data)
+        # The items whose ID row comes from content are those new when the model was trained: model
+        # state, so that rescoring on later data (where some of them have interactions) keeps them.
         new = ctx.new_items if ctx.new_items is not None and s.new_item_id == "from_content" and self.modalities else []
-        self.register_buffer("content_id_items", torch.as_tensor(np.asarray(new, dtype=np.int64), device=ctx.device),
-                             persistent=False)
+        self.register_buffer("content_id_items", torch.as_tensor(np.asarray(new, dtype=np.int64), device=ctx.device))
+        self.register_load_state_dict_pre_hook(_load_content_id_items)
         self.user_weight_logits = nn.Parameter(torch.zeros(ctx.n_users, max(len(self.modalities), 1)))
         self.item_graph = ctx.item_graph(self.modalities) if s.item_graph else None
         # by_degree: each item's share of its content neighbours, 2m/(d+m) of its training degree d (the
@@ -741,3 +743,13 @@ def _stack_by_target(entries: list[ViewRows],
         cond = None if conds[0] is None else torch.cat(conds)
         out[target] = _TargetRows(members, torch.cat(rows), cond, [len(r) for r in rows])
     return out
+
+
+def _load_content_id_items(module: DiffCL, state: dict[str, torch.Tensor], prefix: str, *_args) -> None:
+    """A checkpoint's own set of new items replaces the one built from the current data (its length
+    may differ); checkpoints written before the set was saved get the one built, as they then did."""
+    key = f"{prefix}content_id_items"
+    if key in state:
+        module.content_id_items = state[key].to(module.content_id_items.device, torch.long).clone()
+    else:
+        state[key] = module.content_id_items
