@@ -439,7 +439,7 @@ class DiffCL(Recommender):
     @torch.no_grad()
     def generate_graphs(self, chunk: int = 2048) -> None:
         """Each modality's denoiser scores every item for every user from the user's training row;
-        the top ``graph_k`` per user (among new items, with ``graph_new_only``) become that
+        the top ``graph_k`` per user (among the items unseen by that user, with ``graph_new_only``) become that
         modality's generated edges, and the modality branch propagates over the normalised result."""
         ds = self.settings.diffusion
         device = self.user_weight_logits.device

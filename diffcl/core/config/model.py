@@ -116,6 +116,7 @@ class DiffusionSettings(Strict):
     )
     graph_new_only: bool = Field(
         True, description="target interactions: the top-k is taken among items the user has not interacted with "
+        "in training (unseen by that user, not the cold-start protocol's new items) "
         "(the generated edges add to the training graph); false: among all items (DiffMM)"
     )
     graph_source: Literal["denoiser", "random", "model"] = Field(
@@ -239,7 +240,10 @@ class DiffCLConfig(Strict):
     )
     diffusion: DiffusionSettings = Field(default_factory=DiffusionSettings)
     contrastive: bool = Field(True, description="false: no contrastive loss (ablation w/o CL)")
-    negatives: Literal["in_batch", "all_nodes"] = Field("in_batch", description="InfoNCE candidates")
+    negatives: Literal["in_batch", "all_nodes"] = Field(
+        "in_batch", description="the contrastive (InfoNCE) loss's candidates: the batch's nodes, or every node "
+        "(not the ranking loss's sampled negatives: train.negatives)"
+    )
     cl_nodes: int | None = Field(
         512, ge=2, description="at most this many of the batch's unique users (and items) enter the "
         "views, contrastive and alignment losses, drawn at random; null: all of them"
@@ -356,7 +360,7 @@ class ModelConfig(Strict):
     softmax_logq: bool = Field(
         False, description="in_batch_softmax's sampling-bias correction (Yi et al. 2019): subtract log q_i, the "
         "chance item i is a candidate (half its share of the training interactions, since positives come by "
-        "interaction, half uniform, since negatives do), from every logit; without it popular items are "
+        "interaction, half uniform over the items train.negatives draws from, since negatives do), from every logit; without it popular items are "
         "over-penalised as negatives (unused with bpr)"
     )
     mf: MFConfig = Field(default_factory=MFConfig)

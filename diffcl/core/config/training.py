@@ -29,7 +29,8 @@ class TrainConfig(Strict):
     eval_every: int = Field(1, ge=1, description="evaluate on validation every this many epochs")
     metric: str = Field("recall@20", description="validation metric for early stopping and model selection")
     negatives: Literal["all_items", "trained_items"] = Field(
-        "all_items", description="where BPR's negatives are drawn: every item (the field's toolkits), or only the "
+        "all_items", description="where the ranking loss's sampled negatives are drawn (BPR's; not the contrastive "
+        "loss's: model.diffcl.negatives): every item (the field's toolkits), or only the "
         "items with a training interaction, so that items new to the model (prepare.held_out_items) are never seen "
         "in training and start with zero ID rows: the cold-start protocol"
     )
