@@ -137,7 +137,8 @@ def prepare(config: PipelineConfig, progress: bool = True,
                     ds.name, tables.cold_start_users, tables.cold_start_interactions)
     if tables.held_out_chosen:
         log.info("%s: held out %d item(s) from training, half for valid and half for test (prepare.held_out_items); "
-                 "%d of them keep a valid/test interaction once those users are dropped (stats.json: held_out_items)",
+                 "%d of them keep a valid/test interaction once the users without a training interaction are dropped "
+                 "(stats.json: held_out_items)",
                  ds.name, tables.held_out_chosen, tables.held_out_items)
     t_build = time.perf_counter()
 
@@ -218,7 +219,7 @@ class Tables:
     cold_start_users: int = 0  # users dropped for want of a training interaction
     cold_start_interactions: int = 0  # their valid / test interactions, dropped with them
     # prepare.held_out_items: the items chosen, and those of them that still have a valid / test
-    # interaction after the cold-start users are dropped (the new items that evaluation asks about)
+    # interaction after the cold-start users are dropped (the held-out items evaluation asks about)
     held_out_chosen: int = 0
     held_out_items: int = 0
 

@@ -4,7 +4,9 @@ and which one is in production (champion / challenger on a validation metric).
 Champion and challenger are compared on the same data: when the data changed since the champion
 was registered, the champion is first evaluated on the challenger's data (``rescore``). When it
 cannot be (other users or items, other features), the rule is: the challenger, the only model
-trained on the current data, is promoted, and the decision says the data changed."""
+trained on the current data, is promoted, and the decision says the data changed. A champion on the
+same data whose evaluation lacks ``publish.metric`` (registered before the metric existed) is
+rescored too; when that fails, the challenger is promoted and the decision says why."""
 
 from __future__ import annotations
 
@@ -29,6 +31,14 @@ class RegistryBusy(RuntimeError):
 
 class PublishError(ValueError):
     """A run that cannot be registered as configured (e.g. it lacks the ``publish.metric``)."""
+
+
+def check_publish_metric(metric: str, reported: set[str]) -> None:
+    """publish.metric must be among a run's validation metrics (cold_recall@20 needs new items); the
+    flow checks it before training too, against what the evaluator will report."""
+    if metric not in reported:
+        raise PublishError(f"publish.metric {metric!r} is not among the run's validation metrics "
+                           f"({', '.join(sorted(reported)) or 'none'}); choose one of them")
 
 
 @dataclass
@@ -69,9 +79,7 @@ class Registry:
         get distinct versions and both are kept; the champion is rescored before, outside the lock."""
         champion = self.production()
         rescored = None
-        if metric not in entry["valid"]:  # e.g. cold_recall@20 on data without new items
-            raise PublishError(f"publish.metric {metric!r} is not among the run's validation metrics "
-                               f"({', '.join(sorted(entry['valid']))}); choose one of them")
+        check_publish_metric(metric, set(entry["valid"]))
         if champion is not None and rescore is not None and not _comparable(champion, entry, metric):
             rescored = (champion["version"], *rescore(champion))
         lock = self.path.with_name(f"{self.path.name}.lock")
@@ -149,7 +157,9 @@ def champion_rescorer(id_tables: dict[str, str]) -> Rescore:
     from pipeline.evaluate import evaluate_run
 
     def rescore(champion: dict[str, Any]) -> tuple[dict[str, float] | None, str]:
-        if champion.get("id_tables") != id_tables:
+        if "id_tables" not in champion:
+            return None, "it was registered without its id tables"
+        if champion["id_tables"] != id_tables:
             return None, "its users or items differ from this data's"
         try:
             return evaluate_run(Path(champion["run_dir"]), ("valid",), same_data=False)["valid"], ""

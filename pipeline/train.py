@@ -11,6 +11,7 @@ from diffcl.core.config import PipelineConfig
 from diffcl.training.errors import ResumeRefused
 from diffcl.training.run import build_run
 from diffcl.training.trainer import Trainer, TrainResult
+from pipeline.publish import check_publish_metric
 
 log = logging.getLogger(__name__)
 
@@ -19,10 +20,12 @@ def train_resuming(config: PipelineConfig, base_id: str, on_epoch: Callable[[Tra
                    logger: logging.Logger | logging.LoggerAdapter = log) -> TrainResult:
     """Train into ``base_id`` (resuming it), or, when that folder cannot resume (other training
     config or data, broken history), into the first of ``base_id-r1``, ``-r2``, ... that can, saying
-    so on ``logger``. ``on_epoch(trainer, row)`` sees every epoch."""
+    so on ``logger``. ``on_epoch(trainer, row)`` sees every epoch. A ``publish.metric`` the data
+    cannot report is refused here, before training, rather than by the publish stage after it."""
     run_id, attempt = base_id, 0
     while True:
         trainer = build_run(config, run_id)
+        check_publish_metric(config.publish.metric, trainer.evaluator.reported_metrics("valid"))
         if on_epoch is not None:
             trainer.on_epoch = lambda row, trainer=trainer: on_epoch(trainer, row)
         try:

@@ -71,6 +71,8 @@ def test_held_out_items_count_only_those_left_with_an_interaction_once_cold_user
     frame, _ = _prepared(config)
     trained = set(frame.filter(pl.col("split") == "train").get_column("item").to_list())
     evaluated_new = frame.filter(~pl.col("item").is_in(list(trained))).get_column("item").n_unique()
+    # prepare.seed's draw holds out two lone-user items and two shared ones: a change of the draw
+    # that breaks this needs new test data, not a looser assertion.
     assert stats["cold_start_users"] > 0 and 0 < stats["held_out_items"] == evaluated_new < 4
     assert "held out 4 item(s)" in caplog.text and f"{evaluated_new} of them keep" in caplog.text
 
@@ -187,7 +189,8 @@ def test_content_models_recommend_new_items_and_an_id_model_cannot(demo_cold_sta
         recalls[model] = trainer.fit().metrics["test"]["cold_recall@20"]
     chance = _random_cold_recall(trainer.evaluator)
     assert recalls["diffcl"] > 1.5 * chance and recalls["diffcl"] > 1.5 * recalls["lightgcn"], (recalls, chance)
-    assert recalls["lightgcn"] < 1.2 * chance, (recalls, chance)  # zero rows: ties, no better than chance
+    # Zero rows: every new item ties, ranked in a fixed order that knows nothing of the users.
+    assert recalls["lightgcn"] < 1.2 * chance, (recalls, chance)
 
 
 def test_from_content_gives_new_items_the_mean_of_their_projected_features_as_id_rows(demo_cold_start):
@@ -239,3 +242,13 @@ def test_selecting_on_a_metric_the_data_do_not_report_names_the_key(demo_multimo
     with pytest.raises(TrainError, match=r"train.metric 'cold_recall@20' is not among the validation metrics"):
         trainer.fit()
     assert trainer.epoch == 0 and not trainer.run_dir.exists()  # said before any training or run folder
+
+
+def test_a_publish_metric_the_data_do_not_report_is_refused_before_training(demo_multimodal):
+    from pipeline.publish import PublishError
+    from pipeline.train import train_resuming
+
+    config = demo_multimodal("train.epochs=1", "model.name=mf", "publish.metric=cold_ndcg@20")
+    with pytest.raises(PublishError, match=r"publish.metric 'cold_ndcg@20' is not among the run's validation metrics"):
+        train_resuming(config, "no-cold-publish")
+    assert not (DatasetDirs.of(config.workspace, config.dataset.name).runs / "no-cold-publish").exists()

@@ -151,8 +151,14 @@ def test_mmrec_reader_without_maps_and_bad_label(tmp_path):
     (folder / "toy.inter").write_text("userID\titemID\tx_label\n0\t0\t7\n")
     with pytest.raises(DataError, match=r"toy\.inter: x_label must be 0, 1 or 2"):
         read_mmrec(folder)
-    (folder / "toy.inter").write_text("userID\titemID\tx_label\n0\t0\t0\nUA\t1\t0\n")
-    with pytest.raises(DataError, match=r"toy\.inter, line 3: userID must be an integer, found 'UA'"):
+    # Past the rows that type inference would look at, and a fractional id: each named with its line.
+    good = "".join(f"{u}\t0\t0\n" for u in range(200))
+    for bad, found in (("UA\t1\t0", "'UA'"), ("1.5\t1\t0", "'1.5'")):
+        (folder / "toy.inter").write_text(f"userID\titemID\tx_label\n{good}{bad}\n")
+        with pytest.raises(DataError, match=rf"toy\.inter, line 202: userID must be an integer, found {found}"):
+            read_mmrec(folder)
+    (folder / "toy.inter").write_text("userID\titemID\trating\tx_label\n0\t0\tfive\t0\n")
+    with pytest.raises(DataError, match=r"toy\.inter, line 2: rating must be a number, found 'five'"):
         read_mmrec(folder)
     (folder / "toy.inter").write_text("userID\titemID\tx_label\n0\t0\t0\n")
     (folder / "i_id_mapping.csv").write_text("asin\titemID\nIA\t\n")

@@ -752,4 +752,4 @@ def _load_content_id_items(module: DiffCL, state: dict[str, torch.Tensor], prefi
     if key in state:
         module.content_id_items = state[key].to(module.content_id_items.device, torch.long).clone()
     else:
-        state[key] = module.content_id_items
+        state[key] = module.content_id_items.clone()  # the caller's dict must not share the live buffer

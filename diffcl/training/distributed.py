@@ -107,6 +107,7 @@ class DistributedTrainer(Trainer):
     def fit(self) -> TrainResult:
         if self.rank == 0:
             return super().fit()  # the run folder's lock is held by rank 0
+        self.check_metric()  # every rank raises with rank 0, before the run id broadcast it would wait on
         self._create_run_dir()
         return self._fit_locked()
 

@@ -90,6 +90,8 @@ class Evaluator:
     def reported_metrics(self, split: str) -> set[str]:
         """The metric keys :meth:`evaluate` returns on ``split``, known before any model is scored
         (so that a selection metric the data cannot report fails before training, not after)."""
+        if not self._batches[split]:
+            return set()  # no user to evaluate: evaluate() returns no metric
         names = set(metric_names(self._ks_within(self.n_items), tail=self.head_share > 0))
         cold_ks = self._ks_within(len(self.new_items))
         if cold_ks and any(bool((b.n_new_relevant > 0).any()) for b in self._batches[split]):

@@ -180,12 +180,16 @@ class Trainer:
         """The weights that validation scores and best.pt keeps: the average, where there is one."""
         return self.average.applied() if self.average else nullcontext()
 
-    def fit(self) -> TrainResult:
+    def check_metric(self) -> None:
+        """train.metric must be one the validation split reports (cold_recall@20 needs new items):
+        said before a run folder or an epoch, not after the first evaluation."""
         metric = self.settings.metric
         if metric not in (reported := self.evaluator.reported_metrics("valid")):
-            # e.g. cold_recall@20 on data without new items: said before a run folder or an epoch
             raise TrainError(f"train.metric {metric!r} is not among the validation metrics of this data: "
-                             f"{', '.join(sorted(reported))}")
+                             f"{', '.join(sorted(reported)) or 'none (the validation split is empty)'}")
+
+    def fit(self) -> TrainResult:
+        self.check_metric()
         if self.run is None:
             return self._fit_locked()
         self._create_run_dir()

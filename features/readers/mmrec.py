@@ -41,9 +41,12 @@ def read_mmrec(folder: Path) -> RawData:
     if len(inter_files) != 1:
         raise DataError(f"{folder}: expected exactly one <name>.inter file, found {[p.name for p in inter_files]}")
     inter_path = inter_files[0]
-    inter = _read_tsv(inter_path)
+    # Read as text and checked column by column, so that a bad value is named with its line
+    # wherever it is (type inference looks at the first rows only).
+    inter = _read_tsv(inter_path, infer_schema=False)
     _require(inter, inter_path, ["userID", "itemID"])
-    _check_integers(inter, inter_path, ["userID", "itemID"] + (["timestamp"] if "timestamp" in inter.columns else []))
+    inter = _as_numbers(inter, inter_path, {"userID": pl.Int64, "itemID": pl.Int64, "timestamp": pl.Int64,
+                                            "rating": pl.Float64, "x_label": pl.Int64})
     if "x_label" in inter.columns:
         bad = inter.filter(~pl.col("x_label").is_in(list(SPLIT_CODES)))
         if bad.height:
@@ -52,10 +55,10 @@ def read_mmrec(folder: Path) -> RawData:
     users = _mapping(folder / "u_id_mapping.csv", "user_id", "userID")
     items = _mapping(folder / "i_id_mapping.csv", "asin", "itemID")
     frame = inter.select(
-        pl.col("userID").cast(pl.Int64).alias("user_key"),
-        pl.col("itemID").cast(pl.Int64).alias("item_key"),
-        *([pl.col("rating").cast(pl.Float64)] if "rating" in inter.columns else []),
-        *([pl.col("timestamp").cast(pl.Int64)] if "timestamp" in inter.columns else []),
+        pl.col("userID").alias("user_key"),
+        pl.col("itemID").alias("item_key"),
+        *([pl.col("rating")] if "rating" in inter.columns else []),
+        *([pl.col("timestamp")] if "timestamp" in inter.columns else []),
         *(
             [pl.col("x_label").replace_strict(SPLIT_CODES, return_dtype=pl.String).alias("split")]
             if "x_label" in inter.columns
@@ -105,15 +108,22 @@ def _shipped_features(folder: Path, n_items: int) -> dict[str, Path]:
     return shipped
 
 
-def _check_integers(frame: pl.DataFrame, path: Path, columns: list[str]) -> None:
-    """A value that is not an integer is named with its line (the header is line 1)."""
-    for column in columns:
-        values = frame.get_column(column)
-        bad = values.cast(pl.Int64, strict=False).is_null()
+def _as_numbers(frame: pl.DataFrame, path: Path, dtypes: dict[str, pl.DataType]) -> pl.DataFrame:
+    """The text columns named in ``dtypes`` (those present) cast to them; the first value that is not
+    a number of that type, or an empty cell, is named with its line (the header is line 1)."""
+    for column, dtype in dtypes.items():
+        if column not in frame.columns:
+            continue
+        text = frame.get_column(column)
+        values = text.str.strip_chars().cast(dtype, strict=False)
+        bad = values.is_null()
         if bad.any():
             row = int(bad.arg_max())
-            found = "an empty cell" if values[row] is None else repr(values[row])
-            raise DataError(f"{path}, line {row + 2}: {column} must be an integer, found {found}")
+            found = "an empty cell" if text[row] is None else repr(text[row])
+            kind = "an integer" if dtype == pl.Int64 else "a number"
+            raise DataError(f"{path}, line {row + 2}: {column} must be {kind}, found {found}")
+        frame = frame.with_columns(values.alias(column))
+    return frame
 
 
 def _mapping(path: Path, original: str, key: str) -> pl.DataFrame | None:
@@ -121,11 +131,9 @@ def _mapping(path: Path, original: str, key: str) -> pl.DataFrame | None:
         return None
     table = _read_tsv(path, infer_schema=False)
     _require(table, path, [original, key])
-    _check_integers(table, path, [key])
+    table = _as_numbers(table, path, {key: pl.Int64})
     kind = "user" if key == "userID" else "item"
-    return table.select(
-        pl.col(key).cast(pl.Int64).alias(f"{kind}_key"), pl.col(original).alias(f"{kind}_id")
-    )
+    return table.select(pl.col(key).alias(f"{kind}_key"), pl.col(original).alias(f"{kind}_id"))
 
 
 def _items(folder: Path, name: str, items: pl.DataFrame) -> pl.DataFrame:

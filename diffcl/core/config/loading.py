@@ -71,7 +71,8 @@ class PipelineConfig(Strict):
     def _check_metrics(self) -> PipelineConfig:
         for key, metric in (("train.metric", self.train.metric), ("publish.metric", self.publish.metric)):
             name, _, k = metric.partition("@")
-            # The cold-start metrics exist only where a split has new items: the trainer checks that.
+            # The cold-start metrics exist only where a split has new items: training checks both keys
+            # against what the evaluator reports (Trainer.check_metric, pipeline.publish.check_publish_metric).
             if name not in METRICS + COLD_METRICS or not k.isdigit() or int(k) not in self.eval.topk:
                 raise ValueError(
                     f"{key} {metric!r} must be {'|'.join(METRICS + COLD_METRICS)} @K with K in eval.topk {self.eval.topk}"
