@@ -78,6 +78,11 @@ def test_shipped_configs_are_valid():
     root = Path(__file__).resolve().parents[1]
     for path in sorted((root / "configs").glob("*.yaml")):
         load_config(path)
+    for overlay in sorted((root / "configs/overlays").glob("*.yaml")):
+        cfg = load_config(root / "configs/scientific.yaml", overlays=[overlay])
+        assert cfg.model_dump() != load_config(root / "configs/scientific.yaml").model_dump(), overlay
+    new_items = load_config(root / "configs/scientific.yaml", overlays=[root / "configs/overlays/new-items.yaml"])
+    assert (new_items.train.negatives, new_items.model.diffcl.new_item_id) == ("trained_items", "from_content")
 
 
 def test_a_bare_preset_name_is_a_config(tmp_path, monkeypatch):
