@@ -227,7 +227,8 @@ def test_logq_correction_subtracts_each_candidates_log_chance():
     log_q = candidate_log_probability(InteractionData.from_frame(frame, n_users=3, n_items=4).item_degrees)
     assert torch.allclose(log_q.exp(), torch.tensor([0.5, 0.25, 0.125, 0.125]))
     # Negatives among the trained items only (items 0 and 1): ½·¾ + ¼, ½·¼ + ¼; 2 and 3 never candidates.
-    trained_only = candidate_log_probability(InteractionData.from_frame(frame, n_users=3, n_items=4).item_degrees, True)
+    trained_only = candidate_log_probability(InteractionData.from_frame(frame, n_users=3, n_items=4).item_degrees,
+                                              np.array([2, 3]))
     assert torch.allclose(trained_only[:2].exp(), torch.tensor([0.625, 0.375])) and torch.isfinite(trained_only).all()
     batch = Batch(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([2, 2]))
     g = torch.Generator().manual_seed(1)

@@ -103,7 +103,7 @@ class Recommender(nn.Module, ABC):
         self.config = config
         # rebuilt from the training split, so not in checkpoints
         corrected = config.ranking_loss == "in_batch_softmax" and config.softmax_logq
-        log_q = candidate_log_probability(ctx.data.item_degrees, ctx.new_items is not None) if corrected else None
+        log_q = candidate_log_probability(ctx.data.item_degrees, ctx.new_items) if corrected else None
         self.register_buffer("candidate_log_q", log_q, persistent=False)
 
     @abstractmethod
@@ -185,11 +185,13 @@ def in_batch_softmax_loss(batch: Batch, users: torch.Tensor, positives: torch.Te
     return nn.functional.cross_entropy(logits.masked_fill(false_negative, float("-inf")), target)
 
 
-def candidate_log_probability(item_degrees: np.ndarray, trained_items_only: bool = False) -> torch.Tensor:
+def candidate_log_probability(item_degrees: np.ndarray, never_negatives: np.ndarray | None = None) -> torch.Tensor:
     """log q_i of an in-batch candidate: half the batch are positives, drawn by training interaction
-    (so in proportion to item i's degree), half sampled negatives, drawn uniformly among all items or
-    (``trained_items_only``: train.negatives trained_items) among those with a training interaction."""
-    drawable = item_degrees > 0 if trained_items_only else np.ones(len(item_degrees), dtype=bool)
+    (so in proportion to item i's degree), half sampled negatives, drawn uniformly among all items but
+    ``never_negatives`` (the context's new items under train.negatives trained_items)."""
+    drawable = np.ones(len(item_degrees), dtype=bool)
+    if never_negatives is not None:
+        drawable[never_negatives] = False
     q = 0.5 * item_degrees / item_degrees.sum() + 0.5 * drawable / drawable.sum()
     # An item that is never a candidate (q = 0) is never looked up; log 1 = 0 keeps the buffer finite.
     return torch.tensor(np.log(np.where(q > 0, q, 1.0)), dtype=torch.float32)

@@ -58,17 +58,18 @@ class Evaluator:
         self.head_share = head_share
         self.is_tail = tail_items(data.item_degrees, head_share)
         self.new_items = torch.from_numpy(data.new_items).to(self.device)
+        is_new = torch.zeros(self.n_items, dtype=torch.bool)
+        is_new[torch.from_numpy(data.new_items)] = True
         self._batches = {
-            "valid": self._prepare(data.valid, data.train, batch_users),
-            "test": self._prepare(data.test, (data.train + data.valid).tocsr(), batch_users),
+            "valid": self._prepare(data.valid, data.train, batch_users, is_new),
+            "test": self._prepare(data.test, (data.train + data.valid).tocsr(), batch_users, is_new),
         }
 
-    def _prepare(self, relevant: sp.csr_matrix, seen: sp.csr_matrix, batch_users: int) -> list[_Batch]:
+    def _prepare(self, relevant: sp.csr_matrix, seen: sp.csr_matrix, batch_users: int,
+                 is_new: torch.Tensor) -> list[_Batch]:
         n_rel = np.diff(relevant.indptr)
         users = np.flatnonzero(n_rel > 0)
         batches = []
-        is_new = torch.zeros(self.n_items, dtype=torch.bool)
-        is_new[torch.from_numpy(self.data.new_items)] = True
         for start in range(0, len(users), batch_users):
             chunk = users[start : start + batch_users]
             mask_rows, mask_cols = _rows_cols(seen, chunk)
