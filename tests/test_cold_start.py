@@ -221,6 +221,26 @@ def test_from_content_gives_new_items_the_mean_of_their_projected_features_as_id
     assert len(usual.content_id_items) == 0 and usual.id_items() is usual.item_id
 
 
+def test_scaled_content_rows_point_where_the_content_does_at_the_trained_rows_mean_length(demo_cold_start):
+    setting = "model.diffcl.new_item_id=from_content_scaled"
+    model = build_run(demo_cold_start("train.epochs=1", "model.name=diffcl", *PROTOCOL, setting), run_id="fcs").model
+    new = model.content_id_items
+    assert len(new) > 0
+    with torch.no_grad():
+        model.item_id.mul_(7.0)  # trained rows far longer than the projections, as measured on real data
+    rows = model.id_items()
+    keep = torch.ones(len(rows), dtype=torch.bool)
+    keep[new] = False
+    direction = torch.stack([model.project(m, new) for m in model.modalities]).mean(dim=0)
+    assert torch.allclose(torch.nn.functional.normalize(rows[new], dim=1), torch.nn.functional.normalize(direction, dim=1),
+                          atol=1e-6)
+    assert torch.allclose(rows[new].norm(dim=1), model.item_id[keep].norm(dim=1).mean().expand(len(new)))
+    assert torch.equal(rows[keep], model.item_id[keep])
+    # The length is a statistic of the trained rows, not a path for their gradients.
+    rows[new].sum().backward()
+    assert model.item_id.grad is None or model.item_id.grad[keep].abs().sum() == 0
+
+
 def test_the_new_items_of_a_checkpoint_are_its_own_and_older_checkpoints_load(demo_cold_start):
     """Rescored on later data, a model keeps content rows for the items that were new when it trained."""
     setting = "model.diffcl.new_item_id=from_content"

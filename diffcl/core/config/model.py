@@ -217,11 +217,13 @@ class DiffCLConfig(Strict):
         "graphs hold no training edge, so only the training graph is pruned). 0: no pruning"
     )
     id_branch: bool = Field(True, description="false: no item-ID branch (ablation w/o ID)")
-    new_item_id: Literal["zero", "from_content"] = Field(
+    new_item_id: Literal["zero", "from_content", "from_content_scaled"] = Field(
         "zero", description="the cold-start protocol's new items (train.negatives trained_items): ID rows at zero, "
         "or (from_content) the mean of their modalities' projected features, so that an alignment that maps "
-        "content to the ID rows (alignment_mode id_guided_projection) gives a new item an ID row; no effect "
-        "without new items"
+        "content to the ID rows (alignment_mode id_guided_projection) gives a new item an ID row; "
+        "from_content_scaled: the same direction at the trained ID rows' mean length (the projections' own "
+        "length is trained by nothing: the modality branches normalise it, the alignment is a cosine); no "
+        "effect without new items"
     )
     id_in_score: bool = Field(
         True, description="add the ID branch to every block of the scored representation (false: the first "
