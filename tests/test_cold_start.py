@@ -221,9 +221,9 @@ def test_from_content_gives_new_items_the_mean_of_their_projected_features_as_id
     assert len(usual.content_id_items) == 0 and usual.id_items() is usual.item_id
 
 
-def test_scaled_content_rows_point_where_the_content_does_at_the_trained_rows_mean_length(demo_cold_start):
-    setting = "model.diffcl.new_item_id=from_content_scaled"
-    model = build_run(demo_cold_start("train.epochs=1", "model.name=diffcl", *PROTOCOL, setting), run_id="fcs").model
+def test_scaled_content_rows_point_where_the_content_does_at_a_multiple_of_the_trained_rows_mean_length(demo_cold_start):
+    settings = ["model.diffcl.new_item_id=from_content_scaled", "model.diffcl.new_item_length=2.5"]
+    model = build_run(demo_cold_start("train.epochs=1", "model.name=diffcl", *PROTOCOL, *settings), run_id="fcs").model
     new = model.content_id_items
     assert len(new) > 0
     with torch.no_grad():
@@ -234,7 +234,7 @@ def test_scaled_content_rows_point_where_the_content_does_at_the_trained_rows_me
     direction = torch.stack([model.project(m, new) for m in model.modalities]).mean(dim=0)
     assert torch.allclose(torch.nn.functional.normalize(rows[new], dim=1), torch.nn.functional.normalize(direction, dim=1),
                           atol=1e-6)
-    assert torch.allclose(rows[new].norm(dim=1), model.item_id[keep].norm(dim=1).mean().expand(len(new)))
+    assert torch.allclose(rows[new].norm(dim=1), 2.5 * model.item_id[keep].norm(dim=1).mean().expand(len(new)))
     assert torch.equal(rows[keep], model.item_id[keep])
     # The length is a statistic of the trained rows, not a path for their gradients.
     rows[new].sum().backward()

@@ -315,7 +315,7 @@ class DiffCL(Recommender):
             # so unscaled content rows barely differ from zero rows in the scores.
             trained = torch.ones(len(self.item_id), dtype=torch.bool, device=new.device)
             trained[new] = False
-            length = self.item_id[trained].detach().norm(dim=1).mean()
+            length = self.settings.new_item_length * self.item_id[trained].detach().norm(dim=1).mean()
             from_content = nn.functional.normalize(from_content, dim=1) * length
         return self.item_id.index_put((new,), from_content)
 

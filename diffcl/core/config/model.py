@@ -225,6 +225,11 @@ class DiffCLConfig(Strict):
         "length is trained by nothing: the modality branches normalise it, the alignment is a cosine); no "
         "effect without new items"
     )
+    new_item_length: float = Field(
+        1.0, gt=0, description="with new_item_id from_content_scaled: the content rows' length in units of the "
+        "trained ID rows' mean length (1: a typical trained item). Nothing in training sees a new item, so how "
+        "far new items climb the full ranking is a validation choice, as FREEDOM's weight decay makes it"
+    )
     id_in_score: bool = Field(
         True, description="add the ID branch to every block of the scored representation (false: the first "
         "spec, where the ID branch only guides through the alignment loss)"
