@@ -187,3 +187,12 @@ def test_cli_tune_prints_trials_and_the_overlay_as_set(demo_workspace, tmp_path)
     assert bad.exit_code == 2 and "--select-window must be at least 1" in bad.output
     bad = CliRunner().invoke(app, [*args, "--study", "../x"])
     assert bad.exit_code == 2 and "invalid study name '../x'" in bad.output
+
+
+def test_a_setting_s_own_keys_are_searched_only_where_it_is_on():
+    usual = load_config({"dataset": {"name": "d", "source": "mmrec", "path": "p"}, "model": {"name": "diffcl"}})
+    assert "model.diffcl.new_item_length" not in search_space("diffcl", usual.model)
+    scaled = load_config(usual.model_dump(mode="json"), overrides=["model.diffcl.new_item_id=from_content_scaled"])
+    space = search_space("diffcl", scaled.model)
+    assert space["model.diffcl.new_item_length"].low == 0.5
+    assert set(space) - {"model.diffcl.new_item_length"} == set(search_space("diffcl"))

@@ -294,7 +294,7 @@ def tune(config: PipelineConfig, budget: SearchBudget, study: str | None = None)
         check_run_id(study, "study name")  # it names files and run folders
     except RunIdError as err:
         raise TuneError(str(err)) from None
-    space = search_space(config.model.name)
+    space = search_space(config.model.name, config.model)
     storage, overlay_path = study_paths(config, study)  # the lock below creates their folder
     try:
         with exclusive_lock(storage.with_suffix(".lock")):

@@ -161,6 +161,12 @@ class DiffCLConfig(Strict):
         "model.diffcl.layers": IntRange(1, 4),  # the range LightGCN is searched over
     }
 
+    def setting_search_space(self) -> SearchSpace:
+        """Keys searched only where the setting they belong to is on (elsewhere they change nothing)."""
+        if self.new_item_id == "from_content_scaled":
+            return {"model.diffcl.new_item_length": LogUniform(0.5, 10.0)}
+        return {}
+
     modalities: list[Modality] = Field(
         ["image", "text"], description="modality branches, any names with features (e.g. [image, audio]), in this order"
     )
@@ -390,8 +396,11 @@ def model_names() -> list[str]:
                   if isinstance(field.annotation, type) and issubclass(field.annotation, Strict))
 
 
-def search_space(model_name: str) -> SearchSpace:
-    """What ``diffcl tune`` searches for a model: the shared keys plus its config's own."""
+def search_space(model_name: str, model: ModelConfig | None = None) -> SearchSpace:
+    """What ``diffcl tune`` searches for a model: the shared keys plus its config's own, and (given the
+    model settings) the keys of the settings that are on."""
     field = ModelConfig.model_fields.get(model_name)
     own = getattr(field.annotation, "search_space", {}) if field is not None else {}
-    return {**SHARED_SEARCH_SPACE, **own}
+    settings = getattr(model, model_name, None) if model is not None else None
+    by_setting = settings.setting_search_space() if hasattr(settings, "setting_search_space") else {}
+    return {**SHARED_SEARCH_SPACE, **own, **by_setting}
