@@ -313,9 +313,8 @@ class DiffCL(Recommender):
         if self.settings.new_item_id == "from_content_scaled":
             # Measured on Scientific: projections about 0.1 long against trained ID rows of about 1.4,
             # so unscaled content rows barely differ from zero rows in the scores.
-            trained = torch.ones(len(self.item_id), dtype=torch.bool, device=new.device)
-            trained[new] = False
-            length = self.settings.new_item_length * self.item_id[trained].detach().norm(dim=1).mean()
+            norms = self.item_id.detach().norm(dim=1)  # the trained rows' mean: all rows less the new ones
+            length = self.settings.new_item_length * (norms.sum() - norms[new].sum()) / (len(norms) - len(new))
             from_content = nn.functional.normalize(from_content, dim=1) * length
         return self.item_id.index_put((new,), from_content)
 
