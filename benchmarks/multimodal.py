@@ -110,10 +110,11 @@ _COLUMNS = {**{k: (lambda r, k=k: r["test"][k]) for k in METRICS},
             "tail R@20": lambda r: r["test"].get("tail_recall@20", float("nan")),
             "valid R@20": lambda r: r["valid"]["recall@20"]}
 # Where the test split has items without a training interaction (TikTok's; prepare.held_out_items):
-# the new items ranked alone, and validation's cold R@20.
+# the new items ranked alone, validation's cold R@20, and the new items' share of the full top 20.
 _COLD_COLUMNS = {"cold R@20": lambda r: r["test"].get("cold_recall@20", float("nan")),
                  "cold N@20": lambda r: r["test"].get("cold_ndcg@20", float("nan")),
-                 "valid cold R@20": lambda r: r["valid"].get("cold_recall@20", float("nan"))}
+                 "valid cold R@20": lambda r: r["valid"].get("cold_recall@20", float("nan")),
+                 "new share@20": lambda r: r["test"].get("new_share@20", float("nan"))}
 
 
 def _seed_table(title: str, first: str, rows: dict[str, list[str]], config: Path, workspace: str, seeds: list[int],

@@ -130,6 +130,20 @@ def reference_cold_metrics(scores: np.ndarray, data: InteractionData, split: str
     return {name: value / users for name, value in totals.items()}
 
 
+def reference_new_share(scores: np.ndarray, data: InteractionData, split: str) -> dict[str, float]:
+    """Per user of the split: the share of the top-K unseen items, ranked among all items, that are new."""
+    relevant = data.valid if split == "valid" else data.test
+    seen = data.train if split == "valid" else (data.train + data.valid).tocsr()
+    new = set(data.new_items.tolist())
+    users = [u for u in range(data.n_users) if relevant[u].nnz]
+    totals = dict.fromkeys(KS, 0.0)
+    for u in users:
+        ranking = sorted(set(range(data.n_items)) - set(seen[u].indices.tolist()), key=lambda i: -scores[u, i])
+        for k in KS:
+            totals[k] += sum(i in new for i in ranking[:k]) / k
+    return {f"new_share@{k}": value / len(users) for k, value in totals.items()}
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("split", ["valid", "test"])
 def test_cold_metrics_rank_the_new_items_alone(seed, split):
@@ -147,11 +161,16 @@ def test_cold_metrics_rank_the_new_items_alone(seed, split):
     for name in got:
         if name.startswith("cold_"):
             assert got[name] == pytest.approx(want[name], abs=1e-5), name
+    # The new items' share of the full ranking's top K, over every user of the split.
+    shares = reference_new_share((users @ items.T).numpy(), data, split)
+    assert 0 < shares["new_share@20"] < 1
+    for name, value in shares.items():
+        assert got[name] == pytest.approx(value, abs=1e-5), name
     # Where every item has a training interaction nothing cold is reported.
     warm = Evaluator(InteractionData(data.n_users, data.n_items, data.train + data.valid + data.test, data.valid,
                                      data.test), KS)
     warm_metrics = warm.evaluate(users, items, split)
-    assert not any(name.startswith("cold_") for name in warm_metrics)
+    assert not any(name.startswith(("cold_", "new_share")) for name in warm_metrics)
     assert warm.reported_metrics(split) == set(warm_metrics)
 
 

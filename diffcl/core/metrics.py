@@ -12,6 +12,9 @@ METRICS = ("recall", "ndcg", "precision", "map", "hit")
 TAIL_RECALL = "tail_recall"  # recall of the long-tail relevant items (the evaluator's ``head_share``)
 # Items new to the model (no training interaction), ranked among the new items alone: the cold-start metrics.
 COLD_METRICS = ("cold_recall", "cold_ndcg")
+# The share of the top-K slots of the full ranking that go to new items, over all of the split's users:
+# whether a model puts its new items among the others at all (reported with the cold metrics).
+NEW_SHARE = "new_share"
 
 
 def metric_names(ks: list[int] | tuple[int, ...], tail: bool = False, cold: bool = False) -> list[str]:
@@ -19,7 +22,7 @@ def metric_names(ks: list[int] | tuple[int, ...], tail: bool = False, cold: bool
     order, with ``tail`` the long-tail recall and ``cold`` the new-item metrics last: the one list
     that reports, tables and artifacts use."""
     return ([f"{m}@{k}" for k in ks for m in METRICS] + ([f"{TAIL_RECALL}@{k}" for k in ks] if tail else [])
-            + ([f"{m}@{k}" for k in ks for m in COLD_METRICS] if cold else []))
+            + ([f"{m}@{k}" for k in ks for m in (*COLD_METRICS, NEW_SHARE)] if cold else []))
 
 
 def reports_tail(metrics: dict[str, float]) -> bool:

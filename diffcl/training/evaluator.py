@@ -23,7 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from diffcl.core.metrics import COLD_METRICS, TAIL_RECALL, metric_names, topk_metrics
+from diffcl.core.metrics import COLD_METRICS, NEW_SHARE, TAIL_RECALL, metric_names, topk_metrics
 from diffcl.data import InteractionData
 
 
@@ -60,6 +60,7 @@ class Evaluator:
         self.new_items = torch.from_numpy(data.new_items).to(self.device)
         is_new = torch.zeros(self.n_items, dtype=torch.bool)
         is_new[torch.from_numpy(data.new_items)] = True
+        self.is_new = is_new.to(self.device)
         self._batches = {
             "valid": self._prepare(data.valid, data.train, batch_users, is_new),
             "test": self._prepare(data.test, (data.train + data.valid).tocsr(), batch_users, is_new),
@@ -97,6 +98,7 @@ class Evaluator:
         cold_ks = self._ks_within(len(self.new_items))
         if cold_ks and any(bool((b.n_new_relevant > 0).any()) for b in self._batches[split]):
             names |= {f"{m}@{k}" for k in cold_ks for m in COLD_METRICS}
+            names |= {f"{NEW_SHARE}@{k}" for k in self._ks_within(self.n_items)}
         return names
 
     def _ks_within(self, n_candidates: int) -> list[int]:
@@ -112,6 +114,7 @@ class Evaluator:
         sums: dict[str, torch.Tensor] = {}
         tail_sums: dict[str, torch.Tensor] = {}
         cold_sums: dict[str, torch.Tensor] = {}
+        share_sums: dict[str, torch.Tensor] = {}
         count = tail_count = cold_count = 0
         cold_ks = self._ks_within(len(self.new_items))
         for b in self._batches[split]:
@@ -134,6 +137,10 @@ class Evaluator:
                     if f"cold_{name.split('@')[0]}" in COLD_METRICS:
                         cold_sums[f"cold_{name}"] = cold_sums.get(f"cold_{name}", 0.0) + values.sum()
                 cold_count += int(has_new.sum())
+            if cold_ks:
+                new_in_top = self.is_new[top].float()
+                for k in ks:
+                    share_sums[f"{NEW_SHARE}@{k}"] = share_sums.get(f"{NEW_SHARE}@{k}", 0.0) + new_in_top[:, :k].mean(1).sum()
             if self.head_share > 0:
                 relevant.zero_()
                 relevant[b.rel_rows[b.rel_is_tail], b.rel_cols[b.rel_is_tail]] = True
@@ -146,6 +153,8 @@ class Evaluator:
                 tail_count += int(has_tail.sum())
         out = {name: float(total) / max(count, 1) for name, total in sums.items()}
         out |= {name: float(total) / max(cold_count, 1) for name, total in cold_sums.items()}
+        if cold_count:  # reported with the cold metrics, over every user of the split
+            out |= {name: float(total) / count for name, total in share_sums.items()}
         return out | {name: float(total) / max(tail_count, 1) for name, total in tail_sums.items()}
 
     @torch.no_grad()
