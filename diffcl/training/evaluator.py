@@ -12,7 +12,9 @@ the users with at least one such item.
 Where a split has relevant items without a training interaction (new to the model: TikTok's
 published split has some, ``prepare.held_out_items`` makes them on purpose), it also reports
 ``cold_recall@K`` and ``cold_ndcg@K``: the new items alone ranked for each user with such an item
-(the cold-start protocol's candidate set), averaged over those users.
+(the cold-start protocol's candidate set), averaged over those users, and ``new_share@K``: the
+share of the full top-K list that is new items, averaged over all of the split's users (a model
+that never ranks a new item among the trained ones has 0, whatever its cold metrics).
 """
 
 from __future__ import annotations
