@@ -1,8 +1,7 @@
 """The cold-start (new-item) protocol: prepare.held_out_items moves a share of the items wholly out
 of training, train.negatives trained_items keeps them out of the sampler and starts their ID rows
 at zero, and the evaluator ranks the new items alone for cold_recall@K / cold_ndcg@K and counts
-their share of the full top K (new_share@K). Tiny
-synthetic data throughout."""
+their share of the full top K (new_share@K). Tiny synthetic data throughout."""
 
 import json
 import math
